@@ -1,0 +1,144 @@
+"""Quality measures for masked diffusion LMs: masked-token CE/accuracy, Monte-Carlo ELBO
+likelihood, and agreement of greedy generations between two models.
+
+All randomness comes from fixed-seed generators so two models are scored on identical masks.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from starquant_plugin.models.families import mask_token_id, token_logits
+
+MASK_RATIOS = (0.15, 0.5, 0.85)
+
+
+def text_rows(
+    tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int = 128, max_rows: int | None = None
+) -> torch.LongTensor:
+    """Tokenize ``text`` and cut it into equal rows ``[rows, seq_len]`` (no padding)."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    n_rows = len(ids) // seq_len if max_rows is None else min(len(ids) // seq_len, max_rows)
+    if n_rows == 0:
+        raise ValueError(f"Text has {len(ids)} tokens, fewer than one row of {seq_len}.")
+    return torch.tensor(ids[: n_rows * seq_len]).view(n_rows, seq_len)
+
+
+def _fixed_count_masks(
+    shape: tuple[int, int], ratio: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Exactly ``round(ratio * seq)`` masked positions per row, uniformly placed."""
+    rows, seq = shape
+    count = max(1, round(ratio * seq))
+    scores = torch.rand(shape, generator=generator)
+    return scores.argsort(dim=1).argsort(dim=1) < count
+
+
+@torch.no_grad()
+def masked_token_metrics(
+    model: PreTrainedModel,
+    rows: torch.LongTensor,
+    mask_ratios: tuple[float, ...] = MASK_RATIOS,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[float, dict[str, float]]:
+    """Cross-entropy (nats/token) and accuracy on masked positions at each mask ratio.
+
+    rows: [n, seq] clean token ids. Returns ``{ratio: {"ce": .., "acc": ..}}``.
+    """
+    mask_id = mask_token_id(model)
+    results = {}
+    for ratio in mask_ratios:
+        generator = torch.Generator().manual_seed(seed)
+        masks = _fixed_count_masks(tuple(rows.shape), ratio, generator)
+        total_ce, total_correct, total = 0.0, 0, 0
+        for start in tqdm(range(0, len(rows), batch_size), desc=f"masked CE t={ratio}",
+                          disable=not progress, leave=False):
+            clean, mask = rows[start : start + batch_size], masks[start : start + batch_size]
+            logits = token_logits(model, clean.masked_fill(mask, mask_id))[mask].float()
+            total_ce += F.cross_entropy(logits, clean[mask], reduction="sum").item()
+            total_correct += (logits.argmax(-1) == clean[mask]).sum().item()
+            total += mask.sum().item()
+        results[ratio] = {"ce": total_ce / total, "acc": total_correct / total}
+    return results
+
+
+def unigram_cross_entropy(fit_rows: torch.LongTensor, eval_rows: torch.LongTensor,
+                          vocab_size: int) -> float:
+    """CE of predicting every token from add-one unigram frequencies of ``fit_rows``: the
+    score of a model that ignores context."""
+    counts = torch.bincount(fit_rows.flatten(), minlength=vocab_size).double() + 1
+    log_probs = (counts / counts.sum()).log()
+    return -log_probs[eval_rows.flatten()].mean().item()
+
+
+@torch.no_grad()
+def elbo_log_likelihood(
+    model: PreTrainedModel,
+    prompt_ids: torch.LongTensor,
+    target_ids: torch.LongTensor,
+    mc_num: int = 128,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> float:
+    """Monte-Carlo ELBO of ``log p(target | prompt)`` as LLaDA's likelihood evaluation does.
+
+    Each draw masks k target tokens (prompt clean), with k stratified over the batch; the CE on
+    masked tokens is weighted by ``L_target / k``. prompt_ids: [P], target_ids: [L].
+    """
+    if mc_num % batch_size:
+        raise ValueError(f"mc_num ({mc_num}) must be a multiple of batch_size ({batch_size}).")
+    mask_id = mask_token_id(model)
+    generator = torch.Generator().manual_seed(seed)
+    target_len, prompt_len = len(target_ids), len(prompt_ids)
+    sequence = torch.cat([prompt_ids, target_ids])[None].repeat(batch_size, 1)
+    losses = []
+    for _ in range(mc_num // batch_size):
+        k = torch.randint(1, target_len + 1, (), generator=generator).item()
+        counts = torch.linspace(k, k + (batch_size - 1) * target_len / batch_size, batch_size)
+        counts = (counts.round().long() - 1) % target_len + 1
+        ranks = torch.rand(batch_size, target_len, generator=generator).argsort(1).argsort(1)
+        target_mask = ranks < counts[:, None]
+        mask = torch.cat([torch.zeros(batch_size, prompt_len, dtype=torch.bool), target_mask], 1)
+        logits = token_logits(model, sequence.masked_fill(mask, mask_id))
+        ce = F.cross_entropy(logits[mask].float(), sequence[mask], reduction="none")
+        weights = (target_len / counts)[:, None].expand(-1, sequence.shape[1])[mask]
+        losses.append((ce * weights).sum().item() / batch_size)
+    return -sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def heldout_elbo(
+    model: PreTrainedModel,
+    rows: torch.LongTensor,
+    prompt_len: int = 32,
+    mc_num: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> float:
+    """Mean ELBO per target token of each row's continuation after its first ``prompt_len``."""
+    total = 0.0
+    for row in tqdm(rows, desc="ELBO", disable=not progress, leave=False):
+        total += elbo_log_likelihood(model, row[:prompt_len], row[prompt_len:], mc_num=mc_num,
+                                     batch_size=min(mc_num, 16), seed=seed)
+    return total / (len(rows) * (rows.shape[1] - prompt_len))
+
+
+def generation_agreement(
+    generate: Callable[[PreTrainedModel, torch.LongTensor], torch.LongTensor],
+    reference: PreTrainedModel,
+    candidate: PreTrainedModel,
+    prompts: torch.LongTensor,
+) -> float:
+    """Fraction of generated positions where two models' greedy generations agree.
+
+    generate(model, prompts) -> [batch, prompt + gen] token ids (a sampler with fixed settings).
+    """
+    prompt_len = prompts.shape[1]
+    a = generate(reference, prompts)[:, prompt_len:]
+    b = generate(candidate, prompts)[:, prompt_len:]
+    return (a == b).float().mean().item()

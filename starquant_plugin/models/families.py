@@ -1,0 +1,89 @@
+"""What differs between the supported diffusion LM families, in one registry.
+
+Every caller that needs "which token is the mask", "are logits shifted" or "which modules
+are the decoder blocks" asks here, so a new family is one entry, not edits everywhere.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class DLLMFamily:
+    """Facts about one masked-diffusion LM family.
+
+    shifted_logits: the network's output at ``i - 1`` predicts token ``i`` (Dream).
+    block_class: the decoder block class name (llm-compressor's sequential target).
+    block_pattern: regex prefix of a decoder block's module names.
+    lm_head: the LM head's module name (kept in 16 bit).
+    """
+
+    name: str
+    model_type: str
+    shifted_logits: bool
+    block_class: str
+    block_pattern: str
+    lm_head: str
+
+
+FAMILIES: dict[str, DLLMFamily] = {
+    family.model_type: family
+    for family in (
+        DLLMFamily(
+            name="llada",
+            model_type="llada",
+            shifted_logits=False,
+            block_class="LLaDALlamaBlock",
+            block_pattern=r"model\.transformer\.blocks\.\d+\.",
+            lm_head="model.transformer.ff_out",
+        ),
+        DLLMFamily(
+            name="dream",
+            model_type="Dream",
+            shifted_logits=True,
+            block_class="DreamDecoderLayer",
+            block_pattern=r"model\.layers\.\d+\.",
+            lm_head="lm_head",
+        ),
+    )
+}
+
+
+def family_of(model_or_config: PreTrainedModel | PretrainedConfig) -> DLLMFamily:
+    """The family of a model or config; an unknown ``model_type`` raises with the fix."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"Unsupported model_type {model_type!r}: starquant supports diffusion LMs of type "
+            f"{sorted(FAMILIES)}. Load a LLaDA or Dream checkpoint (config.json 'model_type')."
+        )
+    return FAMILIES[model_type]
+
+
+def mask_token_id(model_or_config: PreTrainedModel | PretrainedConfig) -> int:
+    """The ``[MASK]`` id from the config; a model without one cannot denoise, so this raises."""
+    config = getattr(model_or_config, "config", model_or_config)
+    mask_id = getattr(config, "mask_token_id", None)
+    if mask_id is None:
+        raise ValueError(
+            f"{type(config).__name__} has no mask_token_id: a masked diffusion LM needs one. "
+            "Set 'mask_token_id' in config.json to the tokenizer's mask token id."
+        )
+    return int(mask_id)
+
+
+def token_logits(
+    model: PreTrainedModel, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Position-aligned logits ``[batch, seq, vocab]``: ``out[:, i]`` predicts token ``i``.
+
+    The only place where Dream's shifted logits are realigned (position 0 reuses its own
+    output, as Dream's sampler does).
+    """
+    logits = model(input_ids, attention_mask=attention_mask).logits
+    if family_of(model).shifted_logits:
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    return logits
