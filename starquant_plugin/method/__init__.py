@@ -1,0 +1,48 @@
+"""Pure-torch STaR-Quant math: quantizers, SGAT, TAC and the runtime linear."""
+
+from starquant_plugin.method.quantizers import (
+    SCHEMES,
+    fake_quantize_activation,
+    fake_quantize_kv,
+    fake_quantize_weight,
+    gptq_quantize_weight,
+    scheme_args,
+    search_weight_clip,
+)
+from starquant_plugin.method.runtime import MaskState, StarQuantLinear, attach_mask_state
+from starquant_plugin.method.sgat import (
+    MASKED,
+    UNMASKED,
+    SGATResult,
+    exactness_residual,
+    exclusive_basis,
+    fit_sgat,
+    state_gates,
+)
+from starquant_plugin.method.tac import TACParams, apply_tac, fit_tac
+from starquant_plugin.method.transforms import random_hadamard, smoothquant_scales
+
+__all__ = [
+    "MASKED",
+    "SCHEMES",
+    "UNMASKED",
+    "MaskState",
+    "SGATResult",
+    "StarQuantLinear",
+    "TACParams",
+    "apply_tac",
+    "attach_mask_state",
+    "exactness_residual",
+    "exclusive_basis",
+    "fake_quantize_activation",
+    "fake_quantize_kv",
+    "fake_quantize_weight",
+    "fit_sgat",
+    "fit_tac",
+    "gptq_quantize_weight",
+    "random_hadamard",
+    "scheme_args",
+    "search_weight_clip",
+    "smoothquant_scales",
+    "state_gates",
+]

@@ -1,0 +1,273 @@
+"""Fake quantizers (quantize -> dequantize) whose integer grid matches a real INT kernel.
+
+Quantizers are described by compressed-tensors' ``QuantizationArgs`` so the same object that
+configures calibration is written into the checkpoint. Integer semantics:
+
+* symmetric ``b`` bits: codes in ``[-2^(b-1), 2^(b-1) - 1]``, ``scale = max|x| / (2^(b-1) - 1)``
+  (int4: [-8, 7], /7; int8: [-128, 127], /127);
+* asymmetric ``b`` bits: codes in ``[0, 2^b - 1]``, ``scale = (max - min) / (2^b - 1)`` with the
+  range widened to contain 0 and an integer zero point (compressed-tensors' convention).
+
+Rounding uses a straight-through estimator everywhere, so every fake quantizer here can sit
+inside a gradient fit (SGAT) and pass gradients to its input and to a learnable clip ratio.
+
+>>> x = torch.tensor([[-7.0, -1.0, 0.0, 7.0]])  # scale = max|x| / 7 = 1
+>>> torch.equal(fake_quantize_weight(x, scheme_args("W4A8")[0]), x)
+True
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+
+DEFAULT_CLIP_GRID: tuple[float, ...] = tuple(1.0 - 0.05 * i for i in range(11))
+"""Clip ratios tried by ``search_weight_clip``: 1.0, 0.95, ..., 0.5."""
+
+_MIN_SCALE = 1e-8
+
+
+def _weight_args(num_bits: int) -> QuantizationArgs:
+    return QuantizationArgs(num_bits=num_bits, type="int", symmetric=True, strategy="channel")
+
+
+def _act_args(num_bits: int) -> QuantizationArgs:
+    return QuantizationArgs(
+        num_bits=num_bits, type="int", symmetric=True, strategy="token", dynamic=True
+    )
+
+
+SCHEMES: dict[str, tuple[QuantizationArgs, QuantizationArgs]] = {
+    "W4A4": (_weight_args(4), _act_args(4)),
+    "W4A8": (_weight_args(4), _act_args(8)),
+    "W8A8": (_weight_args(8), _act_args(8)),
+}
+"""Preset (weight args, activation args): weights per output channel, activations per token."""
+
+
+def scheme_args(name: str) -> tuple[QuantizationArgs, QuantizationArgs]:
+    """Return fresh copies of the (weight args, activation args) preset called ``name``."""
+    if name not in SCHEMES:
+        raise ValueError(
+            f"Unknown quantization scheme {name!r}; expected one of {sorted(SCHEMES)}. "
+            "Pick one of these names or build QuantizationArgs yourself."
+        )
+    weight_args, act_args = SCHEMES[name]
+    return weight_args.model_copy(deep=True), act_args.model_copy(deep=True)
+
+
+def _check_int(args: QuantizationArgs) -> None:
+    if args.type != "int":
+        raise ValueError(
+            f"Got QuantizationArgs(type={args.type!r}); starquant fake-quantizes integers only. "
+            "Use type='int'."
+        )
+
+
+def _int_range(num_bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer code range ``(qmin, qmax)`` of a real kernel."""
+    if symmetric:
+        return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+    return 0, 2**num_bits - 1
+
+
+def _round_ste(v: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass."""
+    return v + (torch.round(v) - v).detach()
+
+
+def _fake_quantize_last_dim(
+    x: torch.Tensor, num_bits: int, symmetric: bool, clip_ratio: torch.Tensor | float | None
+) -> torch.Tensor:
+    """Quantize-dequantize with one scale (and zero point) per slice along the last dim.
+
+    ``x: [..., k]``; ``clip_ratio`` broadcasts against ``[..., 1]`` and shrinks the range.
+    Gradients flow to ``x`` and ``clip_ratio`` (rounding is straight-through).
+    """
+    qmin, qmax = _int_range(num_bits, symmetric)
+    ratio = 1.0 if clip_ratio is None else clip_ratio
+    if symmetric:
+        scale = (x.abs().amax(dim=-1, keepdim=True) * ratio / qmax).clamp_min(_MIN_SCALE)
+        return torch.clamp(_round_ste(x / scale), qmin, qmax) * scale
+    x_min = x.amin(dim=-1, keepdim=True).clamp_max(0.0) * ratio
+    x_max = x.amax(dim=-1, keepdim=True).clamp_min(0.0) * ratio
+    scale = ((x_max - x_min) / qmax).clamp_min(_MIN_SCALE)
+    zero = torch.clamp(torch.round(-x_min / scale), qmin, qmax).detach()
+    return (torch.clamp(_round_ste(x / scale) + zero, qmin, qmax) - zero) * scale
+
+
+def _weight_groups(weight: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
+    """View ``weight: [out, in]`` as ``[out, groups, group_width]`` for the args' strategy."""
+    out_features, in_features = weight.shape
+    if args.strategy == "channel":
+        return weight.reshape(out_features, 1, in_features)
+    if args.strategy == "group":
+        if in_features % args.group_size != 0:
+            raise ValueError(
+                f"Weight has {in_features} input columns, not a multiple of "
+                f"group_size={args.group_size}; pick a group_size that divides {in_features}."
+            )
+        return weight.reshape(out_features, in_features // args.group_size, args.group_size)
+    raise ValueError(
+        f"Weight quantization strategy {args.strategy!r} is not supported; expected 'channel' "
+        "or 'group'. Set strategy='channel' (per output row) or 'group' with a group_size."
+    )
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(
+            f"Expected a weight of shape [out, in], got shape {tuple(weight.shape)}; "
+            "reshape it to 2-D first."
+        )
+
+
+def fake_quantize_weight(
+    weight: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Round-to-nearest fake quantization of ``weight: [out, in]`` per channel or per group.
+
+    ``clip_ratio: [out]`` scales each row's range (all groups of a row share it). Rounding is
+    straight-through, so this is usable with gradients (SGAT fits ``T`` through it).
+    """
+    _check_int(args)
+    _check_weight(weight)
+    grouped = _weight_groups(weight, args)
+    ratio = None if clip_ratio is None else clip_ratio.reshape(-1, 1, 1).to(weight.dtype)
+    return _fake_quantize_last_dim(grouped, args.num_bits, args.symmetric, ratio).reshape_as(weight)
+
+
+@torch.no_grad()
+def search_weight_clip(
+    weight: torch.Tensor, args: QuantizationArgs, grid: tuple[float, ...] = DEFAULT_CLIP_GRID
+) -> torch.Tensor:
+    """Per output row, the clip ratio in ``grid`` minimising the row's squared RTN error.
+
+    ``weight: [out, in]`` -> ``[out]``. Vectorised over rows; one pass per grid value.
+    """
+    _check_weight(weight)
+    best_err = torch.full((weight.shape[0],), float("inf"), dtype=weight.dtype)
+    best_ratio = torch.ones(weight.shape[0], dtype=weight.dtype)
+    for ratio in grid:
+        candidate = torch.full_like(best_ratio, ratio)
+        err = (fake_quantize_weight(weight, args, candidate) - weight).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, candidate, best_ratio)
+    return best_ratio
+
+
+def _quantize_column(
+    column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Fake-quantize ``column: [out]`` with fixed ``scale, zero: [out]`` (used by GPTQ)."""
+    return (torch.clamp(torch.round(column / scale) + zero, qmin, qmax) - zero) * scale
+
+
+def _static_qparams(
+    block: torch.Tensor, num_bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point ``[out]`` of ``block: [out, k]`` with the same rules as RTN."""
+    qmin, qmax = _int_range(num_bits, symmetric)
+    if symmetric:
+        scale = (block.abs().amax(dim=1) / qmax).clamp_min(_MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    x_min = block.amin(dim=1).clamp_max(0.0)
+    x_max = block.amax(dim=1).clamp_min(0.0)
+    scale = ((x_max - x_min) / qmax).clamp_min(_MIN_SCALE)
+    return scale, torch.clamp(torch.round(-x_min / scale), qmin, qmax)
+
+
+@torch.no_grad()
+def gptq_quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    args: QuantizationArgs,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> torch.Tensor:
+    """GPTQ: quantize columns in order, pushing each column's error onto the later ones.
+
+    ``weight: [out, in]``, ``hessian: [in, in]`` (``X^T X`` of the layer input) -> fake-quantized
+    weight ``[out, in]``. Uses the upper Cholesky factor of the damped inverse Hessian
+    (Frantar et al. 2022). Per channel the scales come from the original weight; per group they
+    come from the error-updated group when its first column is reached. With groups the block
+    size is rounded down to a multiple of ``group_size`` so a group never straddles two blocks.
+    """
+    _check_int(args)
+    _check_weight(weight)
+    out_features, in_features = weight.shape
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(
+            f"Hessian has shape {tuple(hessian.shape)}, expected ({in_features}, {in_features}) "
+            "to match the weight's input dim; accumulate X^T X over the layer input."
+        )
+    _weight_groups(weight, args)  # validates strategy and group divisibility
+    group_size = args.group_size if args.strategy == "group" else None
+    if group_size is not None:
+        block_size = max(group_size, block_size // group_size * group_size)
+    qmin, qmax = _int_range(args.num_bits, args.symmetric)
+
+    w = weight.detach().double().clone()
+    h = hessian.detach().double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(in_features, dtype=h.dtype)
+    chol, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0:
+        raise ValueError(
+            f"Hessian is not positive definite even with damp={damp}; "
+            "pass more calibration tokens or a larger damp."
+        )
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+
+    scale, zero = (None, None) if group_size else _static_qparams(w, args.num_bits, args.symmetric)
+    quantized = torch.zeros_like(w)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        w_block = w[:, i1:i2].clone()
+        err_block = torch.zeros_like(w_block)
+        h_inv_block = h_inv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            if group_size and (i1 + i) % group_size == 0:
+                group = w_block[:, i : i + group_size]
+                scale, zero = _static_qparams(group, args.num_bits, args.symmetric)
+            column = w_block[:, i]
+            q = _quantize_column(column, scale, zero, qmin, qmax)
+            quantized[:, i1 + i] = q
+            err = (column - q) / h_inv_block[i, i]
+            w_block[:, i:] -= err.unsqueeze(1) * h_inv_block[i, i:].unsqueeze(0)
+            err_block[:, i] = err
+        w[:, i2:] -= err_block @ h_inv[i1:i2, i2:]
+    return quantized.to(weight.dtype)
+
+
+def fake_quantize_activation(
+    x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Dynamic per-token fake quantization of ``x: [..., d]`` (one scale per row of ``d``).
+
+    ``clip_ratio`` is a scalar or broadcasts against ``[..., 1]`` (e.g. one ratio per token's
+    mask state). Straight-through rounding: gradients reach ``x`` and a learnable ``clip_ratio``.
+    """
+    _check_int(args)
+    if args.strategy != "token":
+        raise ValueError(
+            f"Activation quantization strategy {args.strategy!r} is not supported; expected "
+            "'token' (dynamic, one scale per token). Set strategy='token', dynamic=True."
+        )
+    return _fake_quantize_last_dim(x, args.num_bits, args.symmetric, clip_ratio)
+
+
+def fake_quantize_kv(x: torch.Tensor, num_bits: int = 4) -> torch.Tensor:
+    """QuaRot-style KV fake quantization: asymmetric, one scale/zero per (token, head).
+
+    ``x: [batch, heads, seq, head_dim]`` -> same shape.
+    """
+    if x.dim() != 4:
+        raise ValueError(
+            f"Expected keys/values of shape [batch, heads, seq, head_dim], got "
+            f"{tuple(x.shape)}; transpose the heads axis in before quantizing."
+        )
+    return _fake_quantize_last_dim(x, num_bits, symmetric=False, clip_ratio=None)

@@ -1,0 +1,154 @@
+"""Integer grids, on-grid exactness, gradients and GPTQ of the fake quantizers."""
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+
+from starquant_plugin.method.quantizers import (
+    SCHEMES,
+    fake_quantize_activation,
+    fake_quantize_kv,
+    fake_quantize_weight,
+    gptq_quantize_weight,
+    scheme_args,
+    search_weight_clip,
+)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_schemes_are_int_weight_per_channel_and_dynamic_per_token_activation():
+    for name, (weight_args, act_args) in SCHEMES.items():
+        assert weight_args.type == act_args.type == "int"
+        assert weight_args.strategy == "channel" and weight_args.symmetric
+        assert act_args.strategy == "token" and act_args.dynamic and act_args.symmetric
+        assert (weight_args.num_bits, act_args.num_bits) == {
+            "W4A4": (4, 4),
+            "W4A8": (4, 8),
+            "W8A8": (8, 8),
+        }[name]
+
+
+def test_scheme_args_returns_copies_and_rejects_unknown_names():
+    weight_args, _ = scheme_args("W4A4")
+    weight_args.num_bits = 3
+    assert SCHEMES["W4A4"][0].num_bits == 4
+    with pytest.raises(ValueError, match="W4A4"):
+        scheme_args("W3A3")
+
+
+@pytest.mark.parametrize("num_bits, qmin, qmax", [(4, -8, 7), (8, -128, 127)])
+def test_symmetric_codes_use_the_kernel_range(num_bits, qmin, qmax):
+    args = QuantizationArgs(num_bits=num_bits, symmetric=True, strategy="token", dynamic=True)
+    x = torch.randn(32, 64, generator=_gen())
+    # Unclipped: scale = max|x| / qmax, so codes reach +-qmax.
+    scale = x.abs().amax(dim=-1, keepdim=True) / qmax
+    codes = fake_quantize_activation(x, args) / scale
+    torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
+    assert codes.round().abs().amax() == qmax
+    # Clipped at half range: the negative end saturates at qmin, the positive at qmax.
+    clipped_codes = fake_quantize_activation(x, args, 0.5) / (scale * 0.5)
+    assert clipped_codes.round().amin() == qmin and clipped_codes.round().amax() == qmax
+
+
+def test_asymmetric_codes_lie_in_zero_to_two_pow_bits_minus_one():
+    args = QuantizationArgs(num_bits=4, symmetric=False, strategy="token", dynamic=True)
+    x = torch.randn(16, 32, generator=_gen()) + 0.5
+    x_min, x_max = x.amin(-1, keepdim=True).clamp_max(0), x.amax(-1, keepdim=True).clamp_min(0)
+    scale = (x_max - x_min) / 15
+    zero = torch.round(-x_min / scale)
+    codes = (fake_quantize_activation(x, args) / scale + zero).round()
+    assert codes.amin() >= 0 and codes.amax() <= 15
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("strategy, group_size", [("channel", None), ("group", 8)])
+def test_on_grid_weights_are_exact(symmetric, strategy, group_size):
+    args = QuantizationArgs(
+        num_bits=4, symmetric=symmetric, strategy=strategy, group_size=group_size
+    )
+    out_features, in_features = 6, 32
+    width = group_size or in_features
+    scale = torch.rand(out_features, in_features // width, 1, generator=_gen()) + 0.1
+    if symmetric:
+        codes = torch.randint(-7, 8, (out_features, in_features // width, width), generator=_gen())
+        codes[..., 0] = 7  # max|x| = 7 * scale
+    else:
+        codes = torch.randint(0, 16, (out_features, in_features // width, width), generator=_gen())
+        codes[..., 0], codes[..., 1], zero = 0, 15, 5  # range [-5, 10] * scale contains 0
+        codes = codes - zero
+    weight = (codes * scale).reshape(out_features, in_features)
+    torch.testing.assert_close(fake_quantize_weight(weight, args), weight, atol=1e-6, rtol=0)
+
+
+def test_on_grid_activations_are_exact():
+    _, act_args = scheme_args("W8A8")
+    codes = torch.randint(-127, 128, (10, 16), generator=_gen()).float()
+    codes[:, 0] = -127
+    x = codes * 0.03
+    torch.testing.assert_close(fake_quantize_activation(x, act_args), x, atol=1e-6, rtol=0)
+
+
+def test_activation_quantizer_passes_gradients_to_input_and_clip():
+    _, act_args = scheme_args("W4A4")
+    x = torch.randn(8, 16, generator=_gen(), requires_grad=True)
+    clip = torch.tensor(0.9, requires_grad=True)
+    target = torch.randn(8, 16, generator=_gen(1))
+    (fake_quantize_activation(x, act_args, clip) - target).pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert clip.grad is not None and clip.grad.abs() > 0
+
+
+def test_search_weight_clip_never_loses_to_no_clipping():
+    weight_args, _ = scheme_args("W4A4")
+    weight = torch.randn(16, 64, generator=_gen())
+    weight[:, 0] *= 10  # an outlier column makes clipping worthwhile for some rows
+    ratio = search_weight_clip(weight, weight_args)
+    assert ratio.shape == (16,) and ((ratio >= 0.5) & (ratio <= 1.0)).all()
+    err = (fake_quantize_weight(weight, weight_args, ratio) - weight).pow(2).sum(1)
+    err_plain = (fake_quantize_weight(weight, weight_args) - weight).pow(2).sum(1)
+    assert (err <= err_plain + 1e-6).all()
+
+
+@pytest.mark.parametrize("strategy, group_size", [("channel", None), ("group", 16)])
+def test_gptq_beats_rtn_on_the_layer_output(strategy, group_size):
+    args = QuantizationArgs(num_bits=4, symmetric=True, strategy=strategy, group_size=group_size)
+    mixing = torch.randn(64, 64, generator=_gen(1))
+    x = torch.randn(512, 64, generator=_gen()) @ mixing  # correlated inputs, as in a real layer
+    weight = torch.randn(32, 64, generator=_gen(2))
+    q_gptq = gptq_quantize_weight(weight, x.T @ x, args, block_size=32)
+    q_rtn = fake_quantize_weight(weight, args)
+    err_gptq = (x @ (weight - q_gptq).T).norm()
+    err_rtn = (x @ (weight - q_rtn).T).norm()
+    assert err_gptq < 0.9 * err_rtn
+    # Every row (or group) stays on a 4-bit grid: at most 16 distinct values.
+    width = group_size or 64
+    groups = q_gptq.reshape(32, -1, width)
+    assert max(len(torch.unique(g)) for g in groups.reshape(-1, width)) <= 16
+
+
+def test_gptq_rejects_a_mismatched_hessian():
+    weight_args, _ = scheme_args("W4A4")
+    with pytest.raises(ValueError, match="Hessian"):
+        gptq_quantize_weight(torch.randn(4, 8), torch.eye(6), weight_args)
+
+
+def test_group_size_must_divide_the_input_dim():
+    args = QuantizationArgs(num_bits=4, strategy="group", group_size=24)
+    with pytest.raises(ValueError, match="group_size"):
+        fake_quantize_weight(torch.randn(4, 64), args)
+
+
+def test_kv_quantization_is_asymmetric_per_token_and_head():
+    x = torch.randn(2, 3, 5, 16, generator=_gen()) + 2.0
+    xq = fake_quantize_kv(x, num_bits=4)
+    assert xq.shape == x.shape
+    distinct = [len(torch.unique(row)) for row in xq.reshape(-1, 16)]
+    assert max(distinct) <= 16
+    # Asymmetric with the range widened to 0: error at most half a step of (max - min0) / 15.
+    step = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True).clamp_max(0)) / 15
+    assert ((xq - x).abs() <= step / 2 + 1e-5).all()
+    with pytest.raises(ValueError, match="head_dim"):
+        fake_quantize_kv(torch.randn(3, 5, 16))
