@@ -18,6 +18,10 @@ class DLLMFamily:
     block_class: the decoder block class name (llm-compressor's sequential target).
     block_pattern: regex prefix of a decoder block's module names.
     lm_head: the LM head's module name (kept in 16 bit).
+    linear_groups: block-relative names of the linears at each activation-quantization point,
+        in forward order; linears in one group read the same input and share one transform.
+    attention_output: the output projection, whose input TAC corrects.
+    attention_module: the module that calls the attention function ("" = the block itself).
     """
 
     name: str
@@ -26,6 +30,9 @@ class DLLMFamily:
     block_class: str
     block_pattern: str
     lm_head: str
+    linear_groups: tuple[tuple[str, ...], ...]
+    attention_output: str
+    attention_module: str
 
 
 FAMILIES: dict[str, DLLMFamily] = {
@@ -38,6 +45,10 @@ FAMILIES: dict[str, DLLMFamily] = {
             block_class="LLaDALlamaBlock",
             block_pattern=r"model\.transformer\.blocks\.\d+\.",
             lm_head="model.transformer.ff_out",
+            linear_groups=(("q_proj", "k_proj", "v_proj"), ("attn_out",),
+                           ("ff_proj", "up_proj"), ("ff_out",)),
+            attention_output="attn_out",
+            attention_module="",
         ),
         DLLMFamily(
             name="dream",
@@ -46,6 +57,14 @@ FAMILIES: dict[str, DLLMFamily] = {
             block_class="DreamDecoderLayer",
             block_pattern=r"model\.layers\.\d+\.",
             lm_head="lm_head",
+            linear_groups=(
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"),
+                ("mlp.down_proj",),
+            ),
+            attention_output="self_attn.o_proj",
+            attention_module="self_attn",
         ),
     )
 }

@@ -17,7 +17,8 @@ TINY_OVERRIDES = {
               "mask_token_id": 299, "eos_token_id": 298, "pad_token_id": 298, "bos_token_id": 297},
     "Dream": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
               "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 300,
-              "mask_token_id": 299, "max_window_layers": 2, "eos_token_id": 298, "pad_token_id": 298,
+              "mask_token_id": 299, "max_window_layers": 2, "eos_token_id": 298,
+              "pad_token_id": 298,
               "bos_token_id": 297},
 }
 

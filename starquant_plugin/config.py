@@ -1,0 +1,60 @@
+"""``StarQuantArgs``: the one schema of a STaR-Quant run.
+
+Read by the core pipeline and the llm-compressor modifier, written into the checkpoint.
+Baselines are presets of the same schema (``METHODS``), so every method runs in one harness.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+QUANT_METHOD = "starquant"
+
+
+class StarQuantArgs(BaseModel):
+    """Knobs of STaR-Quant (see ``docs/method.md``); defaults are the method's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheme: Literal["W4A4", "W4A8", "W8A8"] = "W4A4"
+    transform: Literal["identity", "smoothquant", "hadamard", "learned"] = "learned"
+    state_gating: bool = True
+    exclusive_fraction: float = Field(1 / 32, ge=0.0, lt=0.5)
+    epochs: int = Field(15, ge=0)
+    lr: float = Field(5e-3, gt=0)
+    lr_clip: float = Field(5e-2, gt=0)
+    smoothquant_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    weight_quantizer: Literal["rtn", "gptq"] = "rtn"
+    tac: bool = True
+    tac_group_size: int = Field(16, ge=1)
+    tac_damping: float = Field(1e-2, ge=0.0)
+    tac_shrinkage: float = Field(0.2, ge=0.0, le=1.0)
+    tac_method: Literal["ot", "whiten", "lstsq"] = "ot"
+    kv_bits: Literal[4, 8, 16] | None = Field(
+        None, description="K/V cache bits; None = 4 at W4A4, 16 otherwise"
+    )
+    seed: int = 0
+
+    @property
+    def resolved_kv_bits(self) -> int:
+        if self.kv_bits is not None:
+            return self.kv_bits
+        return 4 if self.scheme == "W4A4" else 16
+
+
+METHODS: dict[str, dict] = {
+    "rtn": {"transform": "identity", "state_gating": False, "tac": False},
+    "smoothquant": {"transform": "smoothquant", "state_gating": False, "tac": False},
+    "quarot": {"transform": "hadamard", "state_gating": False, "tac": False},
+    "flatquant": {"transform": "learned", "state_gating": False, "tac": False},
+    "sgat": {"transform": "learned", "state_gating": True, "tac": False},
+    "tac": {"transform": "identity", "state_gating": False, "tac": True},
+    "starquant": {"transform": "learned", "state_gating": True, "tac": True},
+}
+
+
+def method_args(method: str, **overrides) -> StarQuantArgs:
+    """The preset for a method name (a baseline or STaR-Quant), with overrides."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {sorted(METHODS)}.")
+    return StarQuantArgs(**(METHODS[method] | overrides))

@@ -1,0 +1,38 @@
+"""SDPA with K and V fake-quantized per head, plugged in through ``AttentionInterface``.
+
+Both model families route attention through ``ALL_ATTENTION_FUNCTIONS``, so quantizing the
+Softmax-V path needs no model edits: a module opts in by carrying ``kv_bits < 16``. Keys are
+quantized after RoPE (what ``Q K^T`` consumes); queries and probabilities stay 16 bit.
+"""
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from starquant_plugin.method.quantizers import fake_quantize_kv
+
+KV_ATTENTION = "starquant_sdpa"
+
+
+def kv_quantized_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query/key/value: [batch, heads, seq, head_dim]; K/V quantized when ``module.kv_bits``
+    is below 16 (asymmetric, one scale per token and head)."""
+    kv_bits = getattr(module, "kv_bits", 16)
+    if kv_bits < 16:
+        key, value = fake_quantize_kv(key, kv_bits), fake_quantize_kv(value, kv_bits)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def use_kv_quantized_attention(model: nn.Module) -> None:
+    """Route ``model``'s attention through ``kv_quantized_sdpa`` (idempotent)."""
+    if KV_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(KV_ATTENTION, kv_quantized_sdpa)
+    model.config._attn_implementation = KV_ATTENTION

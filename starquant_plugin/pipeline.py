@@ -1,0 +1,269 @@
+"""The core STaR-Quant path: calibration rows in, a model with STaR-Quant linears out.
+
+Layer by layer (the inputs of block i come from the already-quantized blocks before it), and
+within a block group by group in forward order: SGAT for q/k/v, then TAC on the attention
+output (fitted against the FP model's own attention output, so it also absorbs error carried
+in from earlier blocks), then SGAT for the output projection on TAC-corrected inputs, then the
+MLP. Baselines (RTN, SmoothQuant, Hadamard rotation, learned transform without gates) are
+presets of ``StarQuantArgs`` and run through the same code. The llm-compressor modifier calls
+the same per-group functions (``quantize_linear_group``, ``fit_attention_tac``).
+"""
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from starquant_plugin.config import StarQuantArgs
+from starquant_plugin.method import (
+    MASKED,
+    UNMASKED,
+    MaskState,
+    SGATResult,
+    StarQuantLinear,
+    TACParams,
+    apply_tac,
+    attach_mask_state,
+    fake_quantize_weight,
+    fit_sgat,
+    fit_tac,
+    gptq_quantize_weight,
+    random_hadamard,
+    scheme_args,
+    search_weight_clip,
+    smoothquant_scales,
+)
+from starquant_plugin.models.attention import use_kv_quantized_attention
+from starquant_plugin.models.families import DLLMFamily, family_of, mask_token_id
+
+
+@dataclass
+class QuantizationReport:
+    """What the run did: per linear group its FP exactness residuals and final fit loss."""
+
+    args: StarQuantArgs
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the inputs it wanted are captured."""
+
+
+def decoder_blocks(model: PreTrainedModel, family: DLLMFamily) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == family.block_class]
+
+
+def _static_transform(
+    args: StarQuantArgs, weight: torch.Tensor, x: torch.Tensor, generator: torch.Generator
+) -> SGATResult:
+    """A fixed (not fitted) transform for the baselines; all gates open, so the gating adds
+    no FP error (residuals 0)."""
+    d = weight.shape[1]
+    if args.transform == "identity":
+        transform = torch.eye(d)
+    elif args.transform == "hadamard":
+        transform = random_hadamard(d, generator)
+    else:  # smoothquant: x -> x / s, W -> W * s
+        scales = smoothquant_scales(x.abs().amax(0), weight, args.smoothquant_alpha)
+        transform = torch.diag(1.0 / scales)
+    transform_inv = torch.linalg.inv(transform.double()).float()
+    weight_args, _ = scheme_args(args.scheme)
+    return SGATResult(
+        transform=transform, transform_inv=transform_inv, gates=torch.ones(2, d),
+        act_clip=torch.ones(2), weight_clip=search_weight_clip(weight @ transform_inv.T,
+                                                               weight_args),
+        residual_masked=0.0, residual_unmasked=0.0,
+    )
+
+
+def _split_by_state(x: torch.Tensor, mask_state: torch.Tensor) -> dict[int, torch.Tensor]:
+    """x: [batch, seq, d], mask_state: [batch, seq] -> {state: [tokens, d]}; an absent state
+    borrows the other's tokens (the fit needs both)."""
+    flat, state = x.reshape(-1, x.shape[-1]), mask_state.reshape(-1)
+    masked, unmasked = flat[state], flat[~state]
+    return {MASKED: masked if len(masked) else unmasked,
+            UNMASKED: unmasked if len(unmasked) else masked}
+
+
+def _quantized_weight(
+    linear: nn.Linear, sgat: SGATResult, rows: slice, weight_args: QuantizationArgs,
+    x_transformed: torch.Tensor | None,
+) -> torch.Tensor:
+    """Q_w(W T^{-T}) by RTN with the fitted clip, or by GPTQ on the transformed inputs."""
+    weight_t = sgat.transformed_weight(linear.weight.detach().float())
+    if x_transformed is None:
+        return fake_quantize_weight(weight_t, weight_args, sgat.weight_clip[rows])
+    hessian = x_transformed.T @ x_transformed / len(x_transformed)
+    return gptq_quantize_weight(weight_t, hessian, weight_args)
+
+
+def quantize_linear_group(
+    linears: list[nn.Linear],
+    x: torch.Tensor,
+    mask_state: torch.Tensor,
+    args: StarQuantArgs,
+    shared_state: MaskState,
+    tac: TACParams | None = None,
+) -> tuple[list[StarQuantLinear], SGATResult]:
+    """Fit one transform for linears that read the same input and build their replacements.
+
+    x: [batch, seq, d] their common input (TAC already applied), mask_state: [batch, seq].
+    """
+    weight_args, act_args = scheme_args(args.scheme)
+    weight = torch.cat([linear.weight.detach().float() for linear in linears])
+    x = x.detach().float()
+    by_state = _split_by_state(x, mask_state)
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.transform == "learned":
+        d_ex = int(weight.shape[1] * args.exclusive_fraction) if args.state_gating else 0
+        sgat = fit_sgat(weight, by_state[MASKED], by_state[UNMASKED], weight_args, act_args,
+                        d_ex=d_ex, epochs=args.epochs, lr=args.lr, lr_clip=args.lr_clip,
+                        seed=args.seed, gate=args.state_gating)
+    else:
+        sgat = _static_transform(args, weight, x.reshape(-1, x.shape[-1]), generator)
+    x_transformed = None
+    if args.weight_quantizer == "gptq":
+        x_transformed = (x.reshape(-1, x.shape[-1]) @ sgat.transform) * sgat.gates[
+            mask_state.reshape(-1).long()]
+    replacements, start = [], 0
+    for linear in linears:
+        rows = slice(start, start + linear.out_features)
+        start += linear.out_features
+        weight_q = _quantized_weight(linear, sgat, rows, weight_args, x_transformed)
+        replacements.append(StarQuantLinear(
+            weight_q=weight_q, bias=linear.bias, transform=sgat.transform, gates=sgat.gates,
+            act_clip=sgat.act_clip, act_args=act_args, mask_state=shared_state, tac=tac,
+        ))
+    return replacements, sgat
+
+
+def fit_attention_tac(z_fp: torch.Tensor, z_quant: torch.Tensor, args: StarQuantArgs
+                      ) -> TACParams:
+    """TAC from paired attention outputs [batch, seq, d] pooled over tokens and states."""
+    return fit_tac(z_fp.reshape(-1, z_fp.shape[-1]).float(),
+                   z_quant.reshape(-1, z_quant.shape[-1]).float(),
+                   group_size=args.tac_group_size, damping=args.tac_damping,
+                   shrinkage=args.tac_shrinkage, method=args.tac_method)
+
+
+def _capture_input(
+    block: nn.Module, name: str, inputs: list[tuple[tuple, dict]],
+    states: list[torch.Tensor], shared_state: MaskState,
+) -> torch.Tensor:
+    """Run ``block`` on each captured (args, kwargs), with that batch's token state, and return
+    ``name``'s input concatenated over batches: [batch, seq, d]."""
+    module = block.get_submodule(name)
+    captured = []
+
+    def hook(_module, args):
+        captured.append(args[0].detach())
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for (args, kwargs), state in zip(inputs, states, strict=True):
+            shared_state.mask_state = state
+            try:
+                block(*args, **kwargs)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def _block_inputs(model: PreTrainedModel, block: nn.Module, rows: torch.LongTensor,
+                  batch_size: int) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) the first block receives for each calibration batch."""
+    inputs = []
+
+    def hook(_module, args, kwargs):
+        inputs.append((args, kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, len(rows), batch_size):
+            try:
+                model(rows[start : start + batch_size])
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _with_hidden(inputs: list[tuple[tuple, dict]], hidden: list[torch.Tensor]
+                 ) -> list[tuple[tuple, dict]]:
+    return [((h, *args[1:]), kwargs) for (args, kwargs), h in zip(inputs, hidden, strict=True)]
+
+
+@torch.no_grad()
+def quantize_dllm(
+    model: PreTrainedModel,
+    calibration_rows: torch.LongTensor,
+    args: StarQuantArgs,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Quantize ``model`` in place with STaR-Quant (or a baseline preset of ``args``).
+
+    calibration_rows: [n, seq] denoising states (rows containing [MASK] tokens). Returns the
+    report; the model's forward afterwards is the quantized one, with the token state set from
+    ``input_ids == mask_token_id`` by a hook on the embedding.
+    """
+    start_time = time.time()
+    family = family_of(model)
+    mask_id = mask_token_id(model)
+    model.eval()
+    blocks = decoder_blocks(model, family)
+    report = QuantizationReport(args=args)
+    shared_state = attach_mask_state(model.get_input_embeddings(), mask_id)
+    inputs = _block_inputs(model, blocks[0], calibration_rows, batch_size)
+    states = [calibration_rows[i : i + batch_size] == mask_id
+              for i in range(0, len(calibration_rows), batch_size)]
+    all_states = torch.cat(states)
+    kv_bits = args.resolved_kv_bits
+    if kv_bits < 16:
+        use_kv_quantized_attention(model)
+    fp_hidden = [args_[0] for args_, _ in inputs]
+    q_hidden = list(fp_hidden)
+    for index, block in enumerate(tqdm(blocks, desc="STaR-Quant blocks", disable=not progress)):
+        fp_block = copy.deepcopy(block)
+        fp_inputs, q_inputs = _with_hidden(inputs, fp_hidden), _with_hidden(inputs, q_hidden)
+        attention = block.get_submodule(family.attention_module)
+        attention.kv_bits = kv_bits
+        for group in family.linear_groups:
+            tac = None
+            if args.tac and group == (family.attention_output,):
+                z_fp = _capture_input(fp_block, family.attention_output, fp_inputs, states,
+                                      shared_state)
+                z_quant = _capture_input(block, family.attention_output, q_inputs, states,
+                                         shared_state)
+                tac = fit_attention_tac(z_fp, z_quant, args)
+            linears = [block.get_submodule(name) for name in group]
+            with torch.enable_grad():
+                x = _capture_input(block, group[0], q_inputs, states, shared_state)
+                if tac is not None:
+                    x = apply_tac(x, tac)
+                replacements, sgat = quantize_linear_group(linears, x, all_states, args,
+                                                           shared_state, tac)
+            for name, replacement in zip(group, replacements, strict=True):
+                block.set_submodule(name, replacement)
+            report.groups[f"{index}.{'+'.join(group)}"] = {
+                "residual_masked": sgat.residual_masked,
+                "residual_unmasked": sgat.residual_unmasked,
+                "final_loss": sgat.loss_history[-1] if sgat.loss_history else float("nan"),
+            }
+        for i, ((a, kw), state) in enumerate(zip(q_inputs, states, strict=True)):
+            shared_state.mask_state = state
+            q_hidden[i] = block(*a, **kw)
+        fp_hidden = [fp_block(*a, **kw) for a, kw in fp_inputs]
+    report.seconds = time.time() - start_time
+    return report
