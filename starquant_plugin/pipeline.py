@@ -6,7 +6,7 @@ output (fitted against the FP model's own attention output, so it also absorbs e
 in from earlier blocks), then SGAT for the output projection on TAC-corrected inputs, then the
 MLP. Baselines (RTN, SmoothQuant, Hadamard rotation, learned transform without gates) are
 presets of ``StarQuantArgs`` and run through the same code. The llm-compressor modifier calls
-the same per-group functions (``quantize_linear_group``, ``fit_attention_tac``).
+the same per-block function (``quantize_block``).
 """
 
 import copy
@@ -199,9 +199,69 @@ def _block_inputs(model: PreTrainedModel, block: nn.Module, rows: torch.LongTens
     return inputs
 
 
-def _with_hidden(inputs: list[tuple[tuple, dict]], hidden: list[torch.Tensor]
-                 ) -> list[tuple[tuple, dict]]:
+def run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], states: list[torch.Tensor],
+              shared_state: MaskState) -> list[torch.Tensor]:
+    """``block``'s output hidden states for each captured (args, kwargs), each batch under its
+    own token state (a quantized block reads it through ``shared_state``)."""
+    outputs = []
+    for (args, kwargs), state in zip(inputs, states, strict=True):
+        shared_state.mask_state = state
+        outputs.append(block(*args, **kwargs))
+    return outputs
+
+
+def with_hidden(inputs: list[tuple[tuple, dict]], hidden: list[torch.Tensor]
+                ) -> list[tuple[tuple, dict]]:
+    """The captured (args, kwargs) of each batch with the hidden states (``args[0]``) replaced."""
     return [((h, *args[1:]), kwargs) for (args, kwargs), h in zip(inputs, hidden, strict=True)]
+
+
+def quantize_block(
+    block: nn.Module,
+    fp_block: nn.Module,
+    q_inputs: list[tuple[tuple, dict]],
+    fp_inputs: list[tuple[tuple, dict]],
+    states: list[torch.Tensor],
+    shared_state: MaskState,
+    args: StarQuantArgs,
+    family: DLLMFamily,
+    report: QuantizationReport,
+    index: int,
+    groups: tuple[tuple[str, ...], ...] | None = None,
+) -> None:
+    """Replace ``block``'s linears with STaR-Quant linears, group by group in forward order.
+
+    q_inputs: per batch the (args, kwargs) ``block`` receives in the quantized model (outputs
+    of the already-quantized blocks before it); fp_inputs: the same for ``fp_block``, an
+    unmodified copy of ``block`` fed by the FP model, whose attention output is TAC's target.
+    states: per batch ``[batch, seq]`` token states. groups: which of ``family.linear_groups``
+    to quantize (default all). Shared by ``quantize_dllm`` and the llm-compressor modifier.
+    """
+    all_states = torch.cat(states)
+    attention = block.get_submodule(family.attention_module)
+    attention.kv_bits = args.resolved_kv_bits
+    for group in family.linear_groups if groups is None else groups:
+        tac = None
+        if args.tac and group == (family.attention_output,):
+            z_fp = _capture_input(fp_block, family.attention_output, fp_inputs, states,
+                                  shared_state)
+            z_quant = _capture_input(block, family.attention_output, q_inputs, states,
+                                     shared_state)
+            tac = fit_attention_tac(z_fp, z_quant, args)
+        linears = [block.get_submodule(name) for name in group]
+        with torch.enable_grad():
+            x = _capture_input(block, group[0], q_inputs, states, shared_state)
+            if tac is not None:
+                x = apply_tac(x, tac)
+            replacements, sgat = quantize_linear_group(linears, x, all_states, args,
+                                                       shared_state, tac)
+        for name, replacement in zip(group, replacements, strict=True):
+            block.set_submodule(name, replacement)
+        report.groups[f"{index}.{'+'.join(group)}"] = {
+            "residual_masked": sgat.residual_masked,
+            "residual_unmasked": sgat.residual_unmasked,
+            "final_loss": sgat.loss_history[-1] if sgat.loss_history else float("nan"),
+        }
 
 
 @torch.no_grad()
@@ -228,42 +288,16 @@ def quantize_dllm(
     inputs = _block_inputs(model, blocks[0], calibration_rows, batch_size)
     states = [calibration_rows[i : i + batch_size] == mask_id
               for i in range(0, len(calibration_rows), batch_size)]
-    all_states = torch.cat(states)
-    kv_bits = args.resolved_kv_bits
-    if kv_bits < 16:
+    if args.resolved_kv_bits < 16:
         use_kv_quantized_attention(model)
     fp_hidden = [args_[0] for args_, _ in inputs]
     q_hidden = list(fp_hidden)
     for index, block in enumerate(tqdm(blocks, desc="STaR-Quant blocks", disable=not progress)):
         fp_block = copy.deepcopy(block)
-        fp_inputs, q_inputs = _with_hidden(inputs, fp_hidden), _with_hidden(inputs, q_hidden)
-        attention = block.get_submodule(family.attention_module)
-        attention.kv_bits = kv_bits
-        for group in family.linear_groups:
-            tac = None
-            if args.tac and group == (family.attention_output,):
-                z_fp = _capture_input(fp_block, family.attention_output, fp_inputs, states,
-                                      shared_state)
-                z_quant = _capture_input(block, family.attention_output, q_inputs, states,
-                                         shared_state)
-                tac = fit_attention_tac(z_fp, z_quant, args)
-            linears = [block.get_submodule(name) for name in group]
-            with torch.enable_grad():
-                x = _capture_input(block, group[0], q_inputs, states, shared_state)
-                if tac is not None:
-                    x = apply_tac(x, tac)
-                replacements, sgat = quantize_linear_group(linears, x, all_states, args,
-                                                           shared_state, tac)
-            for name, replacement in zip(group, replacements, strict=True):
-                block.set_submodule(name, replacement)
-            report.groups[f"{index}.{'+'.join(group)}"] = {
-                "residual_masked": sgat.residual_masked,
-                "residual_unmasked": sgat.residual_unmasked,
-                "final_loss": sgat.loss_history[-1] if sgat.loss_history else float("nan"),
-            }
-        for i, ((a, kw), state) in enumerate(zip(q_inputs, states, strict=True)):
-            shared_state.mask_state = state
-            q_hidden[i] = block(*a, **kw)
-        fp_hidden = [fp_block(*a, **kw) for a, kw in fp_inputs]
+        fp_inputs, q_inputs = with_hidden(inputs, fp_hidden), with_hidden(inputs, q_hidden)
+        quantize_block(block, fp_block, q_inputs, fp_inputs, states, shared_state, args, family,
+                       report, index)
+        q_hidden = run_block(block, q_inputs, states, shared_state)
+        fp_hidden = run_block(fp_block, fp_inputs, states, shared_state)
     report.seconds = time.time() - start_time
     return report
