@@ -24,20 +24,11 @@ import torch
 from starquant_plugin.assets import TINY_MODELS, calibration_text, evaluation_text
 from starquant_plugin.config import METHODS, method_args
 from starquant_plugin.models.calibration import build_calibration_states
-from starquant_plugin.models.evaluation import (
-    MASK_RATIOS,
-    generation_agreement,
-    heldout_elbo,
-    masked_token_metrics,
-    text_rows,
-)
-from starquant_plugin.models.families import family_of
+from starquant_plugin.models.evaluation import MASK_RATIOS, quality_summary, text_rows
 from starquant_plugin.models.loading import load_dllm
-from starquant_plugin.models.sampling import dream_generate, llada_generate
 from starquant_plugin.pipeline import quantize_dllm
 
 SCHEMES = ("W4A4", "W4A8", "W8A8")
-GEN_LENGTH = 32
 
 
 class PeakMemory:
@@ -59,24 +50,6 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._running = False
         self._thread.join()
-
-
-def greedy(model, prompts: torch.LongTensor) -> torch.LongTensor:
-    if family_of(model).name == "dream":
-        return dream_generate(model, prompts, steps=GEN_LENGTH, gen_length=GEN_LENGTH,
-                              alg="maskgit_plus").sequences
-    return llada_generate(model, prompts, steps=GEN_LENGTH, gen_length=GEN_LENGTH,
-                          block_length=GEN_LENGTH // 2).sequences
-
-
-def evaluate(model, fp_model, rows, prompts, args) -> dict:
-    metrics = masked_token_metrics(model, rows, seed=args.seed, progress=False)
-    row = {f"ce@{t}": metrics[t]["ce"] for t in MASK_RATIOS}
-    row |= {f"acc@{t}": metrics[t]["acc"] for t in MASK_RATIOS}
-    row["elbo"] = heldout_elbo(model, rows[: args.elbo_rows], mc_num=args.mc_num,
-                               seed=args.seed, progress=False)
-    row["gen_agreement"] = generation_agreement(greedy, fp_model, model, prompts)
-    return row
 
 
 def main() -> None:
@@ -118,7 +91,8 @@ def main() -> None:
                     seconds, peak = time.time() - start, memory.peak
                 row = {"model": str(path), "scheme": "FP" if method == "fp" else scheme,
                        "method": method, "calib_seconds": seconds, "calib_peak_mb": peak / 2**20}
-                row |= evaluate(model, fp_model, rows, prompts, args)
+                row |= quality_summary(model, fp_model, rows, prompts, args.elbo_rows,
+                                       args.mc_num, args.seed)
                 results.append(row)
                 print_row(row, header=len(results) == 1)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ is the format integration's job.
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from llmcompressor import oneshot
@@ -24,13 +23,12 @@ from starquant_plugin.assets import TINY_LLADA, calibration_text, evaluation_tex
 from starquant_plugin.integrations.calibration_dataset import dllm_calibration_dataset
 from starquant_plugin.integrations.llmcompressor import (
     STaRQuantModifier,
+    bundled_recipe,
     load_starquant_recipe,
 )
 from starquant_plugin.models.evaluation import masked_token_metrics, text_rows
 from starquant_plugin.models.families import family_of
 from starquant_plugin.models.loading import load_dllm
-
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model, tokenizer = load_dllm(args.model)
     family = family_of(model)
-    recipe = load_starquant_recipe(args.recipe or RECIPES_DIR / f"{family.name}_w4a4.yaml")
+    recipe = load_starquant_recipe(args.recipe or bundled_recipe(family.name))
     if args.epochs is not None:
         for modifier in recipe.modifiers:
             if isinstance(modifier, STaRQuantModifier):

@@ -1,51 +1,82 @@
-"""``starquant`` command line: ``starquant demo`` runs the main job on the bundled models."""
+"""``starquant`` command line.
+
+``starquant demo`` is the main job: quantize the bundled tiny LLaDA with the W4A4 recipe through
+llm-compressor's ``oneshot``, and print FP vs RTN vs STaR-Quant quality side by side.
+"""
 
 import argparse
 import time
 
 import torch
 
-from starquant_plugin.assets import TINY_MODELS, heldout_text
-from starquant_plugin.models.evaluation import masked_token_metrics, text_rows
-from starquant_plugin.models.families import family_of
+from starquant_plugin.assets import TINY_LLADA, calibration_text, evaluation_text
+from starquant_plugin.config import METHODS
+from starquant_plugin.models.evaluation import MASK_RATIOS, quality_summary, text_rows
 from starquant_plugin.models.loading import load_dllm
-from starquant_plugin.models.sampling import dream_generate, llada_generate
 
-DEMO_PROMPTS = ("The history of the city", "In mathematics, a function")
+DEMO_PROMPT = "The history of the city"
 
 
-def _greedy(model, prompt_ids: torch.LongTensor, gen_length: int = 24) -> torch.LongTensor:
-    if family_of(model).name == "dream":
-        return dream_generate(model, prompt_ids, steps=gen_length, gen_length=gen_length,
-                              alg="maskgit_plus").sequences
-    return llada_generate(model, prompt_ids, steps=gen_length, gen_length=gen_length,
-                          block_length=gen_length // 3).sequences
+def _oneshot(model, tokenizer, recipe, num_samples: int) -> float:
+    """Quantize ``model`` in place through ``oneshot``; returns seconds."""
+    from llmcompressor import oneshot
+
+    from starquant_plugin.integrations.calibration_dataset import dllm_calibration_dataset
+
+    dataset = dllm_calibration_dataset(model, tokenizer, [calibration_text()],
+                                       num_samples=num_samples)
+    start = time.time()
+    oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=num_samples)
+    return time.time() - start
 
 
 def demo(args: argparse.Namespace) -> None:
-    """Evaluate each bundled tiny DLLM on held-out text and print a few greedy generations."""
+    """FP vs RTN vs STaR-Quant (recipe ``recipes/llada_<scheme>.yaml``) on the tiny LLaDA."""
+    from starquant_plugin.integrations.llmcompressor import (
+        STaRQuantModifier,
+        bundled_recipe,
+        load_starquant_recipe,
+    )
+    from starquant_plugin.models.evaluation import greedy_generate
+
     torch.manual_seed(0)
-    for name, path in TINY_MODELS.items():
-        start = time.time()
-        model, tokenizer = load_dllm(path)
-        rows = text_rows(tokenizer, heldout_text(), max_rows=args.rows)
-        metrics = masked_token_metrics(model, rows)
-        print(f"\n== tiny {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
-              f"params, {len(rows)} held-out rows of {rows.shape[1]} tokens)")
-        print("mask ratio | masked CE (nats) | accuracy")
-        for ratio, values in metrics.items():
-            print(f"{ratio:10.2f} | {values['ce']:16.3f} | {values['acc']:8.3f}")
-        for prompt in DEMO_PROMPTS:
-            prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-            output = _greedy(model, prompt_ids)[0, prompt_ids.shape[1]:]
-            print(f"{prompt!r} -> {tokenizer.decode(output)!r}")
-        print(f"({time.time() - start:.1f} s)")
+    fp_model, tokenizer = load_dllm(TINY_LLADA)
+    rows = text_rows(tokenizer, evaluation_text(), max_rows=args.rows)
+    prompts = rows[:4, :16]
+    recipe_path = bundled_recipe("llada", args.scheme)
+    print(f"tiny LLaDA ({sum(p.numel() for p in fp_model.parameters()) / 1e6:.1f} M params), "
+          f"{args.scheme}, recipe {recipe_path.name}, {args.samples} calibration rows")
+    models = {"FP": (fp_model, 0.0)}
+    for name, recipe in (
+        ("RTN", STaRQuantModifier(scheme=args.scheme, **METHODS["rtn"])),
+        ("STaR-Quant", load_starquant_recipe(recipe_path)),
+    ):
+        model, _ = load_dllm(TINY_LLADA)
+        print(f"quantizing: {name} ...", flush=True)
+        models[name] = (model, _oneshot(model, tokenizer, recipe, args.samples))
+    columns = [*(f"ce@{t}" for t in MASK_RATIOS), *(f"acc@{t}" for t in MASK_RATIOS), "elbo",
+               "gen_agreement"]
+    print(f"\n| model | {' | '.join(columns)} | oneshot s |")
+    print("|---" * (len(columns) + 2) + "|")
+    for name, (model, seconds) in models.items():
+        row = quality_summary(model, fp_model, rows, prompts)
+        print(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in columns)
+              + f" | {seconds:.1f} |", flush=True)
+    print("\nce: masked-token cross-entropy (nats) at mask ratio t; acc: its accuracy; elbo: "
+          "Monte-Carlo ELBO per token of held-out continuations; gen_agreement: share of "
+          "greedy-generated tokens equal to FP's.")
+    prompt_ids = tokenizer(DEMO_PROMPT, return_tensors="pt")["input_ids"]
+    for name, (model, _) in models.items():
+        generated = greedy_generate(model, prompt_ids)[0, prompt_ids.shape[1]:]
+        print(f"{name:>10}: {DEMO_PROMPT!r} -> {tokenizer.decode(generated)!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="starquant", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="evaluate the bundled tiny DLLMs")
+    demo_parser = commands.add_parser("demo", help="quantize the bundled tiny LLaDA and compare")
+    demo_parser.add_argument("--scheme", default="W4A4", choices=["W4A4", "W4A8", "W8A8"])
+    demo_parser.add_argument("--samples", type=int, default=32, help="calibration rows")
     demo_parser.add_argument("--rows", type=int, default=64, help="held-out rows to score")
     demo_parser.set_defaults(func=demo)
     args = parser.parse_args(argv)

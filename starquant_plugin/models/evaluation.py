@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from starquant_plugin.models.families import mask_token_id, token_logits
+from starquant_plugin.models.families import family_of, mask_token_id, token_logits
+from starquant_plugin.models.sampling import dream_generate, llada_generate
 
 MASK_RATIOS = (0.15, 0.5, 0.85)
 
@@ -142,3 +143,35 @@ def generation_agreement(
     a = generate(reference, prompts)[:, prompt_len:]
     b = generate(candidate, prompts)[:, prompt_len:]
     return (a == b).float().mean().item()
+
+
+def greedy_generate(model: PreTrainedModel, prompts: torch.LongTensor,
+                    gen_length: int = 32) -> torch.LongTensor:
+    """Deterministic generation with the family's own sampler: one token per step, LLaDA in
+    two semi-autoregressive blocks, Dream with maskgit_plus confidence."""
+    if family_of(model).name == "dream":
+        return dream_generate(model, prompts, steps=gen_length, gen_length=gen_length,
+                              alg="maskgit_plus").sequences
+    return llada_generate(model, prompts, steps=gen_length, gen_length=gen_length,
+                          block_length=gen_length // 2).sequences
+
+
+def quality_summary(
+    model: PreTrainedModel,
+    reference: PreTrainedModel,
+    rows: torch.LongTensor,
+    prompts: torch.LongTensor,
+    elbo_rows: int = 16,
+    mc_num: int = 16,
+    seed: int = 0,
+) -> dict[str, float]:
+    """One flat row of quality numbers for ``model``: masked CE/accuracy per mask ratio,
+    held-out ELBO per token, and greedy-generation agreement with ``reference`` (the FP
+    model)."""
+    metrics = masked_token_metrics(model, rows, seed=seed, progress=False)
+    row = {f"ce@{t}": metrics[t]["ce"] for t in MASK_RATIOS}
+    row |= {f"acc@{t}": metrics[t]["acc"] for t in MASK_RATIOS}
+    row["elbo"] = heldout_elbo(model, rows[:elbo_rows], mc_num=mc_num, seed=seed,
+                               progress=False)
+    row["gen_agreement"] = generation_agreement(greedy_generate, reference, model, prompts)
+    return row

@@ -8,7 +8,10 @@ from starquant_plugin.integrations.llmcompressor.modifier import (
     STaRQuantModifier,
     resolve_block_groups,
 )
-from starquant_plugin.integrations.llmcompressor.recipe import load_starquant_recipe
+from starquant_plugin.integrations.llmcompressor.recipe import (
+    bundled_recipe,
+    load_starquant_recipe,
+)
 
 
 def register_modifier() -> None:
@@ -18,5 +21,5 @@ def register_modifier() -> None:
     ModifierFactory.register(STaRQuantModifier.__name__, STaRQuantModifier)
 
 
-__all__ = ["STaRQuantModifier", "load_starquant_recipe", "register_modifier",
+__all__ = ["STaRQuantModifier", "bundled_recipe", "load_starquant_recipe", "register_modifier",
            "resolve_block_groups"]

@@ -11,6 +11,9 @@ from llmcompressor.recipe import Recipe
 
 from starquant_plugin.integrations.llmcompressor.modifier import STaRQuantModifier
 
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+"""The recipes shipped with the package (the repository's ``recipes/`` folder)."""
+
 _EXAMPLE = """starquant_stage:
   quantization_modifiers:
     STaRQuantModifier:
@@ -35,3 +38,12 @@ def load_starquant_recipe(path_or_yaml: str | Path, stage: str | None = None) ->
             "starquant_plugin` before parsing it, which registers the modifier)."
         )
     return recipe
+
+
+def bundled_recipe(family: str, scheme: str = "W4A4") -> Path:
+    """Path of the shipped recipe for a model family (``llada``/``dream``) and scheme."""
+    path = RECIPES_DIR / f"{family}_{scheme.lower()}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise ValueError(f"No bundled recipe for {family} {scheme}; available: {available}.")
+    return path
