@@ -9,5 +9,12 @@ python -m pip install --quiet --upgrade pip
 # The CPU wheel first: a looser torch requirement would pull a multi-GB CUDA build.
 python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e ".[compress,dev]"
+# compressed-tensors 0.17 (what vLLM pins) in its own environment: the checkpoint's weight
+# groups must decompress there too (tests/compat/read_with_ct017.py).
+python3 -m venv .venv-ct017
+.venv-ct017/bin/python -m pip install --quiet --upgrade pip
+.venv-ct017/bin/python -m pip install --quiet torch==2.13.0 compressed-tensors==0.17.0 \
+    safetensors psutil  # 0.17 imports psutil without declaring it
+export STARQUANT_CT017_PYTHON="$PWD/.venv-ct017/bin/python"
 ruff check .
 python -m pytest -p no:cacheprovider -q "$@"

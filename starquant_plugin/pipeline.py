@@ -38,6 +38,7 @@ from starquant_plugin.method import (
     search_weight_clip,
     smoothquant_scales,
 )
+from starquant_plugin.method.runtime import weight_qparams
 from starquant_plugin.models.attention import use_kv_quantized_attention
 from starquant_plugin.models.families import DLLMFamily, family_of, mask_token_id
 
@@ -136,9 +137,14 @@ def quantize_linear_group(
         rows = slice(start, start + linear.out_features)
         start += linear.out_features
         weight_q = _quantized_weight(linear, sgat, rows, weight_args, x_transformed)
+        # RTN's scales use the fitted clip; GPTQ's come from the unclipped transformed weight.
+        clip = sgat.weight_clip[rows] if x_transformed is None else None
+        scale, zero_point = weight_qparams(
+            sgat.transformed_weight(linear.weight.detach().float()), weight_args, clip)
         replacements.append(StarQuantLinear(
             weight_q=weight_q, bias=linear.bias, transform=sgat.transform, gates=sgat.gates,
             act_clip=sgat.act_clip, act_args=act_args, mask_state=shared_state, tac=tac,
+            weight_args=weight_args, weight_scale=scale, weight_zero_point=zero_point,
         ))
     return replacements, sgat
 

@@ -12,3 +12,11 @@ def register_llmcompressor() -> None:
     from starquant_plugin.integrations.llmcompressor import register_modifier
 
     register_modifier()
+
+
+def register_transformers() -> None:
+    """Make ``from_pretrained`` load STaR-Quant checkpoints (``quant_method: starquant``)
+    through transformers' quantizer registry. Idempotent."""
+    from starquant_plugin.integrations.hf_quantizer import register_hf_quantizer
+
+    register_hf_quantizer()

@@ -4,21 +4,34 @@ The embedding sees ``input_ids`` once per forward; a pre-hook turns them into
 ``mask_state: [batch, seq]`` on one ``MaskState`` object that every ``StarQuantLinear`` holds by
 reference, so no layer signature changes and a position that flips from ``[MASK]`` to a real
 token between denoising steps is simply re-gated on the next forward.
+
+A ``StarQuantLinear`` holds its weight the way the checkpoint and an INT kernel hold it: the
+integer codes under compressed-tensors' names and layouts (``pack-quantized`` for 4 bit,
+``int-quantized`` for 8 bit), produced and read by compressed-tensors' own compressors, and
+dequantized on every forward. The STaR tensors sit beside them (``sgat_*``, ``tac_*``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from starquant_plugin.method.quantizers import fake_quantize_activation, fake_quantize_weight
 from starquant_plugin.method.sgat import SGATResult
 from starquant_plugin.method.tac import TACParams, apply_tac
+
+WEIGHT_FORMATS: dict[int, str] = {4: "pack-quantized", 8: "int-quantized"}
+"""compressed-tensors format per weight bit width (4 bit packed 8 per int32, 8 bit as int8)."""
+
+_MIN_SCALE = 1e-8  # the fake quantizers' scale floor (quantizers._MIN_SCALE)
+_GRID_TOLERANCE = 1e-3  # max |weight_q / scale - code| accepted as "on the integer grid"
 
 
 class MaskState:
@@ -55,12 +68,106 @@ def attach_mask_state(embedding: nn.Module, mask_token_id: int) -> MaskState:
     return state
 
 
+def weight_format(args: QuantizationArgs) -> str:
+    """The compressed-tensors format that stores weights quantized with ``args``."""
+    if args.type != "int" or args.num_bits not in WEIGHT_FORMATS:
+        raise ValueError(
+            f"Got weight QuantizationArgs(type={args.type!r}, num_bits={args.num_bits}); "
+            f"starquant stores int weights of {sorted(WEIGHT_FORMATS)} bits "
+            f"({WEIGHT_FORMATS}). Use one of the presets W4A4, W4A8 or W8A8."
+        )
+    return WEIGHT_FORMATS[args.num_bits]
+
+
+def weight_scheme(weight_args: QuantizationArgs, act_args: QuantizationArgs | None = None
+                  ) -> QuantizationScheme:
+    """The compressed-tensors scheme (with its explicit ``format``) of a STaR-Quant linear."""
+    return QuantizationScheme(targets=["Linear"], weights=weight_args,
+                              input_activations=act_args, format=weight_format(weight_args))
+
+
+def _num_weight_groups(in_features: int, args: QuantizationArgs) -> int:
+    if args.strategy == "channel":
+        return 1
+    if args.strategy == "group" and in_features % args.group_size == 0:
+        return in_features // args.group_size
+    raise ValueError(
+        f"Weight strategy {args.strategy!r} (group_size={args.group_size}) cannot store "
+        f"{in_features} input columns; use strategy='channel' or a group_size dividing it."
+    )
+
+
+def weight_qparams(
+    weight: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fake_quantize_weight``'s scale (and zero point) in compressed-tensors' convention.
+
+    ``weight: [out, in]``, ``clip_ratio: [out]`` -> ``scale: [out, groups]`` (groups = 1 per
+    channel) and, if asymmetric, ``zero_point: [out, groups]`` int8 on compressed-tensors'
+    signed grid (our unsigned zero point minus ``2^(b-1)``), else None. Same arithmetic as the
+    fake quantizer, so ``codes * scale`` reproduces its output bit for bit.
+    """
+    out_features, in_features = weight.shape
+    groups = _num_weight_groups(in_features, args)
+    x = weight.detach().reshape(out_features, groups, in_features // groups)
+    ratio = 1.0 if clip_ratio is None else clip_ratio.reshape(-1, 1, 1).to(weight.dtype)
+    if args.symmetric:
+        qmax = 2 ** (args.num_bits - 1) - 1
+        scale = (x.abs().amax(dim=-1, keepdim=True) * ratio / qmax).clamp_min(_MIN_SCALE)
+        return scale.reshape(out_features, groups), None
+    qmax = 2**args.num_bits - 1
+    x_min = x.amin(dim=-1, keepdim=True).clamp_max(0.0) * ratio
+    x_max = x.amax(dim=-1, keepdim=True).clamp_min(0.0) * ratio
+    scale = ((x_max - x_min) / qmax).clamp_min(_MIN_SCALE)
+    zero = torch.clamp(torch.round(-x_min / scale), 0, qmax) - 2 ** (args.num_bits - 1)
+    return scale.reshape(out_features, groups), zero.reshape(out_features, groups).to(torch.int8)
+
+
+def compressed_weight_layout(
+    out_features: int, in_features: int, args: QuantizationArgs, scale_dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of the tensors compressed-tensors' compressor writes for a
+    ``[out, in]`` weight, e.g. to build empty modules the checkpoint loads into.
+
+    >>> from starquant_plugin.method.quantizers import scheme_args
+    >>> layout = compressed_weight_layout(24, 64, scheme_args("W4A4")[0], torch.float32)
+    >>> layout["weight_packed"], layout["weight_scale"]
+    (((24, 8), torch.int32), ((24, 1), torch.float32))
+    """
+    groups = _num_weight_groups(in_features, args)
+    bits = args.num_bits
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    if weight_format(args) == "pack-quantized":
+        layout["weight_packed"] = ((out_features, math.ceil(in_features * bits / 32)),
+                                   torch.int32)
+        layout["weight_shape"] = ((2,), torch.int64)
+        if not args.symmetric:
+            layout["weight_zero_point"] = ((math.ceil(out_features * bits / 32), groups),
+                                           torch.int32)
+    else:
+        layout["weight"] = ((out_features, in_features), torch.int8)
+        if not args.symmetric:
+            layout["weight_zero_point"] = ((out_features, groups), torch.int8)
+    layout["weight_scale"] = ((out_features, groups), scale_dtype)
+    return layout
+
+
 class StarQuantLinear(nn.Module):
     """``y = Q_a(((TAC(x)) T) * gates[s]) W_q^T + b`` with the token state ``s`` from ``MaskState``.
 
-    Buffers: ``transform: [d, d]``, ``gates: [2, d]``, ``act_clip: [2]`` (per state),
-    ``weight: [out, d]`` = the fake-quantized transformed weight ``Q_w(W T^{-T})`` stored
-    dequantized, ``bias: [out]`` or None, and optionally the TAC map (o_proj input only).
+    Buffers, in the checkpoint under these names:
+
+    * the weight ``W_q = Q_w(W T^{-T})`` as compressed-tensors stores it: 4 bit
+      ``weight_packed: int32 [out, in / 8]`` + ``weight_shape: [2]``, 8 bit ``weight: int8
+      [out, in]``; both with ``weight_scale: [out, groups]`` (and ``weight_zero_point`` if
+      asymmetric). ``dequantized_weight()`` returns ``[out, in]`` float. With ``weight_args``
+      unset the constructor keeps a dense float ``weight`` instead (experiments; not saveable);
+    * ``bias: [out]`` or None;
+    * ``sgat_transform: [d, d]``, ``sgat_gates: [2, d]``, ``sgat_act_clip: [2]`` (per state);
+    * ``tac_matrices: [d / g, g, g]``, ``tac_bias: [d]`` or None (o_proj input only).
+
+    ``layer.weight`` is the int8 codes for 8 bit (compressed-tensors' name) and the dequantized
+    weight for 4 bit (whose codes are ``weight_packed``).
     """
 
     def __init__(
@@ -73,7 +180,14 @@ class StarQuantLinear(nn.Module):
         act_args: QuantizationArgs,
         mask_state: MaskState,
         tac: TACParams | None = None,
+        *,
+        weight_args: QuantizationArgs | None = None,
+        weight_scale: torch.Tensor | None = None,
+        weight_zero_point: torch.Tensor | None = None,
     ) -> None:
+        """``weight_q: [out, d]`` the fake-quantized weight; with ``weight_args`` and its
+        ``weight_scale: [out, groups]`` (``weight_qparams``) it is stored as integer codes,
+        which must reproduce it (it has to lie on the scale's integer grid)."""
         super().__init__()
         d = transform.shape[0]
         if weight_q.dim() != 2 or weight_q.shape[1] != d or gates.shape != (2, d):
@@ -82,16 +196,83 @@ class StarQuantLinear(nn.Module):
                 f"gates {tuple(gates.shape)}; expected [out, d], [d, d] and [2, d]."
             )
         act_clip = torch.as_tensor(act_clip, dtype=transform.dtype).reshape(-1).expand(2)
-        self.register_buffer("weight", weight_q.detach().clone())
+        self.act_args = act_args
+        self.weight_args = weight_args
+        self.mask_state = mask_state
+        if weight_args is None:
+            self.register_buffer("weight", weight_q.detach().clone())
+        else:
+            self._store_weight(weight_q.detach(), weight_args, weight_scale, weight_zero_point)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("transform", transform.detach().clone())
-        self.register_buffer("gates", gates.detach().clone())
-        self.register_buffer("act_clip", act_clip.clone())
+        self.register_buffer("sgat_transform", transform.detach().clone())
+        self.register_buffer("sgat_gates", gates.detach().clone())
+        self.register_buffer("sgat_act_clip", act_clip.clone())
         has_tac = tac is not None
         self.register_buffer("tac_matrices", tac.matrices.detach().clone() if has_tac else None)
         self.register_buffer("tac_bias", tac.bias.detach().clone() if has_tac else None)
-        self.act_args = act_args
-        self.mask_state = mask_state
+
+    def _store_weight(self, weight_q: torch.Tensor, weight_args: QuantizationArgs,
+                      scale: torch.Tensor | None, zero_point: torch.Tensor | None) -> None:
+        if scale is None or (zero_point is None) != weight_args.symmetric:
+            raise ValueError(
+                f"Got weight_args (symmetric={weight_args.symmetric}) with weight_scale "
+                f"{'missing' if scale is None else 'set'} and weight_zero_point "
+                f"{'missing' if zero_point is None else 'set'}; pass both from "
+                "weight_qparams(weight, weight_args, clip) (a zero point only if asymmetric)."
+            )
+        scheme = weight_scheme(weight_args, self.act_args)
+        uncompressed = {"weight": weight_q, "weight_scale": scale.detach().clone()}
+        if zero_point is not None:
+            uncompressed["weight_zero_point"] = zero_point.detach()
+        compressor = BaseCompressor.get_value_from_registry(scheme.format)
+        for name, tensor in compressor.compress(uncompressed, scheme).items():
+            self.register_buffer(name, tensor.contiguous())
+        off_grid = ((self.dequantized_weight() - weight_q).abs() / scale.repeat_interleave(
+            weight_q.shape[1] // scale.shape[1], dim=1)).amax()
+        if off_grid > _GRID_TOLERANCE:
+            raise ValueError(
+                f"weight_q is not on the integer grid of weight_scale (off by {off_grid:.3g} "
+                "steps); pass the scale the weight was fake-quantized with (weight_qparams)."
+            )
+
+    @classmethod
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        weight_args: QuantizationArgs,
+        act_args: QuantizationArgs,
+        mask_state: MaskState,
+        tac_group_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "meta",
+    ) -> StarQuantLinear:
+        """A module with every buffer allocated (on ``device``, uninitialised) in the
+        checkpoint's layout, for a loader to fill by name."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.act_args, layer.weight_args, layer.mask_state = act_args, weight_args, mask_state
+        layout = compressed_weight_layout(out_features, in_features, weight_args, dtype)
+        if bias:
+            layout["bias"] = ((out_features,), dtype)
+        layout |= {"sgat_transform": ((in_features, in_features), dtype),
+                   "sgat_gates": ((2, in_features), dtype), "sgat_act_clip": ((2,), dtype)}
+        if tac_group_size is not None:
+            if in_features % tac_group_size:
+                raise ValueError(
+                    f"TAC group size {tac_group_size} does not divide the input dim "
+                    f"{in_features}; the checkpoint's starquant.args.tac_group_size is wrong."
+                )
+            layout["tac_matrices"] = ((in_features // tac_group_size, tac_group_size,
+                                       tac_group_size), dtype)
+            layout["tac_bias"] = ((in_features,), dtype)
+        for name, (shape, tensor_dtype) in layout.items():
+            layer.register_buffer(name, torch.empty(shape, dtype=tensor_dtype, device=device))
+        for name in ("bias", "tac_matrices", "tac_bias"):
+            if name not in layout:
+                layer.register_buffer(name, None)
+        return layer
 
     @classmethod
     def from_linear(
@@ -119,6 +300,7 @@ class StarQuantLinear(nn.Module):
         with torch.no_grad():
             weight_t = sgat.transformed_weight(linear.weight.float())
             weight_q = fake_quantize_weight(weight_t, weight_args, weight_clip)
+            scale, zero_point = weight_qparams(weight_t, weight_args, weight_clip)
         return cls(
             weight_q=weight_q,
             bias=linear.bias,
@@ -128,7 +310,50 @@ class StarQuantLinear(nn.Module):
             act_args=act_args,
             mask_state=mask_state,
             tac=tac,
+            weight_args=weight_args,
+            weight_scale=scale,
+            weight_zero_point=zero_point,
         )
+
+    # storage
+
+    @property
+    def transform(self) -> torch.Tensor:
+        """``sgat_transform: [d, d]``."""
+        return self.sgat_transform
+
+    @property
+    def gates(self) -> torch.Tensor:
+        """``sgat_gates: [2, d]``, row ``mask_state.long()``."""
+        return self.sgat_gates
+
+    @property
+    def act_clip(self) -> torch.Tensor:
+        """``sgat_act_clip: [2]``, one activation clip ratio per token state."""
+        return self.sgat_act_clip
+
+    @property
+    def weight_format(self) -> str:
+        """The compressed-tensors format of the stored weight ("dense" = float weight)."""
+        return "dense" if self.weight_args is None else weight_format(self.weight_args)
+
+    def compressed_weight(self) -> dict[str, torch.Tensor]:
+        """The weight tensors under compressed-tensors' local names (``weight_packed``, ...)."""
+        names = ("weight", "weight_packed", "weight_shape", "weight_scale", "weight_zero_point")
+        return {name: self._buffers[name] for name in names if name in self._buffers}
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``[out, d]`` float, decompressed by compressed-tensors' own compressor."""
+        if self.weight_args is None:
+            return self._buffers["weight"]
+        scheme = weight_scheme(self.weight_args)
+        compressor = BaseCompressor.get_value_from_registry(scheme.format)
+        return compressor.decompress(self.compressed_weight(), scheme)["weight"]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "weight" and "weight_packed" in self.__dict__.get("_buffers", {}):
+            return self.dequantized_weight()
+        return super().__getattr__(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [batch, seq, d]`` -> ``[batch, seq, out]``; any mix of token states."""
@@ -147,8 +372,8 @@ class StarQuantLinear(nn.Module):
         if self.tac_matrices is not None:
             x = apply_tac(x, TACParams(self.tac_matrices, self.tac_bias))
         state = mask_state.long()
-        x_t = (x @ self.transform.to(x.dtype)) * self.gates.to(x.dtype)[state]
-        clip = self.act_clip.to(x.dtype)[state].unsqueeze(-1)
+        x_t = (x @ self.sgat_transform.to(x.dtype)) * self.sgat_gates.to(x.dtype)[state]
+        clip = self.sgat_act_clip.to(x.dtype)[state].unsqueeze(-1)
         x_q = fake_quantize_activation(x_t, self.act_args, clip)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x_q, self.weight.to(x.dtype), bias)
+        return F.linear(x_q, self.dequantized_weight().to(x.dtype), bias)

@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from starquant_plugin.config import StarQuantArgs
+from starquant_plugin.integrations.format import attach_quantization_config
 from starquant_plugin.method import MaskState, attach_mask_state
 from starquant_plugin.models.attention import use_kv_quantized_attention
 from starquant_plugin.models.families import DLLMFamily, family_of, mask_token_id
@@ -169,6 +170,8 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
     def on_finalize(self, state: State, **kwargs) -> bool:
         if not self.ended_:
             self.on_calibration_end(state, None)
+        # llm-compressor's usual save_pretrained then writes a loadable starquant checkpoint.
+        attach_quantization_config(state.model, self._args)
         self._states.clear()
         self._inputs.clear()
         self._fp_hidden = None

@@ -1,0 +1,265 @@
+"""Size, CPU latency and peak memory of STaR-Quant checkpoints vs their bf16 originals.
+
+For each bundled tiny model (TINY_LLADA; TINY_DREAM when present) and each scheme (W8A8,
+W4A4): quantize, ``save_starquant``, reload with ``from_pretrained`` in a fresh process, and
+measure on-disk and in-memory bytes (transformer-block weights and whole model, STaR tensors
+included), forward latency and peak RSS; the same for the FP original. Then one synthetic
+Llama-7B-shaped block (d=4096, MLP 11008) built from ``StarQuantLinear``s. Prints a table and
+writes JSON::
+
+    OMP_NUM_THREADS=1 python benchmarks/runtime.py --out benchmarks/results/runtime.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+STAR_NAMES = ("sgat_transform", "sgat_gates", "sgat_act_clip", "tac_matrices", "tac_bias")
+BF16_BYTES = 2
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _is_block_key(key: str) -> bool:
+    return re.search(r"\.(blocks|layers)\.\d+\.", key) is not None
+
+
+def disk_bytes(path: Path) -> dict[str, int]:
+    """Bytes of the tensors in ``path``'s shards: whole model, block tensors, STaR tensors."""
+    sizes = {"whole": 0, "blocks": 0, "star": 0, "files": 0}
+    for shard in sorted(path.glob("*.safetensors")):
+        sizes["files"] += shard.stat().st_size
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():
+                tensor_slice = handle.get_slice(key)
+                numel = 1
+                for dim in tensor_slice.get_shape():
+                    numel *= dim
+                dtype = tensor_slice.get_dtype()
+                nbytes = numel * {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8,
+                                  "I8": 1, "U8": 1, "BOOL": 1}[dtype]
+                sizes["whole"] += nbytes
+                if _is_block_key(key) and "norm" not in key:
+                    sizes["blocks"] += nbytes
+                    if key.rsplit(".", 1)[-1] in STAR_NAMES:
+                        sizes["star"] += nbytes
+    return sizes
+
+
+def memory_bytes(model: torch.nn.Module) -> dict[str, int]:
+    sizes = {"whole": 0, "blocks": 0, "star": 0}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        nbytes = tensor.numel() * tensor.element_size()
+        sizes["whole"] += nbytes
+        if _is_block_key(key) and "norm" not in key:
+            sizes["blocks"] += nbytes
+            if key.rsplit(".", 1)[-1] in STAR_NAMES:
+                sizes["star"] += nbytes
+    return sizes
+
+
+def _latency_ms(run, repeats: int = 10) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def measure_checkpoint(path: str, seq: int) -> dict:
+    """Runs in a fresh process: reload ``path`` and measure it."""
+    from transformers import AutoModelForCausalLM
+
+    import starquant_plugin  # noqa: F401  (registers the quantizer)
+
+    base_rss = _rss_mib()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(3, 100, (1, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latency = _latency_ms(lambda: model(ids))
+    return {"memory": memory_bytes(model), "latency_ms": latency,
+            "peak_rss_mib": _rss_mib(), "peak_rss_over_imports_mib": _rss_mib() - base_rss}
+
+
+def measure_synthetic(scheme: str, seq: int, d: int = 4096, d_mlp: int = 11008) -> dict:
+    """Runs in a fresh process: one block's 7 linears at d=4096 (x through each in turn)."""
+    from starquant_plugin.method import MaskState, StarQuantLinear, scheme_args
+    from starquant_plugin.method.quantizers import fake_quantize_weight
+    from starquant_plugin.method.runtime import weight_qparams
+
+    shapes = {"q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "o_proj": (d, d),
+              "gate_proj": (d_mlp, d), "up_proj": (d_mlp, d), "down_proj": (d, d_mlp)}
+    base_rss = _rss_mib()
+    generator = torch.Generator().manual_seed(0)
+    state = MaskState()
+    state.mask_state = torch.zeros(1, seq, dtype=torch.bool)
+    layers = {}
+    for name, (out_features, in_features) in shapes.items():
+        weight = torch.randn(out_features, in_features, generator=generator) * 0.02
+        if scheme == "FP":
+            layer = torch.nn.Linear(in_features, out_features, bias=False)
+            layer.weight.data = weight
+        else:
+            weight_args, act_args = scheme_args(scheme)
+            scale, _ = weight_qparams(weight, weight_args)
+            layer = StarQuantLinear(
+                fake_quantize_weight(weight, weight_args), None, torch.eye(in_features),
+                torch.ones(2, in_features), 1.0, act_args, state, weight_args=weight_args,
+                weight_scale=scale)
+        del weight
+        layers[name] = layer
+    block = torch.nn.ModuleDict(layers)
+    sizes = {"whole": 0, "blocks": 0, "star": 0}
+    for key, tensor in block.state_dict().items():
+        nbytes = tensor.numel() * tensor.element_size()
+        sizes["whole"] += nbytes
+        sizes["blocks"] += nbytes
+        if key.rsplit(".", 1)[-1] in STAR_NAMES:
+            sizes["star"] += nbytes
+    x = torch.randn(1, seq, d, generator=generator)
+    h = torch.randn(1, seq, d_mlp, generator=generator)
+
+    def run():
+        for name, layer in block.items():
+            layer(h if name == "down_proj" else x)
+
+    with torch.no_grad():
+        latency = _latency_ms(run, repeats=3)
+    params = sum(o * i for o, i in shapes.values())
+    return {"memory": sizes, "disk": sizes, "bf16_block_bytes": params * BF16_BYTES,
+            "latency_ms": latency, "peak_rss_mib": _rss_mib(),
+            "peak_rss_over_imports_mib": _rss_mib() - base_rss}
+
+
+def _subprocess(*args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                            env=env, check=False)
+    if result.returncode:
+        raise RuntimeError(f"measurement {args} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _calibration_rows(vocab: int, mask_id: int, n: int = 16, seq: int = 64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(3, vocab, (n, seq), generator=generator)
+    return rows.masked_fill(torch.rand(rows.shape, generator=generator) < 0.5, mask_id)
+
+
+def bf16_bytes(path: Path) -> dict[str, int]:
+    """The original checkpoint's tensor bytes if stored in bf16."""
+    sizes = {"whole": 0, "blocks": 0, "star": 0}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():
+                numel = 1
+                for dim in handle.get_slice(key).get_shape():
+                    numel *= dim
+                sizes["whole"] += numel * BF16_BYTES
+                if _is_block_key(key) and "norm" not in key:
+                    sizes["blocks"] += numel * BF16_BYTES
+    return sizes
+
+
+def run_all(out: Path, seq: int, schemes: tuple[str, ...], work_dir: Path) -> dict:
+    from starquant_plugin.assets import TINY_MODELS
+    from starquant_plugin.config import StarQuantArgs
+    from starquant_plugin.integrations.format import save_starquant
+    from starquant_plugin.models.families import mask_token_id
+    from starquant_plugin.models.loading import load_dllm
+    from starquant_plugin.pipeline import quantize_dllm
+
+    results: dict = {"seq": seq, "models": {}, "synthetic_block_d4096": {}}
+    for family, original in TINY_MODELS.items():
+        if not (original / "config.json").is_file():
+            continue
+        reference = bf16_bytes(original)
+        rows = {"FP": {"disk": disk_bytes(original), **_subprocess("--measure", str(original),
+                                                                    "--seq", str(seq))}}
+        for scheme in schemes:
+            model, tokenizer = load_dllm(original)
+            args = StarQuantArgs(scheme=scheme, epochs=1)
+            quantize_dllm(model, _calibration_rows(model.config.vocab_size,
+                                                   mask_token_id(model)), args, progress=False)
+            path = save_starquant(model, work_dir / f"{family}-{scheme}", args=args,
+                                  tokenizer=tokenizer, overwrite=True)
+            del model
+            rows[scheme] = {"disk": disk_bytes(path),
+                            **_subprocess("--measure", str(path), "--seq", str(seq))}
+        for row in rows.values():
+            for where in ("disk", "memory"):
+                row[f"{where}_blocks_vs_bf16"] = row[where]["blocks"] / reference["blocks"]
+                row[f"{where}_whole_vs_bf16"] = row[where]["whole"] / reference["whole"]
+        results["models"][family] = {"bf16": reference, "rows": rows}
+    for scheme in ("FP", *schemes):
+        row = _subprocess("--synthetic", scheme, "--seq", str(seq))
+        row["memory_blocks_vs_bf16"] = row["memory"]["blocks"] / row["bf16_block_bytes"]
+        row["disk_blocks_vs_bf16"] = row["memory_blocks_vs_bf16"]
+        star = row["memory"]["star"]
+        row["blocks_vs_bf16_without_star"] = (row["memory"]["blocks"] - star) / row[
+            "bf16_block_bytes"]
+        results["synthetic_block_d4096"][scheme] = row
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def print_table(results: dict) -> None:
+    header = (f"{'model':<14}{'scheme':<7}{'disk blk/bf16':>14}{'mem blk/bf16':>13}"
+              f"{'disk all/bf16':>14}{'STaR MiB':>9}{'blk MiB':>9}{'lat ms':>9}{'peak MiB':>9}")
+    print(header)
+    print("-" * len(header))
+    for family, entry in results["models"].items():
+        for scheme, row in entry["rows"].items():
+            print(f"{family:<14}{scheme:<7}{row['disk_blocks_vs_bf16']:>14.3f}"
+                  f"{row['memory_blocks_vs_bf16']:>13.3f}{row['disk_whole_vs_bf16']:>14.3f}"
+                  f"{row['disk']['star'] / 2**20:>9.2f}{row['disk']['blocks'] / 2**20:>9.2f}"
+                  f"{row['latency_ms']:>9.1f}{row['peak_rss_mib']:>9.0f}")
+    for scheme, row in results["synthetic_block_d4096"].items():
+        print(f"{'block d=4096':<14}{scheme:<7}{row['disk_blocks_vs_bf16']:>14.3f}"
+              f"{row['memory_blocks_vs_bf16']:>13.3f}{'':>14}"
+              f"{row['memory']['star'] / 2**20:>9.0f}{row['memory']['blocks'] / 2**20:>9.0f}"
+              f"{row['latency_ms']:>9.1f}{row['peak_rss_mib']:>9.0f}")
+    print("blk = transformer-block tensors (linears incl. STaR tensors; norms excluded); "
+          "bf16 = the same parameters at 2 bytes; FP rows are the float32 originals.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime.json"))
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--schemes", nargs="+", default=["W8A8", "W4A4"])
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--synthetic", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if options.measure:
+        print(json.dumps(measure_checkpoint(options.measure, options.seq)))
+        return
+    if options.synthetic:
+        print(json.dumps(measure_synthetic(options.synthetic, options.seq)))
+        return
+    with tempfile.TemporaryDirectory(prefix="starquant-bench-") as work_dir:
+        results = run_all(options.out, options.seq, tuple(options.schemes), Path(work_dir))
+    print_table(results)
+    print(f"wrote {options.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Load STaR-Quant checkpoints with ``AutoModelForCausalLM.from_pretrained``.
+
+transformers finds quantizers by ``quant_method``: ``StarQuantConfig`` parses the checkpoint's
+``quantization_config`` (compressed-tensors' keys plus the ``starquant`` block) and
+``StarQuantHfQuantizer`` swaps the targeted ``nn.Linear``s for empty ``StarQuantLinear``s in
+the checkpoint's layout before the weights load, so every tensor loads by name. Registered
+by ``import starquant_plugin`` (``register_hf_quantizer``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from compressed_tensors.utils import match_named_modules
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from starquant_plugin.config import QUANT_METHOD
+from starquant_plugin.integrations.format import check_missing, checkpoint_keys, validate_config
+from starquant_plugin.method.runtime import StarQuantLinear, attach_mask_state
+from starquant_plugin.models.attention import use_kv_quantized_attention
+from starquant_plugin.models.families import family_of, mask_token_id
+
+
+class StarQuantConfig(QuantizationConfigMixin):
+    """transformers' view of a STaR-Quant ``quantization_config`` (see ``integrations.format``).
+
+    Holds the dict as saved (``to_dict`` returns it, so a reloaded model saves the same
+    config); ``args`` (``StarQuantArgs``) and ``ct_config`` (compressed-tensors'
+    ``QuantizationConfig``) are parsed from it, and an unknown ``starquant.version`` raises.
+    """
+
+    def __init__(self, quant_method: str = QUANT_METHOD, **config: Any) -> None:
+        self._config = {"quant_method": quant_method, **config}
+        self.quant_method = quant_method
+        self.args, self.ct_config = validate_config(self._config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._config)
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    @property
+    def starquant(self) -> dict[str, Any]:
+        return self._config["starquant"]
+
+
+class StarQuantHfQuantizer(HfQuantizer):
+    """Builds the STaR-Quant modules of a pre-quantized checkpoint before its weights load.
+
+    Before loading: checks every shard is readable and holds every tensor the quantized
+    linears need (clear error otherwise), replaces each ``nn.Linear`` matched by the config
+    groups' ``targets`` minus ``ignore`` with an empty ``StarQuantLinear``, attaches the
+    ``[MASK]`` state hook to the embedding and, when ``kv_bits < 16``, the K/V-quantized
+    attention. After loading: refuses any buffer left unloaded.
+    """
+
+    requires_calibration = True
+    quantization_config: StarQuantConfig
+
+    def __init__(self, quantization_config: StarQuantConfig, **kwargs) -> None:
+        super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized:
+            raise ValueError(
+                "StarQuantConfig only loads checkpoints quantized by starquant; to quantize a "
+                "model run quantize_dllm or llm-compressor's oneshot with STaRQuantModifier."
+            )
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None,
+                                             **kwargs):
+        config = self.quantization_config
+        block = config.starquant
+        family = family_of(model)
+        if block.get("family") not in (None, family.name):
+            raise ValueError(
+                f"The checkpoint was quantized as a {block['family']!r} model but config.json "
+                f"describes a {family.name!r} one; the checkpoint is inconsistent."
+            )
+        mask_id = mask_token_id(model)
+        if block["mask_token_id"] != mask_id:
+            raise ValueError(
+                f"starquant.mask_token_id is {block['mask_token_id']} but the model config's "
+                f"mask_token_id is {mask_id}; the gates would read the wrong token state. Fix "
+                "one of them so both name the tokenizer's [MASK] id."
+            )
+        mask_state = attach_mask_state(model.get_input_embeddings(), mask_id)
+        model._starquant_mask_state = mask_state
+        tac_modules = set(block["tac_modules"])
+        buffer_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        replaced: list[str] = []
+        ct_config = config.ct_config
+        for scheme in ct_config.config_groups.values():
+            for name, linear in list(match_named_modules(model, scheme.targets,
+                                                         ct_config.ignore or [])):
+                if not isinstance(linear, nn.Linear):
+                    continue
+                shell = StarQuantLinear.empty(
+                    linear.in_features, linear.out_features, linear.bias is not None,
+                    scheme.weights, scheme.input_activations, mask_state,
+                    tac_group_size=config.args.tac_group_size if name in tac_modules else None,
+                    dtype=buffer_dtype, device=linear.weight.device,
+                )
+                model.set_submodule(name, shell)
+                replaced.append(name)
+        unknown_tac = tac_modules - set(replaced)
+        if not replaced or unknown_tac:
+            raise ValueError(
+                f"The checkpoint's config_groups/ignore select {len(replaced)} linears of "
+                f"{type(model).__name__} and tac_modules {sorted(unknown_tac)} are not among "
+                "them; the quantization_config does not fit this architecture."
+            )
+        if checkpoint_files:
+            expected = {f"{name}.{buffer}" for name in replaced
+                        for buffer, _ in model.get_submodule(name).named_buffers()}
+            check_missing(expected, checkpoint_keys(checkpoint_files), str(checkpoint_files[0]))
+        kv_bits = block.get("kv_bits", config.args.resolved_kv_bits)
+        if kv_bits < 16:
+            for block_name, decoder_block in model.named_modules():
+                if type(decoder_block).__name__ == family.block_class and any(
+                        name.startswith(f"{block_name}.") for name in replaced):
+                    decoder_block.get_submodule(family.attention_module).kv_bits = kv_bits
+            use_kv_quantized_attention(model)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        unloaded = [f"{name}.{buffer}" for name, module in model.named_modules()
+                    if isinstance(module, StarQuantLinear)
+                    for buffer, tensor in module.named_buffers(recurse=False)
+                    if tensor.device.type == "meta"]
+        if unloaded:
+            raise ValueError(
+                f"{len(unloaded)} STaR-Quant tensor(s) were not in the checkpoint: "
+                f"{unloaded[:5]}; the checkpoint is incomplete. Re-save it with save_starquant."
+            )
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register_hf_quantizer() -> None:
+    """Register ``starquant`` with transformers' quantizer registry; idempotent.
+
+    transformers raises on a duplicate name, so an existing registration is kept when it is
+    ours (same class name and module, e.g. after a module reload) and refused otherwise.
+    """
+    for mapping, cls, register in (
+        (AUTO_QUANTIZATION_CONFIG_MAPPING, StarQuantConfig, register_quantization_config),
+        (AUTO_QUANTIZER_MAPPING, StarQuantHfQuantizer, register_quantizer),
+    ):
+        existing = mapping.get(QUANT_METHOD)
+        if existing is None:
+            register(QUANT_METHOD)(cls)
+        elif (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise RuntimeError(
+                f"transformers already has {existing.__module__}.{existing.__qualname__} "
+                f"registered for quant_method {QUANT_METHOD!r}; two plugins claim the name. "
+                "Uninstall the other one."
+            )

@@ -1,0 +1,1 @@
+"""Standalone scripts that read starquant checkpoints with other library versions."""
