@@ -136,9 +136,10 @@ def warm_start_from_dream(model, dream_dir: Path) -> None:
     none). The LLaDA objective then has to re-learn the unshifted prediction.
 
     Why: trained from scratch, the bias-free 4-layer LLaDA sat at the unigram loss (train loss
-    ~6.5) for 950 steps at lr 2e-3, and for 350 steps each at lr 4e-3, with a common direction
-    added to all embeddings at init, and with larger q/k init. Dream escapes early because its shifted logits let an unmasked token at i - 1
-    predict token i without attention (a bigram), which bootstraps attention.
+    ~6.5) for 950 steps at lr 2e-3, and for 150-350 steps each at lr 4e-3, with a common
+    direction added to all embeddings at init, and with larger q/k init. Dream escapes early
+    because its shifted logits let an unmasked token at i - 1 predict token i without
+    attention (a bigram), which bootstraps attention.
     """
     dream = DreamModel.from_pretrained(dream_dir, dtype=torch.float32)
     source = dream.state_dict()
