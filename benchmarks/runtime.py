@@ -7,7 +7,7 @@ included), forward latency and peak RSS; the same for the FP original. Then one 
 Llama-7B-shaped block (d=4096, MLP 11008) built from ``StarQuantLinear``s. Prints a table and
 writes JSON::
 
-    OMP_NUM_THREADS=1 python benchmarks/runtime.py --out benchmarks/results/runtime.json
+    OMP_NUM_THREADS=1 python benchmarks/runtime.py --out results/runtime.json
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def print_table(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime.json"))
+    parser.add_argument("--out", type=Path, default=Path("results/runtime.json"))
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--schemes", nargs="+", default=["W8A8", "W4A4"])
     parser.add_argument("--measure", help=argparse.SUPPRESS)
