@@ -52,23 +52,23 @@ def disk_bytes(path: Path) -> dict[str, int]:
                 dtype = tensor_slice.get_dtype()
                 nbytes = numel * {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8,
                                   "I8": 1, "U8": 1, "BOOL": 1}[dtype]
-                sizes["whole"] += nbytes
-                if _is_block_key(key) and "norm" not in key:
-                    sizes["blocks"] += nbytes
-                    if key.rsplit(".", 1)[-1] in STAR_NAMES:
-                        sizes["star"] += nbytes
+                _count(sizes, key, nbytes)
     return sizes
+
+
+def _count(sizes: dict[str, int], key: str, nbytes: int) -> None:
+    """Add a tensor's bytes to the whole model, the block weights and the STaR tensors."""
+    sizes["whole"] += nbytes
+    if _is_block_key(key) and "norm" not in key:
+        sizes["blocks"] += nbytes
+        if key.rsplit(".", 1)[-1] in STAR_NAMES:
+            sizes["star"] += nbytes
 
 
 def memory_bytes(model: torch.nn.Module) -> dict[str, int]:
     sizes = {"whole": 0, "blocks": 0, "star": 0}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        nbytes = tensor.numel() * tensor.element_size()
-        sizes["whole"] += nbytes
-        if _is_block_key(key) and "norm" not in key:
-            sizes["blocks"] += nbytes
-            if key.rsplit(".", 1)[-1] in STAR_NAMES:
-                sizes["star"] += nbytes
+        _count(sizes, key, tensor.numel() * tensor.element_size())
     return sizes
 
 
