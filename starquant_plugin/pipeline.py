@@ -93,11 +93,11 @@ def _split_by_state(x: torch.Tensor, mask_state: torch.Tensor) -> dict[int, torc
 
 
 def _quantized_weight(
-    linear: nn.Linear, sgat: SGATResult, rows: slice, weight_args: QuantizationArgs,
+    weight_t: torch.Tensor, sgat: SGATResult, rows: slice, weight_args: QuantizationArgs,
     x_transformed: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Q_w(W T^{-T}) by RTN with the fitted clip, or by GPTQ on the transformed inputs."""
-    weight_t = sgat.transformed_weight(linear.weight.detach().float())
+    """Q_w(W T^{-T}) (``weight_t``) by RTN with the fitted clip, or by GPTQ on the transformed
+    inputs."""
     if x_transformed is None:
         return fake_quantize_weight(weight_t, weight_args, sgat.weight_clip[rows])
     hessian = x_transformed.T @ x_transformed / len(x_transformed)
@@ -136,11 +136,11 @@ def quantize_linear_group(
     for linear in linears:
         rows = slice(start, start + linear.out_features)
         start += linear.out_features
-        weight_q = _quantized_weight(linear, sgat, rows, weight_args, x_transformed)
+        weight_t = sgat.transformed_weight(linear.weight.detach().float())
+        weight_q = _quantized_weight(weight_t, sgat, rows, weight_args, x_transformed)
         # RTN's scales use the fitted clip; GPTQ's come from the unclipped transformed weight.
         clip = sgat.weight_clip[rows] if x_transformed is None else None
-        scale, zero_point = weight_qparams(
-            sgat.transformed_weight(linear.weight.detach().float()), weight_args, clip)
+        scale, zero_point = weight_qparams(weight_t, weight_args, clip)
         replacements.append(StarQuantLinear(
             weight_q=weight_q, bias=linear.bias, transform=sgat.transform, gates=sgat.gates,
             act_clip=sgat.act_clip, act_args=act_args, mask_state=shared_state, tac=tac,
