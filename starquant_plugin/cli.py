@@ -17,14 +17,10 @@ from starquant_plugin.models.loading import load_dllm
 DEMO_PROMPT = "The history of the city"
 
 
-def _oneshot(model, tokenizer, recipe, num_samples: int) -> float:
+def _oneshot(model, dataset, recipe, num_samples: int) -> float:
     """Quantize ``model`` in place through ``oneshot``; returns seconds."""
     from llmcompressor import oneshot
 
-    from starquant_plugin.integrations.calibration_dataset import dllm_calibration_dataset
-
-    dataset = dllm_calibration_dataset(model, tokenizer, [calibration_text()],
-                                       num_samples=num_samples)
     start = time.time()
     oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=num_samples)
     return time.time() - start
@@ -32,6 +28,7 @@ def _oneshot(model, tokenizer, recipe, num_samples: int) -> float:
 
 def demo(args: argparse.Namespace) -> None:
     """FP vs RTN vs STaR-Quant (recipe ``recipes/llada_<scheme>.yaml``) on the tiny LLaDA."""
+    from starquant_plugin.integrations.calibration_dataset import dllm_calibration_dataset
     from starquant_plugin.integrations.llmcompressor import (
         STaRQuantModifier,
         bundled_recipe,
@@ -46,6 +43,9 @@ def demo(args: argparse.Namespace) -> None:
     recipe_path = bundled_recipe("llada", args.scheme)
     print(f"tiny LLaDA ({sum(p.numel() for p in fp_model.parameters()) / 1e6:.1f} M params), "
           f"{args.scheme}, recipe {recipe_path.name}, {args.samples} calibration rows")
+    # Built once from the FP model (its sampler records the trajectory states) for both runs.
+    dataset = dllm_calibration_dataset(fp_model, tokenizer, [calibration_text()],
+                                       num_samples=args.samples)
     models = {"FP": (fp_model, 0.0)}
     for name, recipe in (
         ("RTN", STaRQuantModifier(scheme=args.scheme, **METHODS["rtn"])),
@@ -53,7 +53,7 @@ def demo(args: argparse.Namespace) -> None:
     ):
         model, _ = load_dllm(TINY_LLADA)
         print(f"quantizing: {name} ...", flush=True)
-        models[name] = (model, _oneshot(model, tokenizer, recipe, args.samples))
+        models[name] = (model, _oneshot(model, dataset, recipe, args.samples))
     columns = [*(f"ce@{t}" for t in MASK_RATIOS), *(f"acc@{t}" for t in MASK_RATIOS), "elbo",
                "gen_agreement"]
     print(f"\n| model | {' | '.join(columns)} | oneshot s |")
