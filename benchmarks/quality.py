@@ -66,9 +66,17 @@ def main() -> None:
     parser.add_argument("--mc-num", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="override a StarQuantArgs field for every method; the value is "
+                             "JSON, e.g. --set exclusive_fraction=0.03125")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="dtype the model is quantized (and its STaR tensors stored) in; "
+                             "evaluation always runs in float32")
     parser.add_argument("--json", type=Path, default=Path("results/quality.json"))
     args = parser.parse_args()
     torch.manual_seed(args.seed)
+    overrides = {field: json.loads(value) for field, value in
+                 (item.split("=", 1) for item in args.set)}
     results = []
     for path in args.model or list(TINY_MODELS.values()):
         fp_model, tokenizer = load_dllm(path)
@@ -80,17 +88,19 @@ def main() -> None:
             for method in args.methods:
                 if method == "fp" and scheme != args.schemes[0]:
                     continue
-                model, _ = load_dllm(path)
+                model, _ = load_dllm(path, dtype=getattr(torch, args.dtype))
                 seconds, peak = 0.0, 0
                 if method != "fp":
                     start = time.time()
                     with PeakMemory() as memory:
                         quantize_dllm(model, calibration, method_args(
-                            method, scheme=scheme, seed=args.seed, epochs=args.epochs),
-                            progress=False)
+                            method, scheme=scheme, seed=args.seed, epochs=args.epochs,
+                            **overrides), progress=False)
                     seconds, peak = time.time() - start, memory.peak
+                model.float()  # exact upcast of the stored tensors
                 row = {"model": str(path), "scheme": "FP" if method == "fp" else scheme,
-                       "method": method, "calib_seconds": seconds, "calib_peak_mb": peak / 2**20}
+                       "method": method, "overrides": overrides, "dtype": args.dtype,
+                       "calib_seconds": seconds, "calib_peak_mb": peak / 2**20}
                 row |= quality_summary(model, fp_model, rows, prompts, args.elbo_rows,
                                        args.mc_num, args.seed)
                 results.append(row)

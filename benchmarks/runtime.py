@@ -1,11 +1,11 @@
 """Size, CPU latency and peak memory of STaR-Quant checkpoints vs their bf16 originals.
 
 For each bundled tiny model (TINY_LLADA; TINY_DREAM when present) and each scheme (W8A8,
-W4A4): quantize, ``save_starquant``, reload with ``from_pretrained`` in a fresh process, and
-measure on-disk and in-memory bytes (transformer-block weights and whole model, STaR tensors
-included), forward latency and peak RSS; the same for the FP original. Then one synthetic
-Llama-7B-shaped block (d=4096, MLP 11008) built from ``StarQuantLinear``s. Prints a table and
-writes JSON::
+W4A4): load it in bf16 as shipped, quantize, ``save_starquant``, reload with ``from_pretrained``
+(bf16) in a fresh process, and measure on-disk and in-memory bytes (transformer-block weights
+and whole model, STaR tensors included), forward latency and peak RSS; the same for the bf16
+original. Then one synthetic LLaDA-8B-shaped block (d=4096, MLP 12288) built from
+``StarQuantLinear``s. Prints a table and writes JSON::
 
     OMP_NUM_THREADS=1 python benchmarks/runtime.py --out results/runtime.json
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-STAR_NAMES = ("sgat_transform", "sgat_gates", "sgat_act_clip", "tac_matrices", "tac_bias")
+STAR_MODULE = ".input_transform."  # every STaR tensor lives under a group's input transform
 BF16_BYTES = 2
 
 
@@ -61,7 +61,7 @@ def _count(sizes: dict[str, int], key: str, nbytes: int) -> None:
     sizes["whole"] += nbytes
     if _is_block_key(key) and "norm" not in key:
         sizes["blocks"] += nbytes
-        if key.rsplit(".", 1)[-1] in STAR_NAMES:
+        if STAR_MODULE in key:
             sizes["star"] += nbytes
 
 
@@ -89,7 +89,7 @@ def measure_checkpoint(path: str, seq: int) -> dict:
     import starquant_plugin  # noqa: F401  (registers the quantizer)
 
     base_rss = _rss_mib()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     ids = torch.randint(3, 100, (1, seq), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         latency = _latency_ms(lambda: model(ids))
@@ -97,40 +97,65 @@ def measure_checkpoint(path: str, seq: int) -> dict:
             "peak_rss_mib": _rss_mib(), "peak_rss_over_imports_mib": _rss_mib() - base_rss}
 
 
-def measure_synthetic(scheme: str, seq: int, d: int = 4096, d_mlp: int = 11008) -> dict:
-    """Runs in a fresh process: one block's 7 linears at d=4096 (x through each in turn)."""
-    from starquant_plugin.method import MaskState, StarQuantLinear, scheme_args
+def measure_synthetic(scheme: str, seq: int, d: int = 4096, d_mlp: int = 12288) -> dict:
+    """Runs in a fresh process: one LLaDA-8B-shaped block's 7 linears (d 4096, MLP 12288), x
+    through each in turn. Quantized: stored in bf16 like a checkpoint of a bf16 model, with
+    the default structured transforms (k = d/64, Kronecker factors) and TAC on o_proj; the
+    values are random (sizes and latency do not depend on them). FP: float32 linears."""
+    from starquant_plugin.config import StarQuantArgs
+    from starquant_plugin.method import (
+        MaskState,
+        SGATResult,
+        StarQuantInputTransform,
+        StarQuantLinear,
+        TACParams,
+        scheme_args,
+    )
     from starquant_plugin.method.quantizers import fake_quantize_weight
     from starquant_plugin.method.runtime import weight_qparams
 
-    shapes = {"q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "o_proj": (d, d),
-              "gate_proj": (d_mlp, d), "up_proj": (d_mlp, d), "down_proj": (d, d_mlp)}
+    groups = {("q_proj", "k_proj", "v_proj"): (d, d), ("o_proj",): (d, d),
+              ("gate_proj", "up_proj"): (d_mlp, d), ("down_proj",): (d, d_mlp)}
+    args = StarQuantArgs(scheme=scheme if scheme != "FP" else "W4A4")
     base_rss = _rss_mib()
     generator = torch.Generator().manual_seed(0)
     state = MaskState()
-    state.mask_state = torch.zeros(1, seq, dtype=torch.bool)
+    state.mask_state = torch.rand(1, seq, generator=generator) < 0.5
     layers = {}
-    for name, (out_features, in_features) in shapes.items():
-        weight = torch.randn(out_features, in_features, generator=generator) * 0.02
-        if scheme == "FP":
-            layer = torch.nn.Linear(in_features, out_features, bias=False)
-            layer.weight.data = weight
-        else:
+    for names, (out_features, in_features) in groups.items():
+        transform = None
+        if scheme != "FP":
             weight_args, act_args = scheme_args(scheme)
-            scale, _ = weight_qparams(weight, weight_args)
-            layer = StarQuantLinear(
-                fake_quantize_weight(weight, weight_args), None, torch.eye(in_features),
-                torch.ones(2, in_features), 1.0, act_args, state, weight_args=weight_args,
-                weight_scale=scale)
-        del weight
-        layers[name] = layer
+            k, (n1, n2) = args.exclusive_width(in_features), args.factors(in_features)
+            sgat = SGATResult(
+                exclusive=torch.linalg.qr(torch.randn(in_features, 2 * k,
+                                                      generator=generator))[0],
+                channel_scale=torch.ones(in_features), left=torch.eye(n1), right=torch.eye(n2),
+                act_clip=torch.ones(2), weight_clip=torch.ones(out_features))
+            g = args.tac_group_size
+            tac = TACParams(torch.eye(g).repeat(in_features // g, 1, 1),
+                            torch.zeros(in_features)) if names == ("o_proj",) else None
+            transform = StarQuantInputTransform(sgat, act_args, state, tac, torch.bfloat16)
+        for index, name in enumerate(names):
+            weight = torch.randn(out_features, in_features, generator=generator) * 0.02
+            if transform is None:
+                layer = torch.nn.Linear(in_features, out_features, bias=False)
+                layer.weight.data = weight
+            else:
+                scale, _ = weight_qparams(weight, weight_args)
+                layer = StarQuantLinear(
+                    fake_quantize_weight(weight, weight_args), None, transform,
+                    owns_transform=index == 0, weight_args=weight_args,
+                    weight_scale=scale.bfloat16())
+            del weight
+            layers[name] = layer
     block = torch.nn.ModuleDict(layers)
     sizes = {"whole": 0, "blocks": 0, "star": 0}
     for key, tensor in block.state_dict().items():
         nbytes = tensor.numel() * tensor.element_size()
         sizes["whole"] += nbytes
         sizes["blocks"] += nbytes
-        if key.rsplit(".", 1)[-1] in STAR_NAMES:
+        if STAR_MODULE.lstrip(".") in key:
             sizes["star"] += nbytes
     x = torch.randn(1, seq, d, generator=generator)
     h = torch.randn(1, seq, d_mlp, generator=generator)
@@ -141,7 +166,7 @@ def measure_synthetic(scheme: str, seq: int, d: int = 4096, d_mlp: int = 11008) 
 
     with torch.no_grad():
         latency = _latency_ms(run, repeats=3)
-    params = sum(o * i for o, i in shapes.values())
+    params = sum(o * i * len(names) for names, (o, i) in groups.items())
     return {"memory": sizes, "disk": sizes, "bf16_block_bytes": params * BF16_BYTES,
             "latency_ms": latency, "peak_rss_mib": _rss_mib(),
             "peak_rss_over_imports_mib": _rss_mib() - base_rss}
@@ -193,7 +218,7 @@ def run_all(out: Path, seq: int, schemes: tuple[str, ...], work_dir: Path) -> di
         rows = {"FP": {"disk": disk_bytes(original), **_subprocess("--measure", str(original),
                                                                     "--seq", str(seq))}}
         for scheme in schemes:
-            model, tokenizer = load_dllm(original)
+            model, tokenizer = load_dllm(original, dtype=torch.bfloat16)  # as shipped
             args = StarQuantArgs(scheme=scheme, epochs=1)
             quantize_dllm(model, _calibration_rows(model.config.vocab_size,
                                                    mask_token_id(model)), args, progress=False)
@@ -237,7 +262,8 @@ def print_table(results: dict) -> None:
               f"{row['memory']['star'] / 2**20:>9.0f}{row['memory']['blocks'] / 2**20:>9.0f}"
               f"{row['latency_ms']:>9.1f}{row['peak_rss_mib']:>9.0f}")
     print("blk = transformer-block tensors (linears incl. STaR tensors; norms excluded); "
-          "bf16 = the same parameters at 2 bytes; FP rows are the float32 originals.")
+          "bf16 = the same parameters at 2 bytes; FP rows: the bf16 tiny originals, float32 "
+          "linears for the d=4096 block.")
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from starquant_plugin.method.transforms import kronecker_factors
+
 QUANT_METHOD = "starquant"
 
 
@@ -18,8 +20,11 @@ class StarQuantArgs(BaseModel):
 
     scheme: Literal["W4A4", "W4A8", "W8A8"] = "W4A4"
     transform: Literal["identity", "smoothquant", "hadamard", "learned"] = "learned"
+    transform_factors: Literal["kronecker", "dense"] = Field(
+        "kronecker", description="M = diag(c) (L (x) R); dense = one [d, d] factor (small d)")
     state_gating: bool = True
-    exclusive_fraction: float = Field(1 / 32, ge=0.0, lt=0.5)
+    exclusive_fraction: float = Field(
+        1 / 64, ge=0.0, lt=0.5, description="width of each state's exclusive subspace / d")
     epochs: int = Field(15, ge=0)
     lr: float = Field(5e-3, gt=0)
     lr_clip: float = Field(5e-2, gt=0)
@@ -40,6 +45,17 @@ class StarQuantArgs(BaseModel):
         if self.kv_bits is not None:
             return self.kv_bits
         return 4 if self.scheme == "W4A4" else 16
+
+    def exclusive_width(self, d: int) -> int:
+        """``k``, the width of each state's exclusive subspace for a linear input of dim ``d``
+        (0 without learned state gating)."""
+        if self.transform != "learned" or not self.state_gating:
+            return 0
+        return int(d * self.exclusive_fraction)
+
+    def factors(self, d: int) -> tuple[int, int]:
+        """``(n1, n2)`` of the Kronecker factors of ``M`` for a linear input of dim ``d``."""
+        return kronecker_factors(d) if self.transform_factors == "kronecker" else (1, d)
 
 
 METHODS: dict[str, dict] = {

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -25,18 +24,17 @@ from starquant_plugin.method import (
     UNMASKED,
     MaskState,
     SGATResult,
+    StarQuantInputTransform,
     StarQuantLinear,
     TACParams,
     apply_tac,
     attach_mask_state,
-    fake_quantize_weight,
     fit_sgat,
     fit_tac,
     gptq_quantize_weight,
-    random_hadamard,
     scheme_args,
-    search_weight_clip,
     smoothquant_scales,
+    static_sgat,
 )
 from starquant_plugin.method.runtime import weight_qparams
 from starquant_plugin.models.attention import use_kv_quantized_attention
@@ -63,24 +61,14 @@ def decoder_blocks(model: PreTrainedModel, family: DLLMFamily) -> list[nn.Module
 def _static_transform(
     args: StarQuantArgs, weight: torch.Tensor, x: torch.Tensor, generator: torch.Generator
 ) -> SGATResult:
-    """A fixed (not fitted) transform for the baselines; all gates open, so the gating adds
-    no FP error (residuals 0)."""
-    d = weight.shape[1]
-    if args.transform == "identity":
-        transform = torch.eye(d)
-    elif args.transform == "hadamard":
-        transform = random_hadamard(d, generator)
-    else:  # smoothquant: x -> x / s, W -> W * s
-        scales = smoothquant_scales(x.abs().amax(0), weight, args.smoothquant_alpha)
-        transform = torch.diag(1.0 / scales)
-    transform_inv = torch.linalg.inv(transform.double()).float()
+    """A fixed (not fitted), ungated transform for the baselines."""
     weight_args, _ = scheme_args(args.scheme)
-    return SGATResult(
-        transform=transform, transform_inv=transform_inv, gates=torch.ones(2, d),
-        act_clip=torch.ones(2), weight_clip=search_weight_clip(weight @ transform_inv.T,
-                                                               weight_args),
-        residual_masked=0.0, residual_unmasked=0.0,
-    )
+    factors = args.factors(weight.shape[1])
+    if args.transform == "smoothquant":  # x -> x / s, W -> W * s
+        scales = smoothquant_scales(x.abs().amax(0), weight, args.smoothquant_alpha)
+        return static_sgat(weight, weight_args, channel_scale=1.0 / scales, factors=factors)
+    return static_sgat(weight, weight_args, factors=factors,
+                       rotate=args.transform == "hadamard", generator=generator)
 
 
 def _split_by_state(x: torch.Tensor, mask_state: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -92,18 +80,6 @@ def _split_by_state(x: torch.Tensor, mask_state: torch.Tensor) -> dict[int, torc
             UNMASKED: unmasked if len(unmasked) else masked}
 
 
-def _quantized_weight(
-    weight_t: torch.Tensor, sgat: SGATResult, rows: slice, weight_args: QuantizationArgs,
-    x_transformed: torch.Tensor | None,
-) -> torch.Tensor:
-    """Q_w(W T^{-T}) (``weight_t``) by RTN with the fitted clip, or by GPTQ on the transformed
-    inputs."""
-    if x_transformed is None:
-        return fake_quantize_weight(weight_t, weight_args, sgat.weight_clip[rows])
-    hessian = x_transformed.T @ x_transformed / len(x_transformed)
-    return gptq_quantize_weight(weight_t, hessian, weight_args)
-
-
 def quantize_linear_group(
     linears: list[nn.Linear],
     x: torch.Tensor,
@@ -112,40 +88,45 @@ def quantize_linear_group(
     shared_state: MaskState,
     tac: TACParams | None = None,
 ) -> tuple[list[StarQuantLinear], SGATResult]:
-    """Fit one transform for linears that read the same input and build their replacements.
+    """Fit one transform for linears that read the same input and build their replacements,
+    which share one ``StarQuantInputTransform`` (owned by the first).
 
     x: [batch, seq, d] their common input (TAC already applied), mask_state: [batch, seq].
     """
     weight_args, act_args = scheme_args(args.scheme)
     weight = torch.cat([linear.weight.detach().float() for linear in linears])
     x = x.detach().float()
+    d = weight.shape[1]
     by_state = _split_by_state(x, mask_state)
     generator = torch.Generator().manual_seed(args.seed)
     if args.transform == "learned":
-        d_ex = int(weight.shape[1] * args.exclusive_fraction) if args.state_gating else 0
         sgat = fit_sgat(weight, by_state[MASKED], by_state[UNMASKED], weight_args, act_args,
-                        d_ex=d_ex, epochs=args.epochs, lr=args.lr, lr_clip=args.lr_clip,
-                        seed=args.seed, gate=args.state_gating)
+                        k=args.exclusive_width(d), factors=args.factors(d), epochs=args.epochs,
+                        lr=args.lr, lr_clip=args.lr_clip, seed=args.seed)
     else:
-        sgat = _static_transform(args, weight, x.reshape(-1, x.shape[-1]), generator)
-    x_transformed = None
+        sgat = _static_transform(args, weight, x.reshape(-1, d), generator)
+    dtype = linears[0].weight.dtype  # STaR tensors and scales are stored in the model's dtype
+    input_transform = StarQuantInputTransform(sgat, act_args, shared_state, tac, dtype)
+    hessian = None
     if args.weight_quantizer == "gptq":
-        x_transformed = (x.reshape(-1, x.shape[-1]) @ sgat.transform) * sgat.gates[
-            mask_state.reshape(-1).long()]
+        x_s = sgat.transform_input(x.reshape(-1, d), mask_state.reshape(-1).long())
+        hessian = x_s.T @ x_s / len(x_s)
     replacements, start = [], 0
-    for linear in linears:
+    for index, linear in enumerate(linears):
         rows = slice(start, start + linear.out_features)
         start += linear.out_features
+        owns = index == 0
+        if hessian is None:
+            replacements.append(StarQuantLinear.from_linear(
+                linear, sgat, weight_args, input_transform, owns, weight_clip_rows=rows))
+            continue
+        # GPTQ's scales come from the unclipped transformed weight.
         weight_t = sgat.transformed_weight(linear.weight.detach().float())
-        weight_q = _quantized_weight(weight_t, sgat, rows, weight_args, x_transformed)
-        # RTN's scales use the fitted clip; GPTQ's come from the unclipped transformed weight.
-        clip = sgat.weight_clip[rows] if x_transformed is None else None
-        scale, zero_point = weight_qparams(weight_t, weight_args, clip)
+        scale, zero_point = weight_qparams(weight_t, weight_args)
         replacements.append(StarQuantLinear(
-            weight_q=weight_q, bias=linear.bias, transform=sgat.transform, gates=sgat.gates,
-            act_clip=sgat.act_clip, act_args=act_args, mask_state=shared_state, tac=tac,
-            weight_args=weight_args, weight_scale=scale, weight_zero_point=zero_point,
-        ))
+            gptq_quantize_weight(weight_t, hessian, weight_args), linear.bias, input_transform,
+            owns_transform=owns, weight_args=weight_args, weight_scale=scale.to(dtype),
+            weight_zero_point=zero_point))
     return replacements, sgat
 
 

@@ -27,7 +27,9 @@ def test_every_method_replaces_every_block_linear(make_model, method):
     assert len(report.groups) == 2 * 4
     logits = model(calibration_rows(1)).logits
     assert torch.isfinite(logits).all()
-    has_tac = [m.tac_matrices is not None for m in replaced]
+    owners = [m for m in replaced if m.owns_transform]
+    assert len(owners) == 2 * 4  # one input transform per group of linears sharing an input
+    has_tac = [m.transform.tac_matrices is not None for m in owners]
     assert sum(has_tac) == (2 if METHODS[method]["tac"] else 0)
 
 

@@ -8,14 +8,16 @@
       "config_groups": {"group_0": {...}},  #   QuantizationConfig (0.17 and 0.19)
       "ignore": ["model.transformer.ff_out"],
       "quantization_status": "compressed",
-      "starquant": {"version": 1, "args": {...StarQuantArgs...}, "mask_token_id": 126336,
-                    "family": "llada", "kv_bits": 4, "tac_modules": [...], "tensors": {...}}
+      "starquant": {"version": 2, "args": {...StarQuantArgs...}, "mask_token_id": 126336,
+                    "family": "llada", "kv_bits": 4, "input_groups": [{"linears": [...],
+                    "in_features": 4096, "exclusive_width": 64, "factors": [64, 64],
+                    "tac_group_size": null}, ...], "tensors": {...}, "forward": "..."}
     }
 
 and the safetensors hold, per quantized linear, compressed-tensors' tensors (``weight_packed``,
 ``weight_shape``, ``weight_scale`` for ``pack-quantized``; ``weight`` int8 and ``weight_scale``
-for ``int-quantized``) and the STaR tensors of ``STAR_TENSORS`` beside them. ``docs/format.md``
-is the long form.
+for ``int-quantized``), and per input group the STaR tensors of ``STAR_TENSORS`` under
+``<first linear>.input_transform.``. ``docs/format.md`` is the long form.
 """
 
 from __future__ import annotations
@@ -38,23 +40,32 @@ from starquant_plugin.method.quantizers import scheme_args
 from starquant_plugin.method.runtime import StarQuantLinear, weight_format, weight_scheme
 from starquant_plugin.models.families import family_of, mask_token_id
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (2,)
+"""Version 1 (pre-release) stored a dense ``[in, in]`` transform per linear; it is not read."""
+
+TRANSFORM = "input_transform"
+"""Submodule of a group's first linear that holds the group's STaR tensors."""
 
 STAR_TENSORS: dict[str, str] = {
-    "sgat_transform": "[in, in] float: the SGAT transform T; the GEMM input is x @ T",
-    "sgat_gates": "[2, in] float: per-state gates, row 0 unmasked tokens, row 1 [MASK] tokens",
-    "sgat_act_clip": "[2] float: per-state activation clip ratio of the per-token quantizer",
-    "tac_matrices": "[in / g, g, g] float: TAC block-diagonal map on the input (tac_modules)",
-    "tac_bias": "[in] float: TAC bias (tac_modules)",
-    "bias": "[out] float: the linear's bias, if it has one",
+    "sgat_exclusive": "[in, 2k] float: V = [U_m | U_u], orthonormal state-exclusive directions "
+                      "(absent when k = 0)",
+    "sgat_channel_scale": "[in] float: c of M = diag(c) (L (x) R)",
+    "sgat_left": "[n1, n1] float: L",
+    "sgat_right": "[n2, n2] float: R (n1 * n2 = in)",
+    "sgat_act_clip": "[2] float: per-state activation clip ratio, row 0 unmasked, 1 [MASK]",
+    "tac_matrices": "[in / g, g, g] float: TAC block-diagonal map on the input (groups with "
+                    "a tac_group_size)",
+    "tac_bias": "[in] float: TAC bias (groups with a tac_group_size)",
 }
-"""Per quantized linear, the tensors stored beside compressed-tensors' weight tensors."""
+"""Per group of linears sharing an input, the tensors under ``<first linear>.input_transform.``"""
 
 FORWARD = (
-    "y = Q_a((TAC(x) @ sgat_transform) * sgat_gates[s], clip=sgat_act_clip[s]) @ W^T + bias, "
-    "s = (input_ids == mask_token_id) per token, W = compressed-tensors' decompressed weight, "
-    "Q_a = the config group's input_activations quantizer (dynamic, per token)"
+    "x_s = (TAC(x) - ((TAC(x) @ V) * drop[s]) @ V^T) * c, reshaped [n1, n2] -> L^T x_s R; "
+    "y = Q_a(x_s, clip=sgat_act_clip[s]) @ W^T + bias for every linear of the group; "
+    "s = (input_ids == mask_token_id) per token, drop[0] = 1 on U_m, drop[1] = 1 on U_u, "
+    "W = compressed-tensors' decompressed weight, Q_a = the config group's input_activations "
+    "quantizer (dynamic, per token)"
 )
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
@@ -62,6 +73,51 @@ MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json
 
 def starquant_linears(model: nn.Module) -> dict[str, StarQuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, StarQuantLinear)}
+
+
+def input_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """The quantized linears grouped by the input transform they share, each group led by the
+    linear that owns it (and stores its tensors), with the shapes a loader needs."""
+    linears = starquant_linears(model)
+    groups: dict[int, dict[str, Any]] = {}
+    for name, linear in linears.items():
+        if linear.owns_transform:
+            transform = linear.transform
+            groups[id(transform)] = {
+                "linears": [name],
+                "in_features": transform.sgat_channel_scale.shape[0],
+                "exclusive_width": transform.exclusive.shape[1] // 2,
+                "factors": [transform.sgat_left.shape[0], transform.sgat_right.shape[0]],
+                "tac_group_size": (None if transform.tac_matrices is None
+                                   else transform.tac_matrices.shape[-1]),
+            }
+    for name, linear in linears.items():
+        group = groups.get(id(linear.transform))
+        if group is None:
+            raise ValueError(
+                f"{name} borrows an input transform no quantized linear of the model owns; "
+                "build the group with quantize_linear_group so its first linear owns it."
+            )
+        if not linear.owns_transform:
+            group["linears"].append(name)
+    return list(groups.values())
+
+
+def expected_tensors(groups: list[dict[str, Any]], weight_format_name: str) -> set[str]:
+    """Every tensor name a v2 checkpoint must hold for its ``input_groups``."""
+    weight_names = (("weight_packed", "weight_shape") if weight_format_name == "pack-quantized"
+                    else ("weight",))
+    names = set()
+    for group in groups:
+        owner = group["linears"][0]
+        names |= {f"{m}.{n}" for m in group["linears"] for n in (*weight_names, "weight_scale")}
+        star = ["sgat_channel_scale", "sgat_left", "sgat_right", "sgat_act_clip"]
+        if group["exclusive_width"]:
+            star.append("sgat_exclusive")
+        if group["tac_group_size"] is not None:
+            star += ["tac_matrices", "tac_bias"]
+        names |= {f"{owner}.{TRANSFORM}.{n}" for n in star}
+    return names
 
 
 def quantization_config_dict(model: PreTrainedModel, args: StarQuantArgs) -> dict[str, Any]:
@@ -82,7 +138,7 @@ def quantization_config_dict(model: PreTrainedModel, args: StarQuantArgs) -> dic
         if linear.weight_args is None:
             raise ValueError(
                 f"{name} stores a dense float weight (built without weight_args); build it "
-                "with StarQuantLinear.from_linear or weight_args/weight_scale to save it."
+                "with quantize_linear_group (or weight_args/weight_scale) to save it."
             )
         if linear.weight_args != weight_args or linear.act_args != act_args:
             raise ValueError(
@@ -106,7 +162,7 @@ def quantization_config_dict(model: PreTrainedModel, args: StarQuantArgs) -> dic
             "family": family.name,
             "mask_token_id": mask_token_id(model),
             "kv_bits": args.resolved_kv_bits,
-            "tac_modules": sorted(n for n, m in linears.items() if m.tac_matrices is not None),
+            "input_groups": input_groups(model),
             "tensors": dict(STAR_TENSORS),
             "forward": FORWARD,
         },
@@ -266,11 +322,20 @@ def validate_config(quantization_config: dict[str, Any]) -> tuple[StarQuantArgs,
         raise ValueError(
             f"Checkpoint starquant.version is {block['version']!r}, but this starquant_plugin "
             f"reads versions {list(SUPPORTED_VERSIONS)}; upgrade starquant_plugin "
-            "(pip install -U starquant-plugin) to load it."
+            "(pip install -U starquant-plugin) to load a newer one, or re-quantize the model "
+            "to replace a version-1 checkpoint."
         )
     args = StarQuantArgs(**block["args"])
     ct_config = QuantizationConfig.model_validate(
         {k: v for k, v in quantization_config.items() if k not in ("quant_method", "starquant")})
+    if len(ct_config.config_groups) != 1:
+        raise ValueError(
+            f"quantization_config has {len(ct_config.config_groups)} config groups; STaR-Quant "
+            "checkpoints have exactly one (all quantized linears share the scheme)."
+        )
+    if not isinstance(block.get("input_groups"), list):
+        raise ValueError("starquant block has no 'input_groups' list; the checkpoint is "
+                         "incomplete. Re-save it with starquant_plugin.save_starquant.")
     for name, scheme in ct_config.config_groups.items():
         if scheme.weights is None or scheme.input_activations is None:
             raise ValueError(f"config group {name!r} lacks weights or input_activations; "
@@ -324,24 +389,16 @@ def check_missing(expected: set[str], present: set[str], where: str) -> None:
 
 
 def check_checkpoint(path: str | os.PathLike) -> None:
-    """Check a saved checkpoint on disk: config, readable shards, every STaR tensor of the
-    quantized linears (the ones not in ``ignore`` whose weights are in the shards)."""
+    """Check a saved checkpoint on disk: config, readable shards, and every weight and STaR
+    tensor of the ``starquant.input_groups``."""
     quantization_config = read_quantization_config(path)
     files = shard_files(path)
     keys = checkpoint_keys(files)
-    prefixes = {key.rsplit(".", 1)[0] for key in keys
-                if key.endswith((".weight_packed", ".weight_scale"))}
-    if not prefixes:
+    if not any(key.endswith(".weight_scale") for key in keys):
         raise ValueError(f"{path} holds no quantized weights (no '*.weight_scale'); the "
                          "checkpoint is incomplete. Re-save it with save_starquant.")
-    block = quantization_config["starquant"]
-    fmt = quantization_config["format"]
-    weight_names = ("weight_packed", "weight_shape") if fmt == "pack-quantized" else ("weight",)
-    expected = {f"{p}.{n}" for p in prefixes
-                for n in (*weight_names, "weight_scale", "sgat_transform", "sgat_gates",
-                          "sgat_act_clip")}
-    expected |= {f"{m}.{n}" for m in block["tac_modules"] for n in ("tac_matrices", "tac_bias")}
-    check_missing(expected, keys, str(path))
+    groups = quantization_config["starquant"]["input_groups"]
+    check_missing(expected_tensors(groups, quantization_config["format"]), keys, str(path))
 
 
 def recipe_text(path: str | os.PathLike) -> str | None:

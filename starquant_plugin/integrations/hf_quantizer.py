@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from compressed_tensors.utils import match_named_modules
 from torch import nn
 from transformers.quantizers import HfQuantizer
@@ -25,8 +24,17 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from starquant_plugin.config import QUANT_METHOD
-from starquant_plugin.integrations.format import check_missing, checkpoint_keys, validate_config
-from starquant_plugin.method.runtime import StarQuantLinear, attach_mask_state
+from starquant_plugin.integrations.format import (
+    check_missing,
+    checkpoint_keys,
+    expected_tensors,
+    validate_config,
+)
+from starquant_plugin.method.runtime import (
+    StarQuantInputTransform,
+    StarQuantLinear,
+    attach_mask_state,
+)
 from starquant_plugin.models.attention import use_kv_quantized_attention
 from starquant_plugin.models.families import family_of, mask_token_id
 
@@ -98,46 +106,61 @@ class StarQuantHfQuantizer(HfQuantizer):
             )
         mask_state = attach_mask_state(model.get_input_embeddings(), mask_id)
         model._starquant_mask_state = mask_state
-        tac_modules = set(block["tac_modules"])
-        buffer_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-        replaced: list[str] = []
         ct_config = config.ct_config
-        for scheme in ct_config.config_groups.values():
-            for name, linear in list(match_named_modules(model, scheme.targets,
-                                                         ct_config.ignore or [])):
-                if not isinstance(linear, nn.Linear):
-                    continue
-                shell = StarQuantLinear.empty(
-                    linear.in_features, linear.out_features, linear.bias is not None,
-                    scheme.weights, scheme.input_activations, mask_state,
-                    tac_group_size=config.args.tac_group_size if name in tac_modules else None,
-                    dtype=buffer_dtype, device=linear.weight.device,
-                )
-                model.set_submodule(name, shell)
-                replaced.append(name)
-        unknown_tac = tac_modules - set(replaced)
-        if not replaced or unknown_tac:
+        targeted = {name for scheme in ct_config.config_groups.values()
+                    for name, module in match_named_modules(model, scheme.targets,
+                                                            ct_config.ignore or [])
+                    if isinstance(module, nn.Linear)}
+        listed = [name for group in block["input_groups"] for name in group["linears"]]
+        if not listed or set(listed) != targeted:
             raise ValueError(
-                f"The checkpoint's config_groups/ignore select {len(replaced)} linears of "
-                f"{type(model).__name__} and tac_modules {sorted(unknown_tac)} are not among "
-                "them; the quantization_config does not fit this architecture."
+                f"The checkpoint's config_groups/ignore select {len(targeted)} linears of "
+                f"{type(model).__name__} but starquant.input_groups lists {len(listed)} "
+                f"(differing: {sorted(set(listed) ^ targeted)[:5]}); the quantization_config "
+                "does not fit this architecture."
             )
+        (scheme,) = ct_config.config_groups.values()  # validate_config: exactly one group
+        weight_args, act_args = scheme.weights, scheme.input_activations
+        for group in block["input_groups"]:
+            self._replace_group(model, group, weight_args, act_args, mask_state)
         if checkpoint_files:
-            expected = {f"{name}.{buffer}" for name in replaced
-                        for buffer, _ in model.get_submodule(name).named_buffers()}
-            check_missing(expected, checkpoint_keys(checkpoint_files), str(checkpoint_files[0]))
+            check_missing(expected_tensors(block["input_groups"], ct_config.format),
+                          checkpoint_keys(checkpoint_files), str(checkpoint_files[0]))
         kv_bits = block.get("kv_bits", config.args.resolved_kv_bits)
         if kv_bits < 16:
             for block_name, decoder_block in model.named_modules():
                 if type(decoder_block).__name__ == family.block_class and any(
-                        name.startswith(f"{block_name}.") for name in replaced):
+                        name.startswith(f"{block_name}.") for name in listed):
                     decoder_block.get_submodule(family.attention_module).kv_bits = kv_bits
             use_kv_quantized_attention(model)
         return model
 
+    @staticmethod
+    def _replace_group(model: nn.Module, group: dict[str, Any], weight_args, act_args,
+                       mask_state) -> None:
+        """Swap a group's linears for empty ``StarQuantLinear``s sharing one empty transform,
+        with float tensors in the dtype the model is being loaded in."""
+        linears = {name: model.get_submodule(name) for name in group["linears"]}
+        d = group["in_features"]
+        wrong = [name for name, linear in linears.items() if linear.in_features != d]
+        if wrong:
+            raise ValueError(
+                f"starquant.input_groups says {wrong} read {d} features but the model's "
+                "linears differ; the checkpoint does not fit this architecture."
+            )
+        first = next(iter(linears.values())).weight
+        device, dtype = first.device, first.dtype
+        transform = StarQuantInputTransform.empty(
+            d, group["exclusive_width"], tuple(group["factors"]), act_args, mask_state,
+            group["tac_group_size"], dtype=dtype, device=device)
+        for index, (name, linear) in enumerate(linears.items()):
+            model.set_submodule(name, StarQuantLinear.empty(
+                linear.out_features, linear.bias is not None, weight_args, transform,
+                owns_transform=index == 0, dtype=dtype, device=device))
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         unloaded = [f"{name}.{buffer}" for name, module in model.named_modules()
-                    if isinstance(module, StarQuantLinear)
+                    if isinstance(module, (StarQuantLinear, StarQuantInputTransform))
                     for buffer, tensor in module.named_buffers(recurse=False)
                     if tensor.device.type == "meta"]
         if unloaded:

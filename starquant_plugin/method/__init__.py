@@ -9,18 +9,28 @@ from starquant_plugin.method.quantizers import (
     scheme_args,
     search_weight_clip,
 )
-from starquant_plugin.method.runtime import MaskState, StarQuantLinear, attach_mask_state
+from starquant_plugin.method.runtime import (
+    MaskState,
+    StarQuantInputTransform,
+    StarQuantLinear,
+    attach_mask_state,
+)
 from starquant_plugin.method.sgat import (
     MASKED,
     UNMASKED,
     SGATResult,
     exactness_residual,
-    exclusive_basis,
+    exclusive_subspaces,
     fit_sgat,
-    state_gates,
+    static_sgat,
 )
 from starquant_plugin.method.tac import TACParams, apply_tac, fit_tac
-from starquant_plugin.method.transforms import random_hadamard, smoothquant_scales
+from starquant_plugin.method.transforms import (
+    kronecker_apply,
+    kronecker_factors,
+    random_hadamard,
+    smoothquant_scales,
+)
 
 __all__ = [
     "MASKED",
@@ -28,21 +38,24 @@ __all__ = [
     "UNMASKED",
     "MaskState",
     "SGATResult",
+    "StarQuantInputTransform",
     "StarQuantLinear",
     "TACParams",
     "apply_tac",
     "attach_mask_state",
     "exactness_residual",
-    "exclusive_basis",
+    "exclusive_subspaces",
     "fake_quantize_activation",
     "fake_quantize_kv",
     "fake_quantize_weight",
     "fit_sgat",
     "fit_tac",
     "gptq_quantize_weight",
+    "kronecker_apply",
+    "kronecker_factors",
     "random_hadamard",
     "scheme_args",
     "search_weight_clip",
     "smoothquant_scales",
-    "state_gates",
+    "static_sgat",
 ]

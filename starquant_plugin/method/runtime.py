@@ -8,7 +8,8 @@ token between denoising steps is simply re-gated on the next forward.
 A ``StarQuantLinear`` holds its weight the way the checkpoint and an INT kernel hold it: the
 integer codes under compressed-tensors' names and layouts (``pack-quantized`` for 4 bit,
 ``int-quantized`` for 8 bit), produced and read by compressed-tensors' own compressors, and
-dequantized on every forward. The STaR tensors sit beside them (``sgat_*``, ``tac_*``).
+dequantized on every forward. The STaR tensors (``sgat_*``, ``tac_*``) sit on the
+``StarQuantInputTransform`` that a group of linears reading the same input share.
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from starquant_plugin.method.quantizers import fake_quantize_activation, fake_quantize_weight
-from starquant_plugin.method.sgat import SGATResult
+from starquant_plugin.method.sgat import SGATResult, transform_input
 from starquant_plugin.method.tac import TACParams, apply_tac
 
 WEIGHT_FORMATS: dict[int, str] = {4: "pack-quantized", 8: "int-quantized"}
 """compressed-tensors format per weight bit width (4 bit packed 8 per int32, 8 bit as int8)."""
 
 _MIN_SCALE = 1e-8  # the fake quantizers' scale floor (quantizers._MIN_SCALE)
-_GRID_TOLERANCE = 1e-3  # max |weight_q / scale - code| accepted as "on the integer grid"
 
 
 class MaskState:
@@ -152,20 +152,114 @@ def compressed_weight_layout(
     return layout
 
 
+class StarQuantInputTransform(nn.Module):
+    """What a linear group's input goes through before the integer GEMM: TAC (o_proj input
+    only), the state-gated SGAT transform and the per-token activation quantizer.
+
+    ``forward(x: [batch, seq, d]) -> Q_a(x_s): [batch, seq, d]`` float32, with each token's
+    state read from the shared ``MaskState``. One instance serves every linear of a group
+    (q/k/v; gate/up); only the group's first linear registers it, so it is stored once.
+    Buffers, in the checkpoint under these names (see ``SGATResult`` for the math):
+
+    * ``sgat_exclusive: [d, 2k]`` (``V``; None when ``k = 0``), ``sgat_channel_scale: [d]``,
+      ``sgat_left: [n1, n1]``, ``sgat_right: [n2, n2]``, ``sgat_act_clip: [2]`` (per state);
+    * ``tac_matrices: [d / g, g, g]``, ``tac_bias: [d]``, or None.
+    """
+
+    def __init__(self, sgat: SGATResult, act_args: QuantizationArgs, mask_state: MaskState,
+                 tac: TACParams | None = None, dtype: torch.dtype = torch.float32) -> None:
+        """``dtype``: how the tensors are stored (the model's dtype, as compressed-tensors
+        stores scales); the forward computes in float32 either way."""
+        super().__init__()
+        self.act_args = act_args
+        self.mask_state = mask_state
+        exclusive = sgat.exclusive if sgat.exclusive.shape[1] else None
+        tensors = {"sgat_exclusive": exclusive, "sgat_channel_scale": sgat.channel_scale,
+                   "sgat_left": sgat.left, "sgat_right": sgat.right,
+                   "sgat_act_clip": sgat.act_clip.reshape(-1).expand(2),
+                   "tac_matrices": None if tac is None else tac.matrices,
+                   "tac_bias": None if tac is None else tac.bias}
+        for name, tensor in tensors.items():
+            self.register_buffer(name, None if tensor is None
+                                 else tensor.detach().to(dtype).contiguous().clone())
+
+    @classmethod
+    def empty(
+        cls, d: int, k: int, factors: tuple[int, int], act_args: QuantizationArgs,
+        mask_state: MaskState, tac_group_size: int | None = None,
+        dtype: torch.dtype = torch.float32, device: torch.device | str = "meta",
+    ) -> StarQuantInputTransform:
+        """A module with every buffer allocated (on ``device``, uninitialised) in the
+        checkpoint's layout, for a loader to fill by name."""
+        n1, n2 = factors
+        if n1 * n2 != d or not 0 <= 2 * k <= d:
+            raise ValueError(
+                f"Got factors {factors} and exclusive width {k} for input dim {d}; the "
+                "checkpoint's starquant.args do not fit this model."
+            )
+        if tac_group_size is not None and d % tac_group_size:
+            raise ValueError(
+                f"TAC group size {tac_group_size} does not divide the input dim {d}; the "
+                "checkpoint's starquant.args.tac_group_size is wrong."
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.act_args, layer.mask_state = act_args, mask_state
+        shapes = {"sgat_exclusive": (d, 2 * k) if k else None, "sgat_channel_scale": (d,),
+                  "sgat_left": (n1, n1), "sgat_right": (n2, n2), "sgat_act_clip": (2,),
+                  "tac_matrices": None, "tac_bias": None}
+        if tac_group_size is not None:
+            shapes |= {"tac_matrices": (d // tac_group_size, tac_group_size, tac_group_size),
+                       "tac_bias": (d,)}
+        for name, shape in shapes.items():
+            layer.register_buffer(name, None if shape is None
+                                  else torch.empty(shape, dtype=dtype, device=device))
+        return layer
+
+    @property
+    def exclusive(self) -> torch.Tensor:
+        """``V: [d, 2k]`` (``[d, 0]`` without gating)."""
+        if self.sgat_exclusive is None:
+            return self.sgat_channel_scale.new_zeros(self.sgat_channel_scale.shape[0], 0)
+        return self.sgat_exclusive
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [batch, seq, d]`` -> quantized ``x_s`` float32; any mix of token states."""
+        mask_state = self.mask_state.mask_state
+        if mask_state is None:
+            raise RuntimeError(
+                "A STaR-Quant layer ran before any mask state was recorded; "
+                "attach_mask_state() to the model's embedding and call the model with input_ids."
+            )
+        if x.shape[:-1] != mask_state.shape:
+            raise ValueError(
+                f"Input has leading shape {tuple(x.shape[:-1])} but the mask state is "
+                f"{tuple(mask_state.shape)}; expected x [batch, seq, d] matching the input_ids "
+                "of this forward (the embedding hook must see the same canvas)."
+            )
+        x = x.float()
+        if self.tac_matrices is not None:
+            x = apply_tac(x, TACParams(self.tac_matrices.float(), self.tac_bias.float()))
+        state = mask_state.long()
+        x_s = transform_input(x, state, self.exclusive.float(), self.sgat_channel_scale.float(),
+                              self.sgat_left.float(), self.sgat_right.float())
+        clip = self.sgat_act_clip.float()[state].unsqueeze(-1)
+        return fake_quantize_activation(x_s, self.act_args, clip)
+
+
 class StarQuantLinear(nn.Module):
-    """``y = Q_a(((TAC(x)) T) * gates[s]) W_q^T + b`` with the token state ``s`` from ``MaskState``.
+    """``y = Q_a(x_s) W_q^T + b``: the integer GEMM of one linear after its group's
+    ``StarQuantInputTransform``.
 
-    Buffers, in the checkpoint under these names:
+    Buffers, in the checkpoint under these names: the weight ``W_q = Q_w(W M^{-T})`` as
+    compressed-tensors stores it: 4 bit ``weight_packed: int32 [out, in / 8]`` +
+    ``weight_shape: [2]``, 8 bit ``weight: int8 [out, in]``; both with ``weight_scale: [out,
+    groups]`` (and ``weight_zero_point`` if asymmetric); ``bias: [out]`` or None.
+    ``dequantized_weight()`` returns ``[out, in]`` float. With ``weight_args`` unset the
+    constructor keeps a dense float ``weight`` instead (experiments; not saveable).
 
-    * the weight ``W_q = Q_w(W T^{-T})`` as compressed-tensors stores it: 4 bit
-      ``weight_packed: int32 [out, in / 8]`` + ``weight_shape: [2]``, 8 bit ``weight: int8
-      [out, in]``; both with ``weight_scale: [out, groups]`` (and ``weight_zero_point`` if
-      asymmetric). ``dequantized_weight()`` returns ``[out, in]`` float. With ``weight_args``
-      unset the constructor keeps a dense float ``weight`` instead (experiments; not saveable);
-    * ``bias: [out]`` or None;
-    * ``sgat_transform: [d, d]``, ``sgat_gates: [2, d]``, ``sgat_act_clip: [2]`` (per state);
-    * ``tac_matrices: [d / g, g, g]``, ``tac_bias: [d]`` or None (o_proj input only).
-
+    The group's first linear owns the input transform (submodule ``input_transform``, saved
+    with it); the others borrow it (``owns_transform=False``: same object, not saved twice).
     ``layer.weight`` is the int8 codes for 8 bit (compressed-tensors' name) and the dequantized
     weight for 4 bit (whose codes are ``weight_packed``).
     """
@@ -174,44 +268,53 @@ class StarQuantLinear(nn.Module):
         self,
         weight_q: torch.Tensor,
         bias: torch.Tensor | None,
-        transform: torch.Tensor,
-        gates: torch.Tensor,
-        act_clip: torch.Tensor | float,
-        act_args: QuantizationArgs,
-        mask_state: MaskState,
-        tac: TACParams | None = None,
+        input_transform: StarQuantInputTransform,
         *,
+        owns_transform: bool = True,
         weight_args: QuantizationArgs | None = None,
         weight_scale: torch.Tensor | None = None,
         weight_zero_point: torch.Tensor | None = None,
     ) -> None:
-        """``weight_q: [out, d]`` the fake-quantized weight; with ``weight_args`` and its
-        ``weight_scale: [out, groups]`` (``weight_qparams``) it is stored as integer codes,
-        which must reproduce it (it has to lie on the scale's integer grid)."""
+        """``weight_q: [out, d]`` the transformed weight; with ``weight_args`` and its
+        ``weight_scale: [out, groups]`` (``weight_qparams``, in the storage dtype)
+        compressed-tensors' compressor rounds it onto the scale's integer grid and stores the
+        codes (a weight already fake-quantized with that scale keeps its values)."""
         super().__init__()
-        d = transform.shape[0]
-        if weight_q.dim() != 2 or weight_q.shape[1] != d or gates.shape != (2, d):
+        d = input_transform.sgat_channel_scale.shape[0]
+        if weight_q.dim() != 2 or weight_q.shape[1] != d:
             raise ValueError(
-                f"Got weight {tuple(weight_q.shape)}, transform {tuple(transform.shape)} and "
-                f"gates {tuple(gates.shape)}; expected [out, d], [d, d] and [2, d]."
+                f"Got weight {tuple(weight_q.shape)} for an input transform of dim {d}; "
+                "expected [out, d]."
             )
-        act_clip = torch.as_tensor(act_clip, dtype=transform.dtype).reshape(-1).expand(2)
-        self.act_args = act_args
         self.weight_args = weight_args
-        self.mask_state = mask_state
+        self._attach_transform(input_transform, owns_transform)
         if weight_args is None:
             self.register_buffer("weight", weight_q.detach().clone())
         else:
             self._store_weight(weight_q.detach(), weight_args, weight_scale, weight_zero_point)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("sgat_transform", transform.detach().clone())
-        self.register_buffer("sgat_gates", gates.detach().clone())
-        self.register_buffer("sgat_act_clip", act_clip.clone())
-        has_tac = tac is not None
-        self.register_buffer("tac_matrices", tac.matrices.detach().clone() if has_tac else None)
-        self.register_buffer("tac_bias", tac.bias.detach().clone() if has_tac else None)
 
-    def _store_weight(self, weight_q: torch.Tensor, weight_args: QuantizationArgs,
+    def _attach_transform(self, input_transform: StarQuantInputTransform, owns: bool) -> None:
+        if owns:
+            self.input_transform = input_transform
+        else:  # a plain reference: not a submodule, so not in state_dict twice
+            object.__setattr__(self, "_borrowed_transform", input_transform)
+
+    @property
+    def transform(self) -> StarQuantInputTransform:
+        """The group's input transform, owned or borrowed."""
+        owned = self._modules.get("input_transform")
+        return owned if owned is not None else self.__dict__["_borrowed_transform"]
+
+    @property
+    def owns_transform(self) -> bool:
+        return "input_transform" in self._modules
+
+    @property
+    def act_args(self) -> QuantizationArgs:
+        return self.transform.act_args
+
+    def _store_weight(self, weight: torch.Tensor, weight_args: QuantizationArgs,
                       scale: torch.Tensor | None, zero_point: torch.Tensor | None) -> None:
         if scale is None or (zero_point is None) != weight_args.symmetric:
             raise ValueError(
@@ -221,30 +324,21 @@ class StarQuantLinear(nn.Module):
                 "weight_qparams(weight, weight_args, clip) (a zero point only if asymmetric)."
             )
         scheme = weight_scheme(weight_args, self.act_args)
-        uncompressed = {"weight": weight_q, "weight_scale": scale.detach().clone()}
+        uncompressed = {"weight": weight.float(), "weight_scale": scale.detach().clone()}
         if zero_point is not None:
             uncompressed["weight_zero_point"] = zero_point.detach()
         compressor = BaseCompressor.get_value_from_registry(scheme.format)
         for name, tensor in compressor.compress(uncompressed, scheme).items():
             self.register_buffer(name, tensor.contiguous())
-        off_grid = ((self.dequantized_weight() - weight_q).abs() / scale.repeat_interleave(
-            weight_q.shape[1] // scale.shape[1], dim=1)).amax()
-        if off_grid > _GRID_TOLERANCE:
-            raise ValueError(
-                f"weight_q is not on the integer grid of weight_scale (off by {off_grid:.3g} "
-                "steps); pass the scale the weight was fake-quantized with (weight_qparams)."
-            )
 
     @classmethod
     def empty(
         cls,
-        in_features: int,
         out_features: int,
         bias: bool,
         weight_args: QuantizationArgs,
-        act_args: QuantizationArgs,
-        mask_state: MaskState,
-        tac_group_size: int | None = None,
+        input_transform: StarQuantInputTransform,
+        owns_transform: bool,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "meta",
     ) -> StarQuantLinear:
@@ -252,26 +346,16 @@ class StarQuantLinear(nn.Module):
         checkpoint's layout, for a loader to fill by name."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.act_args, layer.weight_args, layer.mask_state = act_args, weight_args, mask_state
+        layer.weight_args = weight_args
+        layer._attach_transform(input_transform, owns_transform)
+        in_features = input_transform.sgat_channel_scale.shape[0]
         layout = compressed_weight_layout(out_features, in_features, weight_args, dtype)
         if bias:
             layout["bias"] = ((out_features,), dtype)
-        layout |= {"sgat_transform": ((in_features, in_features), dtype),
-                   "sgat_gates": ((2, in_features), dtype), "sgat_act_clip": ((2,), dtype)}
-        if tac_group_size is not None:
-            if in_features % tac_group_size:
-                raise ValueError(
-                    f"TAC group size {tac_group_size} does not divide the input dim "
-                    f"{in_features}; the checkpoint's starquant.args.tac_group_size is wrong."
-                )
-            layout["tac_matrices"] = ((in_features // tac_group_size, tac_group_size,
-                                       tac_group_size), dtype)
-            layout["tac_bias"] = ((in_features,), dtype)
         for name, (shape, tensor_dtype) in layout.items():
             layer.register_buffer(name, torch.empty(shape, dtype=tensor_dtype, device=device))
-        for name in ("bias", "tac_matrices", "tac_bias"):
-            if name not in layout:
-                layer.register_buffer(name, None)
+        if not bias:
+            layer.register_buffer("bias", None)
         return layer
 
     @classmethod
@@ -280,12 +364,12 @@ class StarQuantLinear(nn.Module):
         linear: nn.Linear,
         sgat: SGATResult,
         weight_args: QuantizationArgs,
-        act_args: QuantizationArgs,
-        mask_state: MaskState,
+        input_transform: StarQuantInputTransform,
+        owns_transform: bool = True,
         weight_clip_rows: slice | None = None,
-        tac: TACParams | None = None,
     ) -> StarQuantLinear:
-        """Quantize ``linear`` under a fitted SGAT (RTN with the fitted per-row weight clip).
+        """Quantize ``linear`` under a fitted SGAT by RTN with the fitted per-row weight clip
+        (the scale stored in the linear's dtype; equal to ``fake_quantize_weight`` in float32).
 
         When one SGAT serves several linears (q/k/v), ``weight_clip_rows`` selects this
         linear's rows of ``sgat.weight_clip``, e.g. ``slice(q_out, q_out + k_out)`` for k.
@@ -301,36 +385,9 @@ class StarQuantLinear(nn.Module):
             weight_t = sgat.transformed_weight(linear.weight.float())
             weight_q = fake_quantize_weight(weight_t, weight_args, weight_clip)
             scale, zero_point = weight_qparams(weight_t, weight_args, weight_clip)
-        return cls(
-            weight_q=weight_q,
-            bias=linear.bias,
-            transform=sgat.transform,
-            gates=sgat.gates,
-            act_clip=sgat.act_clip,
-            act_args=act_args,
-            mask_state=mask_state,
-            tac=tac,
-            weight_args=weight_args,
-            weight_scale=scale,
-            weight_zero_point=zero_point,
-        )
-
-    # storage
-
-    @property
-    def transform(self) -> torch.Tensor:
-        """``sgat_transform: [d, d]``."""
-        return self.sgat_transform
-
-    @property
-    def gates(self) -> torch.Tensor:
-        """``sgat_gates: [2, d]``, row ``mask_state.long()``."""
-        return self.sgat_gates
-
-    @property
-    def act_clip(self) -> torch.Tensor:
-        """``sgat_act_clip: [2]``, one activation clip ratio per token state."""
-        return self.sgat_act_clip
+        return cls(weight_q, linear.bias, input_transform, owns_transform=owns_transform,
+                   weight_args=weight_args, weight_scale=scale.to(linear.weight.dtype),
+                   weight_zero_point=zero_point)
 
     @property
     def weight_format(self) -> str:
@@ -343,12 +400,14 @@ class StarQuantLinear(nn.Module):
         return {name: self._buffers[name] for name in names if name in self._buffers}
 
     def dequantized_weight(self) -> torch.Tensor:
-        """``[out, d]`` float, decompressed by compressed-tensors' own compressor."""
+        """``[out, d]`` float32, decompressed by compressed-tensors' own compressor."""
         if self.weight_args is None:
             return self._buffers["weight"]
         scheme = weight_scheme(self.weight_args)
         compressor = BaseCompressor.get_value_from_registry(scheme.format)
-        return compressor.decompress(self.compressed_weight(), scheme)["weight"]
+        # float32 scale: codes * scale is then exact whatever dtype the scale is stored in
+        stored = self.compressed_weight() | {"weight_scale": self.weight_scale.float()}
+        return compressor.decompress(stored, scheme)["weight"]
 
     def __getattr__(self, name: str) -> Any:
         if name == "weight" and "weight_packed" in self.__dict__.get("_buffers", {}):
@@ -356,24 +415,8 @@ class StarQuantLinear(nn.Module):
         return super().__getattr__(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [batch, seq, d]`` -> ``[batch, seq, out]``; any mix of token states."""
-        mask_state = self.mask_state.mask_state
-        if mask_state is None:
-            raise RuntimeError(
-                "StarQuantLinear ran before any mask state was recorded; attach_mask_state() "
-                "to the model's embedding and call the model with input_ids."
-            )
-        if x.shape[:-1] != mask_state.shape:
-            raise ValueError(
-                f"Input has leading shape {tuple(x.shape[:-1])} but the mask state is "
-                f"{tuple(mask_state.shape)}; expected x [batch, seq, d] matching the input_ids "
-                "of this forward (the embedding hook must see the same canvas)."
-            )
-        if self.tac_matrices is not None:
-            x = apply_tac(x, TACParams(self.tac_matrices, self.tac_bias))
-        state = mask_state.long()
-        x_t = (x @ self.sgat_transform.to(x.dtype)) * self.sgat_gates.to(x.dtype)[state]
-        clip = self.sgat_act_clip.to(x.dtype)[state].unsqueeze(-1)
-        x_q = fake_quantize_activation(x_t, self.act_args, clip)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x_q, self.dequantized_weight().to(x.dtype), bias)
+        """``x: [batch, seq, d]`` -> ``[batch, seq, out]`` in ``x``'s dtype (computed in
+        float32); any mix of token states."""
+        bias = None if self.bias is None else self.bias.float()
+        y = F.linear(self.transform(x), self.dequantized_weight().float(), bias)
+        return y.to(x.dtype)

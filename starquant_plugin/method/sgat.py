@@ -1,13 +1,24 @@
-"""SGAT, State-Guided Activation Transformation (method.md section 2).
+"""SGAT, State-Guided Activation Transformation (method.md section 2), in structured form.
 
 Conventions: activations are row vectors ``x: [tokens, d]``, a linear is ``y = x W^T`` with
-``W: [out, d]``. A transform ``T: [d, d]`` has column blocks ``[U_sh | U_m | U_u]`` of widths
-``d_sh, d_ex, d_ex``. A token in state ``s`` is transformed as ``x T * gates[s]`` and quantized
-per token; the weight gets one static transform ``W_t = W T^{-T}`` (shape ``[out, d]``), so that
-``(x T) W_t^T = x W^T``, and one quantized copy ``Q_w(W_t)``. Row ``UNMASKED`` of ``gates`` keeps
-the shared and ``U_u`` columns, row ``MASKED`` the shared and ``U_m`` columns, so
-``gates[mask_state.long()]`` picks each token's row. The gated output is exact in full precision
-when masked tokens have no energy along ``U_u`` and unmasked tokens none along ``U_m``.
+``W: [out, d]``. A token in state ``s`` enters the integer GEMM as
+
+    x_s = (x - ((x V) * drop[s]) V^T) M,    M = diag(c) (L (x) R),
+
+quantized per token, and the weight gets one static transform ``W_t = W M^{-T}`` with one
+quantized copy ``Q_w(W_t)``, so ``x_s W_t^T = x (I - V drop[s] V^T) W^T``. ``V = [U_m | U_u]:
+[d, 2k]`` is orthonormal: ``U_u`` holds directions masked tokens do not use, ``U_m`` directions
+unmasked tokens do not use; ``drop[MASKED]`` removes a masked token's ``U_u`` part and
+``drop[UNMASKED]`` an unmasked token's ``U_m`` part. This is the paper's ``x T G_s`` with
+``T = [U_sh | U_m | U_u]`` orthogonal, followed by the static map ``T^T M``: for such a ``T``,
+``x T G_s T^T = x (I - V drop[s] V^T)``. It is exact in full precision when each state has no
+energy along the directions it drops.
+
+Storage is why it is factorised this way: ``M`` costs ``n1^2 + n2^2 + d`` numbers (Kronecker
+factors ``L: [n1, n1]``, ``R: [n2, n2]``, channel scale ``c: [d]``) and ``V`` costs ``2 k d``,
+against ``d^2`` for a dense ``T`` (at d = 4096 a dense fp32 ``T`` is 64 MiB, 2x the int4 weight
+it serves). ``L``, ``R``, ``c`` and the clips are learned; ``V`` is fixed in closed form from
+each state's second moments.
 
 One transform serves every linear that reads the same input (q/k/v; gate/up): pass their
 weights concatenated along the output dim, ``[sum out, d]``.
@@ -26,62 +37,49 @@ from starquant_plugin.method.quantizers import (
     fake_quantize_weight,
     search_weight_clip,
 )
-from starquant_plugin.method.transforms import random_hadamard
+from starquant_plugin.method.transforms import kronecker_apply, kronecker_factors, random_hadamard
 
 UNMASKED = 0
-"""Row of ``gates`` (and value of ``mask_state.long()``) for prompt and decoded tokens."""
+"""Row of ``drop`` (and value of ``mask_state.long()``) for prompt and decoded tokens."""
 MASKED = 1
-"""Row of ``gates`` (and value of ``mask_state.long()``) for ``[MASK]`` tokens."""
+"""Row of ``drop`` (and value of ``mask_state.long()``) for ``[MASK]`` tokens."""
 
 _INIT_ACT_CLIP = 0.99
 _EVAL_CHUNK_TOKENS = 8192
 
 
-def state_gates(d: int, d_ex: int) -> torch.Tensor:
-    """0/1 gates ``[2, d]`` for column blocks ``[sh | m | u]`` of widths ``d - 2 d_ex, d_ex, d_ex``.
+def dropped_directions(k: int) -> torch.Tensor:
+    """0/1 ``drop: [2, 2k]`` over the columns ``[U_m | U_u]`` of ``V``: which part each state
+    removes (unmasked tokens drop ``U_m``, masked tokens drop ``U_u``).
 
-    >>> state_gates(6, 1)
-    tensor([[1., 1., 1., 1., 0., 1.],
-            [1., 1., 1., 1., 1., 0.]])
+    >>> dropped_directions(2)
+    tensor([[1., 1., 0., 0.],
+            [0., 0., 1., 1.]])
     """
-    _check_d_ex(d, d_ex)
-    gates = torch.ones(2, d)
-    d_sh = d - 2 * d_ex
-    gates[UNMASKED, d_sh : d_sh + d_ex] = 0.0
-    gates[MASKED, d_sh + d_ex :] = 0.0
-    return gates
+    drop = torch.zeros(2, 2 * k)
+    drop[UNMASKED, :k] = 1.0
+    drop[MASKED, k:] = 1.0
+    return drop
 
 
-def _check_d_ex(d: int, d_ex: int) -> None:
-    if not 0 <= 2 * d_ex <= d:
+def _check_width(d: int, k: int) -> None:
+    if not 0 <= 2 * k <= d:
         raise ValueError(
-            f"Got d_ex={d_ex} for input dim d={d}; expected 0 <= 2 * d_ex <= d "
-            "(two exclusive blocks of width d_ex). The default is d // 32."
+            f"Got exclusive width k={k} for input dim d={d}; expected 0 <= 2 * k <= d "
+            "(two exclusive subspaces of width k). Lower exclusive_fraction."
         )
 
 
-def _rotate_block(block: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Rotate an orthonormal basis ``[d, k]`` within its span (same span, spread coordinates)."""
-    if block.shape[1] == 0:
-        return block
-    return block @ random_hadamard(block.shape[1], generator).double()
-
-
-def exclusive_basis(
-    cov_masked: torch.Tensor,
-    cov_unmasked: torch.Tensor,
-    d_ex: int,
-    generator: torch.Generator | None = None,
+def exclusive_subspaces(
+    cov_masked: torch.Tensor, cov_unmasked: torch.Tensor, k: int
 ) -> torch.Tensor:
-    """Orthogonal ``T0: [d, d]`` whose exclusive blocks lie in each state's low-energy directions.
+    """``V = [U_m | U_u]: [d, 2k]`` orthonormal, each block in one state's unused directions.
 
     ``cov_*: [d, d]`` second moments ``X^T X / n`` of each state's tokens (uncentred, so a
-    direction with a constant offset is not mistaken for unused). ``U_u`` = the ``d_ex``
-    eigenvectors of ``cov_masked`` with the smallest eigenvalues (masked tokens do not use them);
-    ``U_m`` = the ``d_ex`` directions orthogonal to ``U_u`` with the least unmasked energy;
-    ``U_sh`` = the orthonormal complement. Each block is then rotated within its own span by a
-    random orthogonal matrix (spreads outliers like QuaRot without changing what is gated).
-    ``d_ex = 0`` gives a plain random rotation. Returns float32 columns ``[U_sh | U_m | U_u]``.
+    direction with a constant offset is not mistaken for unused). ``U_u`` = the ``k``
+    eigenvectors of ``cov_masked`` with the smallest eigenvalues (masked tokens do not use
+    them); ``U_m`` = the ``k`` directions orthogonal to ``U_u`` with the least unmasked energy.
+    float32 result; ``k = 0`` gives ``[d, 0]``.
     """
     d = cov_masked.shape[0]
     if cov_masked.shape != (d, d) or cov_unmasked.shape != (d, d):
@@ -89,54 +87,107 @@ def exclusive_basis(
             f"Got covariances {tuple(cov_masked.shape)} and {tuple(cov_unmasked.shape)}; "
             "expected two square [d, d] matrices of the same layer input."
         )
-    _check_d_ex(d, d_ex)
-    if d_ex == 0:
-        return random_hadamard(d, generator)
+    _check_width(d, k)
+    if k == 0:
+        return torch.zeros(d, 0)
     cov_m = 0.5 * (cov_masked + cov_masked.T).double()
     cov_u = 0.5 * (cov_unmasked + cov_unmasked.T).double()
-    u_u = torch.linalg.eigh(cov_m).eigenvectors[:, :d_ex]
+    u_u = torch.linalg.eigh(cov_m).eigenvectors[:, :k]
     # Least unmasked energy among directions orthogonal to U_u: lift U_u above the spectrum.
-    eye = torch.eye(d, dtype=torch.float64)
-    outside_u = eye - u_u @ u_u.T
+    projector_u = u_u @ u_u.T
+    outside_u = torch.eye(d, dtype=torch.float64) - projector_u
     shift = torch.trace(cov_u).abs() + 1.0
-    restricted = outside_u @ cov_u @ outside_u + shift * (u_u @ u_u.T)
-    u_m = torch.linalg.eigh(restricted).eigenvectors[:, :d_ex]
-    q, _ = torch.linalg.qr(torch.cat([u_u, u_m], dim=1), mode="complete")
-    blocks = [q[:, 2 * d_ex :], q[:, d_ex : 2 * d_ex], q[:, :d_ex]]  # sh, m, u
-    return torch.cat([_rotate_block(b, generator) for b in blocks], dim=1).float()
+    restricted = outside_u @ cov_u @ outside_u + shift * projector_u
+    u_m = torch.linalg.eigh(restricted).eigenvectors[:, :k]
+    basis, _ = torch.linalg.qr(torch.cat([u_m, u_u], dim=1))
+    return basis.float()
 
 
-def exactness_residual(
-    x: torch.Tensor, transform: torch.Tensor, transform_inv: torch.Tensor, gate_row: torch.Tensor
-) -> float:
-    """FP error the gating adds, ``||x T (I - G) T^{-1}||_F / ||x||_F`` for ``x: [tokens, d]``."""
+def transform_input(
+    x: torch.Tensor, state: torch.Tensor, exclusive: torch.Tensor, channel_scale: torch.Tensor,
+    left: torch.Tensor, right: torch.Tensor,
+) -> torch.Tensor:
+    """``x_s = (x - ((x V) * drop[s]) V^T) diag(c) (L (x) R)`` for ``x: [..., d]`` and
+    ``state: [...]`` (``mask_state.long()``); ``exclusive`` is ``V: [d, 2k]``."""
+    k = exclusive.shape[1] // 2
+    if k:
+        drop = dropped_directions(k).to(x)[state]
+        x = x - ((x @ exclusive) * drop) @ exclusive.T
+    return kronecker_apply(x * channel_scale, left, right)
+
+
+def transform_weight(
+    weight: torch.Tensor, channel_scale: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+) -> torch.Tensor:
+    """``W_t = W M^{-T} = (W / c) (L^{-T} (x) R^{-T})`` for ``weight: [out, d]``, so that
+    ``transform_input(x, ...) @ W_t^T`` is ``x W^T`` up to the dropped directions."""
+    return kronecker_apply(weight / channel_scale, torch.linalg.inv(left).T,
+                           torch.linalg.inv(right).T)
+
+
+def exactness_residual(x: torch.Tensor, exclusive: torch.Tensor, state: int) -> float:
+    """FP error the gating adds for tokens ``x: [tokens, d]`` all in ``state``:
+    ``||x V drop[s] V^T||_F / ||x||_F`` (``||x T (I - G_s) T^{-1}||`` of method.md)."""
+    k = exclusive.shape[1] // 2
+    if k == 0:
+        return 0.0
     x64 = x.double()
-    dropped = (x64 @ transform.double()) * (1.0 - gate_row.double())
-    return (dropped @ transform_inv.double()).norm().item() / max(x64.norm().item(), 1e-30)
+    dropped = (x64 @ exclusive.double()) * dropped_directions(k).double()[state]
+    return dropped.norm().item() / max(x64.norm().item(), 1e-30)
 
 
 @dataclass
 class SGATResult:
     """A fitted SGAT transform, frozen.
 
-    ``transform, transform_inv: [d, d]``; ``gates: [2, d]``; ``act_clip: [2]`` (per state,
-    both equal without gating); ``weight_clip: [out]``; residuals from ``exactness_residual``;
-    ``loss_history[0]`` is the initial loss, then one entry per epoch (the returned parameters
-    are those with the lowest loss).
+    ``exclusive: [d, 2k]`` (``V``), ``channel_scale: [d]``, ``left: [n1, n1]``, ``right:
+    [n2, n2]``; ``act_clip: [2]`` (per state, both equal without gating); ``weight_clip:
+    [out]``; residuals from ``exactness_residual``; ``loss_history[0]`` is the initial loss,
+    then one entry per epoch (the returned parameters are those with the lowest loss).
     """
 
-    transform: torch.Tensor
-    transform_inv: torch.Tensor
-    gates: torch.Tensor
+    exclusive: torch.Tensor
+    channel_scale: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
     act_clip: torch.Tensor
     weight_clip: torch.Tensor
-    residual_masked: float
-    residual_unmasked: float
+    residual_masked: float = 0.0
+    residual_unmasked: float = 0.0
     loss_history: list[float] = field(default_factory=list)
 
+    def transform_input(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """``x_s`` for ``x: [..., d]`` with per-token ``state: [...]`` (before ``Q_a``)."""
+        return transform_input(x, state, self.exclusive.to(x), self.channel_scale.to(x),
+                               self.left.to(x), self.right.to(x))
+
     def transformed_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """``W_t = W T^{-T}: [out, d]`` for ``weight: [out, d]``, ready for ``Q_w``."""
-        return weight @ self.transform_inv.to(weight.dtype).T
+        """``W_t = W M^{-T}: [out, d]`` for ``weight: [out, d]``, ready for ``Q_w``."""
+        return transform_weight(weight, self.channel_scale.to(weight), self.left.to(weight),
+                                self.right.to(weight))
+
+
+def static_sgat(
+    weight: torch.Tensor, weight_args: QuantizationArgs, *, channel_scale: torch.Tensor | None
+    = None, factors: tuple[int, int] | None = None, rotate: bool = False,
+    generator: torch.Generator | None = None,
+) -> SGATResult:
+    """A fixed (not fitted), ungated transform for the baselines: ``M = diag(c) (L (x) R)``
+    with identity factors, or random Hadamard ones (``rotate``, QuaRot-style), and the weight
+    clip from ``search_weight_clip``. No gating, so residuals are 0."""
+    d = weight.shape[1]
+    n1, n2 = factors or kronecker_factors(d)
+    if rotate:
+        left, right = random_hadamard(n1, generator), random_hadamard(n2, generator)
+    else:
+        left, right = torch.eye(n1), torch.eye(n2)
+    result = SGATResult(exclusive=torch.zeros(d, 0),
+                        channel_scale=torch.ones(d) if channel_scale is None else channel_scale,
+                        left=left, right=right, act_clip=torch.ones(2),
+                        weight_clip=torch.ones(weight.shape[0]))
+    result.weight_clip = search_weight_clip(result.transformed_weight(weight.float()),
+                                            weight_args)
+    return result
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
@@ -145,16 +196,18 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 
 def _state_error(
     x: torch.Tensor,
+    state: int,
     weight: torch.Tensor,
-    transform: torch.Tensor,
-    gate_row: torch.Tensor,
-    act_clip: torch.Tensor,
     weight_q: torch.Tensor,
+    transform: tuple[torch.Tensor, ...],
+    act_clip: torch.Tensor,
     act_args: QuantizationArgs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(squared error, squared FP norm) of one state's tokens ``x: [n, d]``."""
+    """(squared error, squared FP norm) of one state's tokens ``x: [n, d]``; ``transform`` is
+    ``(V, c, L, R)``."""
     y_fp = x @ weight.T
-    x_q = fake_quantize_activation((x @ transform) * gate_row, act_args, act_clip)
+    states = torch.full(x.shape[:1], state, dtype=torch.long)
+    x_q = fake_quantize_activation(transform_input(x, states, *transform), act_args, act_clip)
     return (y_fp - x_q @ weight_q.T).pow(2).sum(), y_fp.pow(2).sum()
 
 
@@ -181,23 +234,25 @@ def fit_sgat(
     x_unmasked: torch.Tensor,
     weight_args: QuantizationArgs,
     act_args: QuantizationArgs,
-    d_ex: int,
+    k: int,
+    factors: tuple[int, int] | None = None,
     epochs: int = 15,
     lr: float = 5e-3,
     lr_clip: float = 5e-2,
     batch_tokens: int = 1024,
     seed: int = 0,
-    gate: bool = True,
 ) -> SGATResult:
-    """Fit a dense SGAT transform and clip ratios for one linear input (method.md section 2).
+    """Fit an SGAT transform and clip ratios for one linear input (method.md section 2).
 
     ``weight: [out, d]`` (concatenate linears sharing the input), ``x_masked: [n_m, d]``,
-    ``x_unmasked: [n_u, d]``. Minimises, with AdamW, the sum over states of
-    ``||X_s W^T - Q_a((X_s T) * g_s) Q_w(W T^{-T})^T||^2 / ||X_s W^T||^2`` over ``T``
-    (initialised by ``exclusive_basis``), a sigmoid-parameterised activation clip per state
-    (one shared clip when ``gate=False``) and a weight clip per output row (initialised by
-    ``search_weight_clip``). Both quantizers round straight-through. ``gate=False`` keeps all
-    gates at 1: a learned transform without state gating (FlatQuant/FreeAct-like baseline).
+    ``x_unmasked: [n_u, d]``, ``k`` the width of each exclusive subspace (0: no gating, one
+    shared activation clip: the FlatQuant-like baseline), ``factors`` ``(n1, n2)`` of ``M``
+    (default ``kronecker_factors(d)``; ``(1, d)`` is a dense ``M``). ``V`` comes from
+    ``exclusive_subspaces``; AdamW then minimises the sum over states of
+    ``||X_s W^T - Q_a(x_s) Q_w(W M^{-T})^T||^2 / ||X_s W^T||^2`` over the Kronecker factors
+    (initialised as random Hadamard rotations), the channel scale (initialised to 1), a
+    sigmoid-parameterised activation clip per state and a weight clip per output row
+    (initialised by ``search_weight_clip``). Both quantizers round straight-through.
     Deterministic for a given ``seed``.
     """
     _check_fit_inputs(weight, x_masked, x_unmasked, batch_tokens)
@@ -205,48 +260,59 @@ def fit_sgat(
     w = weight.detach().float()
     xs = {MASKED: x_masked.detach().float(), UNMASKED: x_unmasked.detach().float()}
     d = w.shape[1]
-    d_gated = d_ex if gate else 0
+    _check_width(d, k)
+    n1, n2 = factors or kronecker_factors(d)
+    if n1 * n2 != d:
+        raise ValueError(f"Got factors ({n1}, {n2}) for input dim {d}; expected n1 * n2 = d.")
     covs = {s: x.T.double() @ x.double() / x.shape[0] for s, x in xs.items()}
-    t0 = exclusive_basis(covs[MASKED], covs[UNMASKED], d_gated, generator)
-    gates = state_gates(d, d_gated)
+    exclusive = exclusive_subspaces(covs[MASKED], covs[UNMASKED], k)
 
-    transform = torch.nn.Parameter(t0.clone())
+    left = torch.nn.Parameter(random_hadamard(n1, generator))
+    right = torch.nn.Parameter(random_hadamard(n2, generator))
+    log_scale = torch.nn.Parameter(torch.zeros(d))
     act_logit = torch.nn.Parameter(
-        _logit(torch.full((2 if gate else 1,), _INIT_ACT_CLIP, dtype=torch.float32))
+        _logit(torch.full((2 if k else 1,), _INIT_ACT_CLIP, dtype=torch.float32))
     )
-    w_clip0 = search_weight_clip(w @ t0, weight_args).clamp(0.05, 0.995)
-    w_logit = torch.nn.Parameter(_logit(w_clip0))
+    w_clip0 = search_weight_clip(transform_weight(w, torch.ones(d), left.detach(),
+                                                  right.detach()), weight_args)
+    w_logit = torch.nn.Parameter(_logit(w_clip0.clamp(0.05, 0.995)))
     optimizer = torch.optim.AdamW(
-        [{"params": [transform], "lr": lr}, {"params": [act_logit, w_logit], "lr": lr_clip}],
+        [{"params": [left, right, log_scale], "lr": lr},
+         {"params": [act_logit, w_logit], "lr": lr_clip}],
         weight_decay=0.0,
     )
 
+    def quantized_weight() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        transform = (exclusive, log_scale.exp(), left, right)
+        weight_t = transform_weight(w, *transform[1:])
+        return fake_quantize_weight(weight_t, weight_args, torch.sigmoid(w_logit)), transform
+
     def state_losses(batches: dict[int, torch.Tensor]) -> torch.Tensor:
-        weight_t = torch.linalg.solve(transform, w.T).T  # W T^{-T}
-        weight_q = fake_quantize_weight(weight_t, weight_args, torch.sigmoid(w_logit))
+        weight_q, transform = quantized_weight()
         act_clip = torch.sigmoid(act_logit).expand(2)
         total = torch.zeros(())
         for s, x in batches.items():
-            err, ref = _state_error(x, w, transform, gates[s], act_clip[s], weight_q, act_args)
+            err, ref = _state_error(x, s, w, weight_q, transform, act_clip[s], act_args)
             total = total + err / ref.clamp_min(1e-30)
         return total
 
     @torch.no_grad()
     def full_loss() -> float:
-        weight_t = torch.linalg.solve(transform, w.T).T
-        weight_q = fake_quantize_weight(weight_t, weight_args, torch.sigmoid(w_logit))
+        weight_q, transform = quantized_weight()
         act_clip = torch.sigmoid(act_logit).expand(2)
         total = 0.0
         for s, x in xs.items():
             err, ref = torch.zeros(()), torch.zeros(())
             for chunk in x.split(_EVAL_CHUNK_TOKENS):
-                e, r = _state_error(chunk, w, transform, gates[s], act_clip[s], weight_q, act_args)
+                e, r = _state_error(chunk, s, w, weight_q, transform, act_clip[s], act_args)
                 err, ref = err + e, ref + r
             total += (err / ref.clamp_min(1e-30)).item()
         return total
 
+    params = (left, right, log_scale, act_logit, w_logit)
+
     def snapshot() -> tuple[torch.Tensor, ...]:
-        return tuple(p.detach().clone() for p in (transform, act_logit, w_logit))
+        return tuple(p.detach().clone() for p in params)
 
     history = [full_loss()]
     best = (history[0], snapshot())
@@ -267,15 +333,15 @@ def fit_sgat(
         if history[-1] < best[0]:
             best = (history[-1], snapshot())
 
-    t_best, act_logit_best, w_logit_best = best[1]
-    t_inv = torch.linalg.inv(t_best.double()).float()
+    left_best, right_best, log_scale_best, act_logit_best, w_logit_best = best[1]
     return SGATResult(
-        transform=t_best,
-        transform_inv=t_inv,
-        gates=gates,
+        exclusive=exclusive,
+        channel_scale=log_scale_best.exp(),
+        left=left_best,
+        right=right_best,
         act_clip=torch.sigmoid(act_logit_best).expand(2).clone(),
         weight_clip=torch.sigmoid(w_logit_best),
-        residual_masked=exactness_residual(xs[MASKED], t_best, t_inv, gates[MASKED]),
-        residual_unmasked=exactness_residual(xs[UNMASKED], t_best, t_inv, gates[UNMASKED]),
+        residual_masked=exactness_residual(xs[MASKED], exclusive, MASKED),
+        residual_unmasked=exactness_residual(xs[UNMASKED], exclusive, UNMASKED),
         loss_history=history,
     )

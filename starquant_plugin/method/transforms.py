@@ -1,4 +1,5 @@
-"""Fixed activation transforms used to initialise SGAT and as baselines (QuaRot, SmoothQuant).
+"""Activation transforms: Kronecker-factored maps, and the fixed ones that initialise SGAT and
+serve as baselines (QuaRot, SmoothQuant).
 
 >>> h = random_hadamard(8, torch.Generator().manual_seed(0))
 >>> torch.allclose(h @ h.T, torch.eye(8), atol=1e-6)
@@ -54,3 +55,41 @@ def smoothquant_scales(
     weight_absmax = weight.abs().amax(dim=0).clamp_min(1e-5)
     scales = act_absmax.clamp_min(1e-5).pow(alpha) / weight_absmax.pow(1.0 - alpha)
     return scales.clamp_min(1e-5)
+
+
+def kronecker_factors(d: int) -> tuple[int, int]:
+    """``(n1, n2)`` with ``n1 * n2 = d`` and ``n1 <= n2`` as close to ``sqrt(d)`` as ``d`` allows.
+
+    A ``[d, d]`` map stored as ``L (x) R`` then costs ``n1^2 + n2^2`` numbers instead of ``d^2``
+    (4096 -> 64 x 64; 11008 -> 86 x 128; a prime ``d`` -> ``(1, d)``, i.e. dense).
+
+    >>> kronecker_factors(4096), kronecker_factors(768), kronecker_factors(7)
+    ((64, 64), (24, 32), (1, 7))
+    """
+    if d < 1:
+        raise ValueError(f"Got d={d}; a transform needs an input dim d >= 1.")
+    n1 = int(d**0.5)
+    while d % n1:
+        n1 -= 1
+    return n1, d // n1
+
+
+def kronecker_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``x @ (left (x) right)`` for ``x: [..., n1 * n2]``, ``left: [n1, n1]``, ``right: [n2, n2]``.
+
+    Row-major ``vec``: each row reshaped to ``X: [n1, n2]`` becomes ``left^T X right``, which costs
+    ``n1 + n2`` multiply-adds per element instead of ``n1 * n2``.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x, a, b = (torch.randn(n, m, generator=g) for n, m in ((3, 6), (2, 2), (3, 3)))
+    >>> torch.allclose(kronecker_apply(x, a, b), x @ torch.kron(a, b), atol=1e-5)
+    True
+    """
+    n1, n2 = left.shape[0], right.shape[0]
+    if x.shape[-1] != n1 * n2:
+        raise ValueError(
+            f"Got x with last dim {x.shape[-1]} for factors {tuple(left.shape)} and "
+            f"{tuple(right.shape)}; expected last dim {n1 * n2} = n1 * n2."
+        )
+    blocks = x.reshape(*x.shape[:-1], n1, n2)
+    return (left.T @ blocks @ right).reshape(x.shape)

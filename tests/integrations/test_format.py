@@ -22,7 +22,13 @@ from starquant_plugin.integrations.format import (
     save_starquant,
     validate_config,
 )
-from starquant_plugin.method import StarQuantLinear, fake_quantize_weight, scheme_args
+from starquant_plugin.method import (
+    StarQuantInputTransform,
+    StarQuantLinear,
+    fake_quantize_weight,
+    scheme_args,
+    static_sgat,
+)
 from starquant_plugin.method.runtime import (
     MaskState,
     compressed_weight_layout,
@@ -49,13 +55,16 @@ def calibration_rows(seed: int = 0) -> torch.LongTensor:
     return rows.masked_fill(torch.rand(rows.shape, generator=generator) < 0.5, MASK_ID)
 
 
+def _identity_transform(weight: torch.Tensor) -> StarQuantInputTransform:
+    return StarQuantInputTransform(static_sgat(weight, scheme_args("W4A4")[0]),
+                                   scheme_args("W4A4")[1], MaskState())
+
+
 def _layer(weight: torch.Tensor, args: QuantizationArgs, clip: torch.Tensor) -> StarQuantLinear:
-    d = weight.shape[1]
     scale, zero_point = weight_qparams(weight, args, clip)
     return StarQuantLinear(
-        fake_quantize_weight(weight, args, clip), None, torch.eye(d), torch.ones(2, d), 1.0,
-        scheme_args("W4A4")[1], MaskState(), weight_args=args, weight_scale=scale,
-        weight_zero_point=zero_point)
+        fake_quantize_weight(weight, args, clip), None, _identity_transform(weight),
+        weight_args=args, weight_scale=scale, weight_zero_point=zero_point)
 
 
 @pytest.mark.parametrize("name", sorted(ARGS))
@@ -84,14 +93,17 @@ def test_4bit_is_packed_by_compressed_tensors_and_8bit_is_int8():
     assert int8.weight.dtype == torch.int8 and int8.weight.abs().max() == 127
 
 
-def test_off_grid_weight_is_refused():
+def test_bf16_scale_keeps_the_codes_of_the_float32_fake_quantized_weight():
+    """Scales are stored in the model's dtype: a bf16 scale re-grids the fake-quantized
+    weight to the same integer codes (only the scale is rounded)."""
     weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
-    args = ARGS["int4 channel"]
+    args = ARGS["int8 channel"]
     scale, _ = weight_qparams(weight, args)
-    with pytest.raises(ValueError, match="not on the integer grid"):
-        StarQuantLinear(weight, None, torch.eye(16), torch.ones(2, 16), 1.0,
-                        scheme_args("W4A4")[1], MaskState(), weight_args=args,
-                        weight_scale=scale)
+    weight_q = fake_quantize_weight(weight, args)
+    layer = StarQuantLinear(weight_q, None, _identity_transform(weight), weight_args=args,
+                            weight_scale=scale.bfloat16())
+    assert layer.weight_scale.dtype == torch.bfloat16
+    assert torch.equal(layer.weight.float(), torch.round(weight_q / scale))
 
 
 def test_gptq_weights_are_stored_as_packed_codes():
@@ -123,20 +135,29 @@ def test_config_has_explicit_format_groups_ignore_and_versioned_block(saved):
                                             if k not in ("quant_method", "starquant")})
     assert ct.config_groups["group_0"].weights.num_bits == 4
     block = config["starquant"]
-    assert block["version"] == 1 and StarQuantArgs(**block["args"]) == args
+    assert block["version"] == 2 and StarQuantArgs(**block["args"]) == args
     assert block["mask_token_id"] == MASK_ID and block["kv_bits"] == 4
-    assert block["tac_modules"] == [f"model.transformer.blocks.{i}.attn_out" for i in (0, 1)]
-    assert set(block["tensors"]) >= {"sgat_transform", "sgat_gates", "sgat_act_clip",
-                                     "tac_matrices", "tac_bias"}
+    prefix = "model.transformer.blocks.0."
+    groups = {tuple(g["linears"]): g for g in block["input_groups"]}
+    assert len(groups) == 8  # 2 blocks x (q/k/v, attn_out, ff_proj/up_proj, ff_out)
+    qkv = groups[tuple(prefix + n for n in ("q_proj", "k_proj", "v_proj"))]
+    d = model.config.d_model
+    assert qkv["in_features"] == d and qkv["exclusive_width"] == args.exclusive_width(d)
+    assert qkv["factors"] == list(args.factors(d)) and qkv["tac_group_size"] is None
+    assert groups[(prefix + "attn_out",)]["tac_group_size"] == args.tac_group_size
+    assert set(block["tensors"]) >= {"sgat_exclusive", "sgat_left", "sgat_right",
+                                     "sgat_channel_scale", "sgat_act_clip", "tac_matrices",
+                                     "tac_bias"}
     assert validate_config(config)[0] == args
     assert (path / "recipe.yaml").read_text().startswith("stage:")
     with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
-    prefix = "model.transformer.blocks.0."
     assert {prefix + "q_proj.weight_packed", prefix + "q_proj.weight_shape",
-            prefix + "q_proj.weight_scale", prefix + "q_proj.sgat_transform",
-            prefix + "attn_out.tac_matrices"} <= keys
+            prefix + "q_proj.weight_scale", prefix + "q_proj.input_transform.sgat_left",
+            prefix + "q_proj.input_transform.sgat_exclusive",
+            prefix + "attn_out.input_transform.tac_matrices"} <= keys
     assert prefix + "q_proj.weight" not in keys
+    assert not any(k.startswith(prefix + "k_proj.input_transform") for k in keys)  # stored once
 
 
 def test_existing_model_dir_is_refused_and_left_untouched(saved, tmp_path):

@@ -1,25 +1,36 @@
-"""``AutoModelForCausalLM.from_pretrained`` on STaR-Quant checkpoints: exact round trip for both
-families and every scheme, and a clear refusal for each kind of broken checkpoint."""
+"""``AutoModelForCausalLM.from_pretrained`` on STaR-Quant checkpoints: exact round trip in a
+fresh process for both families and every scheme, the W4A4 size target, and a clear refusal
+for each kind of broken checkpoint."""
 
 import json
 import logging
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
 import starquant_plugin
+from starquant_plugin.assets import TINY_DREAM, TINY_LLADA
 from starquant_plugin.config import StarQuantArgs
 from starquant_plugin.integrations.format import save_starquant
 from starquant_plugin.integrations.hf_quantizer import StarQuantHfQuantizer, register_hf_quantizer
 from starquant_plugin.method import StarQuantLinear
+from starquant_plugin.models.families import FAMILIES, mask_token_id
+from starquant_plugin.models.loading import load_dllm
 from starquant_plugin.models.sampling import dream_generate, llada_generate
 from starquant_plugin.pipeline import quantize_dllm
 from tests.models.tiny import MASK_ID, tiny_dream, tiny_llada
 
 MODELS = {"llada": tiny_llada, "dream": tiny_dream}
+RELOAD_SCRIPT = Path(__file__).with_name("reload_in_fresh_process.py")
 SAMPLERS = {"llada": llada_generate, "dream": dream_generate}
 
 
@@ -45,20 +56,91 @@ def quantized(family: str, scheme: str, tmp_path_factory) -> tuple:
     return _CACHE[key]
 
 
-@pytest.mark.parametrize("scheme", ["W4A4", "W4A8", "W8A8"])
-@pytest.mark.parametrize("family", ["llada", "dream"])
-def test_reload_gives_exactly_the_in_memory_logits(family, scheme, tmp_path_factory):
-    model, path = quantized(family, scheme, tmp_path_factory)
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    linears = [m for m in loaded.modules() if isinstance(m, StarQuantLinear)]
-    assert len(linears) == 2 * 7
-    ids = calibration_rows(3)
-    assert torch.equal(loaded(ids).logits, model(ids).logits)  # tolerance 0: bit-exact
-    prompt = torch.randint(0, 60, (1, 4), generator=torch.Generator().manual_seed(5))
+SCHEMES = ("W4A4", "W4A8", "W8A8")
+BUNDLED = {"llada": TINY_LLADA, "dream": TINY_DREAM}
+
+
+def _block_bytes(path: Path, family: str) -> int:
+    """Bytes of the transformer-block tensors (norms excluded) in a checkpoint's shards."""
+    pattern = {f.name: f for f in FAMILIES.values()}[family].block_pattern
+    total = 0
+    for shard in path.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():
+                if re.match(pattern, key) and "norm" not in key:
+                    tensor = handle.get_tensor(key)
+                    total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _expected(model, family: str, path: Path) -> Path:
+    """The in-memory model's logits and greedy generation, for the fresh process to match."""
+    ids = torch.randint(3, 60, (2, 32), generator=torch.Generator().manual_seed(3))
+    ids = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(4))
+                          < 0.5, mask_token_id(model))
+    prompt = torch.randint(3, 60, (1, 4), generator=torch.Generator().manual_seed(5))
     sample = SAMPLERS[family]
     kwargs = {"block_length": 8} if family == "llada" else {}
-    assert torch.equal(sample(loaded, prompt, steps=4, gen_length=8, **kwargs).sequences,
-                       sample(model, prompt, steps=4, gen_length=8, **kwargs).sequences)
+    with torch.no_grad():
+        expected = {"ids": ids, "logits": model(ids).logits, "prompt": prompt,
+                    "sequences": sample(model, prompt, steps=4, gen_length=8, **kwargs).sequences}
+    file = path.parent / "expected.safetensors"
+    save_file({k: v.contiguous() for k, v in expected.items()}, file)
+    return file
+
+
+@pytest.fixture(scope="module")
+def fresh_reloads(tmp_path_factory) -> dict[tuple[str, str], dict]:
+    """Quantize -> save -> reload in one fresh process: the random tiny models (float32) at
+    every scheme, and the bundled trained ones at W4A4 as shipped (bf16)."""
+    entries, keys = [], []
+    for family in MODELS:
+        for scheme in SCHEMES:
+            model, path = quantized(family, scheme, tmp_path_factory)
+            entries.append({"checkpoint": str(path), "dtype": "float32",
+                            "expected": str(_expected(model, family, path))})
+            keys.append((family, scheme))
+        model, _ = load_dllm(BUNDLED[family], dtype=torch.bfloat16)
+        args = StarQuantArgs(scheme="W4A4", epochs=0)
+        rows = torch.randint(3, 2000, (8, 64), generator=torch.Generator().manual_seed(0))
+        quantize_dllm(model, rows.masked_fill(rows % 2 == 0, mask_token_id(model)), args,
+                      progress=False)
+        path = save_starquant(model, tmp_path_factory.mktemp(f"bundled-{family}") / "ckpt",
+                              args=args)
+        entries.append({"checkpoint": str(path), "dtype": "bfloat16",
+                        "expected": str(_expected(model, family, path))})
+        keys.append((family, "bundled W4A4 bf16"))
+    manifest = tmp_path_factory.mktemp("manifest") / "manifest.json"
+    manifest.write_text(json.dumps(entries))
+    result = subprocess.run([sys.executable, str(RELOAD_SCRIPT), str(manifest)],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+    return {key: {**outcome, "checkpoint": Path(entry["checkpoint"])}
+            for key, entry, outcome in zip(keys, entries, outcomes, strict=True)}
+
+
+@pytest.mark.parametrize("scheme", [*SCHEMES, "bundled W4A4 bf16"])
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_fresh_process_reload_gives_the_in_memory_logits_and_generation(fresh_reloads, family,
+                                                                        scheme):
+    outcome = fresh_reloads[(family, scheme)]
+    assert outcome["max_abs_logit_diff"] == 0.0  # tolerance 0: bit-exact
+    assert outcome["same_generation"]
+    blocks = 4 if scheme.startswith("bundled") else 2
+    assert outcome["quantized_linears"] == blocks * 7
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_w4a4_block_weights_take_at_most_0_3x_bf16_on_disk_and_in_memory(fresh_reloads,
+                                                                          family):
+    """Issue target on the trained tiny models (d 256): int4 codes, bf16 scales and the
+    structured STaR tensors together stay within 0.3x the bf16 block weights."""
+    outcome = fresh_reloads[(family, "bundled W4A4 bf16")]
+    original = _block_bytes(BUNDLED[family], family)
+    assert _block_bytes(outcome["checkpoint"], family) <= 0.3 * original
+    assert outcome["block_bytes"] <= 0.3 * original
 
 
 def test_reloaded_model_keeps_kv_quantization_and_resaves(tmp_path, tmp_path_factory):
@@ -100,9 +182,9 @@ def test_missing_tensor_is_refused_with_its_name(tmp_path, tmp_path_factory):
     _, path = quantized("dream", "W4A4", tmp_path_factory)
     broken = _copy(path, tmp_path / "broken")
     tensors = load_file(broken / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.sgat_gates"]
+    del tensors["model.layers.1.mlp.gate_proj.input_transform.sgat_left"]
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.sgat_gates.*re-save"):
+    with pytest.raises(ValueError, match="mlp.gate_proj.input_transform.sgat_left.*re-save"):
         AutoModelForCausalLM.from_pretrained(broken)
 
 

@@ -1,4 +1,5 @@
-"""Runtime: the mask-state hook and StarQuantLinear against the per-token reference formula."""
+"""Runtime: the mask-state hook, StarQuantInputTransform and StarQuantLinear against the
+per-token reference formula, and one transform shared by a group of linears."""
 
 import pytest
 import torch
@@ -9,47 +10,68 @@ from starquant_plugin.method.quantizers import (
     fake_quantize_weight,
     scheme_args,
 )
-from starquant_plugin.method.runtime import MaskState, StarQuantLinear, attach_mask_state
-from starquant_plugin.method.sgat import SGATResult, state_gates
+from starquant_plugin.method.runtime import (
+    MaskState,
+    StarQuantInputTransform,
+    StarQuantLinear,
+    attach_mask_state,
+)
+from starquant_plugin.method.sgat import SGATResult
 from starquant_plugin.method.tac import TACParams, apply_tac
-from starquant_plugin.method.transforms import random_hadamard
+from starquant_plugin.method.transforms import kronecker_apply, kronecker_factors, random_hadamard
 
-D, OUT, D_EX, MASK_ID = 32, 24, 4, 7
+D, OUT, K, MASK_ID = 32, 24, 4, 7
 
 
-def _sgat(seed: int = 0) -> SGATResult:
+def _sgat(seed: int = 0, k: int = K, out: int = OUT) -> SGATResult:
     gen = torch.Generator().manual_seed(seed)
-    transform = random_hadamard(D, gen) + 0.05 * torch.randn(D, D, generator=gen)
+    n1, n2 = kronecker_factors(D)
+    exclusive = torch.linalg.qr(torch.randn(D, 2 * k, generator=gen))[0]
     return SGATResult(
-        transform=transform,
-        transform_inv=torch.linalg.inv(transform),
-        gates=state_gates(D, D_EX),
+        exclusive=exclusive,
+        channel_scale=0.5 + torch.rand(D, generator=gen),
+        left=random_hadamard(n1, gen) + 0.05 * torch.randn(n1, n1, generator=gen),
+        right=random_hadamard(n2, gen) + 0.05 * torch.randn(n2, n2, generator=gen),
         act_clip=torch.tensor([0.9, 0.8]),
-        weight_clip=torch.rand(OUT, generator=gen) * 0.2 + 0.8,
-        residual_masked=0.0,
-        residual_unmasked=0.0,
+        weight_clip=torch.rand(out, generator=gen) * 0.2 + 0.8,
     )
 
 
-def _state(mask: torch.Tensor) -> MaskState:
+def _state(mask: torch.Tensor | None = None) -> MaskState:
     state = MaskState()
     state.mask_state = mask
     return state
 
 
+def _layer(
+    linear: nn.Linear,
+    sgat: SGATResult,
+    state: MaskState,
+    tac: TACParams | None = None,
+    scheme: str = "W4A4",
+) -> StarQuantLinear:
+    weight_args, act_args = scheme_args(scheme)
+    transform = StarQuantInputTransform(sgat, act_args, state, tac)
+    return StarQuantLinear.from_linear(linear, sgat, weight_args, transform)
+
+
 def _reference(
-    x: torch.Tensor, mask: torch.Tensor, layer: StarQuantLinear, tac: TACParams | None
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    sgat: SGATResult,
+    layer: StarQuantLinear,
+    tac: TACParams | None,
 ) -> torch.Tensor:
-    """Token by token: pick the state's gate row and clip, quantize, multiply."""
+    """Token by token: TAC, the token's state's transform and clip, quantize, multiply."""
     _, act_args = scheme_args("W4A4")
     out = torch.empty(*x.shape[:-1], OUT)
     for b in range(x.shape[0]):
         for t in range(x.shape[1]):
-            token = x[b, t] if tac is None else apply_tac(x[b, t], tac)
+            token = x[b, t : t + 1] if tac is None else apply_tac(x[b, t : t + 1], tac)
             s = int(mask[b, t])
-            x_t = (token @ layer.transform) * layer.gates[s]
-            x_q = fake_quantize_activation(x_t, act_args, layer.act_clip[s])
-            out[b, t] = x_q @ layer.weight.T + layer.bias
+            x_s = sgat.transform_input(token, torch.tensor([s]))
+            x_q = fake_quantize_activation(x_s, act_args, sgat.act_clip[s])
+            out[b, t] = (x_q @ layer.weight.T + layer.bias)[0]
     return out
 
 
@@ -60,63 +82,67 @@ def linear() -> nn.Linear:
 
 
 def test_mixed_states_match_reference_with_all_masked_and_all_unmasked_rows(linear):
-    weight_args, act_args = scheme_args("W4A4")
     gen = torch.Generator().manual_seed(1)
     mask = torch.tensor([[1, 0, 1, 1, 0, 0], [1] * 6, [0] * 6], dtype=torch.bool)
     tac = TACParams(
         matrices=torch.eye(16) + 0.1 * torch.randn(2, 16, 16, generator=gen),
         bias=0.1 * torch.randn(D, generator=gen),
     )
-    layer = StarQuantLinear.from_linear(
-        linear, _sgat(), weight_args, act_args, _state(mask), tac=tac
-    )
+    sgat = _sgat()
+    layer = _layer(linear, sgat, _state(mask), tac)
     x = torch.randn(3, 6, D, generator=gen)
-    torch.testing.assert_close(layer(x), _reference(x, mask, layer, tac), atol=1e-5, rtol=1e-5)
+    expected = _reference(x, mask, sgat, layer, tac)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    # The states matter: reading every token as unmasked changes the masked rows.
+    unmasked = _reference(x, torch.zeros_like(mask), sgat, layer, tac)
+    assert not torch.allclose(expected[1], unmasked[1], atol=1e-3)
 
 
 def test_from_linear_stores_the_quantized_transformed_weight(linear):
-    weight_args, act_args = scheme_args("W4A4")
+    weight_args, _ = scheme_args("W4A4")
     sgat = _sgat()
-    layer = StarQuantLinear.from_linear(linear, sgat, weight_args, act_args, MaskState())
+    layer = _layer(linear, sgat, MaskState())
     expected = fake_quantize_weight(
-        linear.weight.detach() @ sgat.transform_inv.T, weight_args, sgat.weight_clip
+        sgat.transformed_weight(linear.weight.detach()), weight_args, sgat.weight_clip
     )
+    assert not torch.allclose(expected, linear.weight.detach(), atol=1e-2)
     torch.testing.assert_close(layer.weight, expected)
 
 
 def test_flipped_position_is_regated_on_the_next_forward(linear):
-    weight_args, act_args = scheme_args("W4A4")
     mask = torch.ones(1, 4, dtype=torch.bool)
     state = _state(mask)
-    layer = StarQuantLinear.from_linear(linear, _sgat(), weight_args, act_args, state)
+    sgat = _sgat()
+    layer = _layer(linear, sgat, state)
     x = torch.randn(1, 4, D, generator=torch.Generator().manual_seed(2))
     before = layer(x)
     state.mask_state = torch.tensor([[True, False, True, True]])  # position 1 got decoded
     after = layer(x)
-    torch.testing.assert_close(after, _reference(x, state.mask_state, layer, None))
+    torch.testing.assert_close(after, _reference(x, state.mask_state, sgat, layer, None))
     assert not torch.allclose(before[0, 1], after[0, 1])
     torch.testing.assert_close(before[0, [0, 2, 3]], after[0, [0, 2, 3]])
 
 
-def test_identical_gate_rows_reduce_to_a_plain_transformed_linear(linear):
+def test_without_gating_reduces_to_a_plain_kronecker_transformed_linear(linear):
     weight_args, act_args = scheme_args("W4A8")
-    sgat = _sgat()
-    gates = torch.ones(2, D)
-    weight_q = fake_quantize_weight(linear.weight.detach() @ sgat.transform_inv.T, weight_args)
+    sgat = _sgat(k=0)
+    sgat.act_clip = torch.tensor([0.9, 0.9])
+    assert sgat.exclusive.shape == (D, 0)
+    weight_q = fake_quantize_weight(sgat.transformed_weight(linear.weight.detach()), weight_args)
     mask = torch.tensor([[1, 0, 1], [0, 0, 1]], dtype=torch.bool)
-    layer = StarQuantLinear(
-        weight_q, linear.bias, sgat.transform, gates, 0.9, act_args, _state(mask)
-    )
+    transform = StarQuantInputTransform(sgat, act_args, _state(mask))
+    assert transform.sgat_exclusive is None
+    layer = StarQuantLinear(weight_q, linear.bias, transform)
     x = torch.randn(2, 3, D, generator=torch.Generator().manual_seed(3))
-    plain = fake_quantize_activation(x @ sgat.transform, act_args, 0.9) @ weight_q.T
+    x_t = kronecker_apply(x * sgat.channel_scale, sgat.left, sgat.right)
+    plain = fake_quantize_activation(x_t, act_args, 0.9) @ weight_q.T
     torch.testing.assert_close(layer(x), plain + linear.bias, atol=1e-5, rtol=1e-5)
 
 
 def test_mask_state_hook_follows_input_ids_until_detached(linear):
-    weight_args, act_args = scheme_args("W4A4")
     embedding = nn.Embedding(16, D)
     state = attach_mask_state(embedding, MASK_ID)
-    layer = StarQuantLinear.from_linear(linear, _sgat(), weight_args, act_args, state)
+    layer = _layer(linear, _sgat(), state)
     input_ids = torch.tensor([[1, MASK_ID, 3], [MASK_ID, MASK_ID, MASK_ID]])
     out = layer(embedding(input_ids))
     assert torch.equal(state.mask_state, input_ids == MASK_ID)
@@ -129,9 +155,8 @@ def test_mask_state_hook_follows_input_ids_until_detached(linear):
 
 
 def test_mismatched_or_missing_mask_state_raises(linear):
-    weight_args, act_args = scheme_args("W4A4")
     state = MaskState()
-    layer = StarQuantLinear.from_linear(linear, _sgat(), weight_args, act_args, state)
+    layer = _layer(linear, _sgat(), state)
     with pytest.raises(RuntimeError, match="attach_mask_state"):
         layer(torch.randn(1, 3, D))
     state.mask_state = torch.zeros(1, 4, dtype=torch.bool)
@@ -141,11 +166,57 @@ def test_mismatched_or_missing_mask_state_raises(linear):
 
 def test_from_linear_checks_weight_clip_rows(linear):
     weight_args, act_args = scheme_args("W4A4")
-    sgat = _sgat()
-    sgat.weight_clip = torch.ones(OUT + 8)  # fitted on a concatenated [q; k] weight
+    sgat = _sgat(out=OUT + 8)  # fitted on a concatenated [q; k] weight
+    transform = StarQuantInputTransform(sgat, act_args, MaskState())
     with pytest.raises(ValueError, match="weight_clip_rows"):
-        StarQuantLinear.from_linear(linear, sgat, weight_args, act_args, MaskState())
+        StarQuantLinear.from_linear(linear, sgat, weight_args, transform)
     layer = StarQuantLinear.from_linear(
-        linear, sgat, weight_args, act_args, MaskState(), weight_clip_rows=slice(8, 8 + OUT)
+        linear, sgat, weight_args, transform, weight_clip_rows=slice(8, 8 + OUT)
     )
     assert layer.weight.shape == (OUT, D)
+    expected = fake_quantize_weight(
+        sgat.transformed_weight(linear.weight.detach()), weight_args, sgat.weight_clip[8:]
+    )
+    torch.testing.assert_close(layer.weight, expected)
+
+
+def test_shared_transform_is_stored_once_and_follows_dtype_casts():
+    torch.manual_seed(0)
+    q_linear, k_linear = nn.Linear(D, OUT), nn.Linear(D, OUT)
+    weight_args, act_args = scheme_args("W4A4")
+    mask = torch.tensor([[1, 0, 1], [0, 0, 1]], dtype=torch.bool)
+    sgat = _sgat(out=2 * OUT)
+    transform = StarQuantInputTransform(sgat, act_args, _state(mask))
+    q = StarQuantLinear.from_linear(
+        q_linear, sgat, weight_args, transform, weight_clip_rows=slice(0, OUT)
+    )
+    k = StarQuantLinear.from_linear(
+        k_linear,
+        sgat,
+        weight_args,
+        transform,
+        owns_transform=False,
+        weight_clip_rows=slice(OUT, 2 * OUT),
+    )
+    group = nn.ModuleDict({"q": q, "k": k})
+    x = torch.randn(2, 3, D, generator=torch.Generator().manual_seed(4))
+    y_fp32 = {name: layer(x) for name, layer in group.items()}
+    assert q.owns_transform and not k.owns_transform
+    assert q.transform is transform and k.transform is transform
+    keys = list(group.state_dict())
+    transform_keys = [key for key in keys if "sgat_" in key or "tac_" in key]
+    expected = [f"q.input_transform.{name}" for name in transform.state_dict()]
+    assert sorted(transform_keys) == sorted(expected)
+    assert "q.input_transform.sgat_left" in keys
+    assert not any(key.startswith("k.input_transform") for key in keys)
+
+    group.to(torch.bfloat16)
+    assert k.transform is transform
+    assert k.transform.sgat_left.dtype == torch.bfloat16
+    assert k.transform.sgat_exclusive.dtype == torch.bfloat16
+    for name, layer in group.items():
+        y = layer(x.to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16 and y.shape == (2, 3, OUT)
+        # bf16 buffers shift a few W4A4 codes (~5% here), but it is still the same layer.
+        error = (y.float() - y_fp32[name]).norm() / y_fp32[name].norm()
+        assert error < 0.2, (name, error)

@@ -1,4 +1,4 @@
-"""SGAT: gate layout, exactness on null-space data, fitting gains and determinism."""
+"""SGAT: drop layout, exactness on null-space data, fitting gains, factors and determinism."""
 
 import pytest
 import torch
@@ -7,17 +7,22 @@ from starquant_plugin.method.quantizers import (
     fake_quantize_activation,
     fake_quantize_weight,
     scheme_args,
+    search_weight_clip,
 )
 from starquant_plugin.method.sgat import (
     MASKED,
     UNMASKED,
+    dropped_directions,
     exactness_residual,
-    exclusive_basis,
+    exclusive_subspaces,
     fit_sgat,
-    state_gates,
+    static_sgat,
+    transform_input,
+    transform_weight,
 )
+from starquant_plugin.method.transforms import kronecker_factors
 
-D, D_EX, OUT, TOKENS = 64, 6, 48, 256
+D, K, OUT, TOKENS = 64, 6, 48, 256
 
 
 def _state_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,6 +46,10 @@ def _state_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return x_masked, x_unmasked, weight
 
 
+def _states(x: torch.Tensor, state: int) -> torch.Tensor:
+    return torch.full(x.shape[:1], state, dtype=torch.long)
+
+
 def _rtn_loss(x: torch.Tensor, weight: torch.Tensor) -> float:
     weight_args, act_args = scheme_args("W4A4")
     y = x @ weight.T
@@ -48,36 +57,56 @@ def _rtn_loss(x: torch.Tensor, weight: torch.Tensor) -> float:
     return ((y - y_q).norm() ** 2 / y.norm() ** 2).item()
 
 
-def test_gate_rows_keep_shared_plus_own_exclusive_block():
-    gates = state_gates(10, 2)
-    assert gates[UNMASKED].tolist() == [1] * 6 + [0, 0] + [1, 1]
-    assert gates[MASKED].tolist() == [1] * 6 + [1, 1] + [0, 0]
-    assert torch.equal(state_gates(10, 0), torch.ones(2, 10))
-    with pytest.raises(ValueError, match="d_ex"):
-        state_gates(10, 6)
+def test_dropped_directions_unmasked_drops_first_k_masked_last_k():
+    drop = dropped_directions(3)
+    assert drop.shape == (2, 6)
+    assert drop[UNMASKED].tolist() == [1, 1, 1, 0, 0, 0]
+    assert drop[MASKED].tolist() == [0, 0, 0, 1, 1, 1]
+    assert dropped_directions(0).shape == (2, 0)
+    eye = torch.eye(10)
+    with pytest.raises(ValueError, match="exclusive_fraction"):
+        exclusive_subspaces(eye, eye, 6)
 
 
-def test_exclusive_basis_is_exact_on_null_space_data():
+def test_exclusive_subspaces_are_orthonormal_and_exact_on_null_space_data():
     x_masked, x_unmasked, weight = _state_data()
     cov_m = x_masked.T.double() @ x_masked.double() / TOKENS
     cov_u = x_unmasked.T.double() @ x_unmasked.double() / TOKENS
-    t = exclusive_basis(cov_m, cov_u, D_EX, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(t.T @ t, torch.eye(D), atol=1e-5, rtol=0)
-    t_inv = torch.linalg.inv(t.double())
-    gates = state_gates(D, D_EX).double()
-    for state, x in ((MASKED, x_masked.double()), (UNMASKED, x_unmasked.double())):
-        gated = ((x @ t.double()) * gates[state]) @ t_inv  # float64: test exactness, not fp32
-        torch.testing.assert_close(
-            gated @ weight.T.double(), x @ weight.T.double(), atol=1e-5, rtol=0
-        )
-        assert exactness_residual(x, t, t_inv, gates[state]) < 1e-5
+    v = exclusive_subspaces(cov_m, cov_u, K)
+    assert v.shape == (D, 2 * K) and v.dtype == torch.float32
+    torch.testing.assert_close(v.T @ v, torch.eye(2 * K), atol=1e-5, rtol=0)
+    assert exactness_residual(x_masked, v, MASKED) < 1e-5
+    assert exactness_residual(x_unmasked, v, UNMASKED) < 1e-5
+    # Dropping the other state's directions is not exact: the check above can fail.
+    assert exactness_residual(x_masked, v, UNMASKED) > 0.1
+    assert exactness_residual(x_unmasked, v, MASKED) > 0.1
 
 
-def test_fit_reports_near_zero_residual_at_exact_initialisation():
+def test_transform_input_and_weight_reproduce_the_fp_linear_per_state():
+    x_masked, x_unmasked, weight = _state_data()
+    cov_m = x_masked.T.double() @ x_masked.double() / TOKENS
+    cov_u = x_unmasked.T.double() @ x_unmasked.double() / TOKENS
+    v = exclusive_subspaces(cov_m, cov_u, K)
+    gen = torch.Generator().manual_seed(1)
+    n1, n2 = kronecker_factors(D)
+    left = torch.eye(n1) + 0.3 * torch.randn(n1, n1, generator=gen)  # not orthogonal
+    right = torch.eye(n2) + 0.3 * torch.randn(n2, n2, generator=gen)
+    scale = 0.5 + torch.rand(D, generator=gen)
+    weight_t = transform_weight(weight, scale, left, right)
+    assert not torch.allclose(weight_t, weight, atol=1e-2)
+    for state, x in ((MASKED, x_masked), (UNMASKED, x_unmasked)):
+        x_s = transform_input(x, _states(x, state), v, scale, left, right)
+        torch.testing.assert_close(x_s @ weight_t.T, x @ weight.T, atol=1e-4, rtol=1e-5)
+        wrong = transform_input(x, _states(x, 1 - state), v, scale, left, right)
+        assert (wrong @ weight_t.T - x @ weight.T).abs().max() > 1.0
+
+
+def test_fit_reports_near_zero_residual_on_null_space_data():
     x_masked, x_unmasked, weight = _state_data()
     weight_args, act_args = scheme_args("W4A4")
-    result = fit_sgat(weight, x_masked, x_unmasked, weight_args, act_args, D_EX, epochs=0)
+    result = fit_sgat(weight, x_masked, x_unmasked, weight_args, act_args, K, epochs=0)
     assert result.residual_masked < 1e-5 and result.residual_unmasked < 1e-5
+    assert result.exclusive.shape == (D, 2 * K)
     assert len(result.loss_history) == 1
 
 
@@ -85,52 +114,84 @@ def test_fit_reduces_loss_and_beats_rtn_on_state_dependent_outliers():
     x_masked, x_unmasked, weight = _state_data()
     weight_args, act_args = scheme_args("W4A4")
     result = fit_sgat(
-        weight, x_masked, x_unmasked, weight_args, act_args, D_EX, epochs=10, batch_tokens=128
+        weight, x_masked, x_unmasked, weight_args, act_args, K, epochs=10, batch_tokens=128
     )
-    initial, fitted = result.loss_history[0], min(result.loss_history)
-    assert fitted < 0.6 * initial
-    rtn = _rtn_loss(x_masked, weight) + _rtn_loss(x_unmasked, weight)
-    assert fitted < 0.5 * rtn
-    # The reported loss is the loss of the returned parameters.
+    assert len(result.loss_history) == 11
+    assert result.loss_history[-1] < result.loss_history[0]
     weight_q = fake_quantize_weight(
         result.transformed_weight(weight), weight_args, result.weight_clip
     )
-    recomputed = 0.0
+    fitted = 0.0
     for state, x in ((MASKED, x_masked), (UNMASKED, x_unmasked)):
-        x_t = (x @ result.transform) * result.gates[state]
-        y_q = fake_quantize_activation(x_t, act_args, result.act_clip[state]) @ weight_q.T
+        x_s = result.transform_input(x, _states(x, state))
+        y_q = fake_quantize_activation(x_s, act_args, result.act_clip[state]) @ weight_q.T
         y = x @ weight.T
-        recomputed += ((y - y_q).norm() ** 2 / y.norm() ** 2).item()
-    assert recomputed == pytest.approx(fitted, rel=1e-3)
+        fitted += ((y - y_q).norm() ** 2 / y.norm() ** 2).item()
+    # The returned parameters are the best ones, and their loss is the reported one.
+    assert fitted == pytest.approx(min(result.loss_history), rel=1e-3)
+    rtn = _rtn_loss(x_masked, weight) + _rtn_loss(x_unmasked, weight)
+    assert fitted < 0.75 * rtn
 
 
-def test_no_gating_keeps_all_gates_and_one_shared_clip():
+def test_no_gating_gives_empty_exclusive_and_one_shared_clip():
     x_masked, x_unmasked, weight = _state_data()
     weight_args, act_args = scheme_args("W4A8")
-    result = fit_sgat(
-        weight, x_masked, x_unmasked, weight_args, act_args, D_EX, epochs=1, gate=False
-    )
-    assert torch.equal(result.gates, torch.ones(2, D))
+    result = fit_sgat(weight, x_masked, x_unmasked, weight_args, act_args, 0, epochs=2)
+    assert result.exclusive.shape == (D, 0)
+    assert result.act_clip.shape == (2,)
     assert result.act_clip[0] == result.act_clip[1]
-    assert result.residual_masked == pytest.approx(0.0, abs=1e-6)
+    assert result.residual_masked == 0.0 and result.residual_unmasked == 0.0
+
+
+def test_dense_factors_work_and_wrong_factors_raise():
+    x_masked, x_unmasked, weight = _state_data()
+    weight_args, act_args = scheme_args("W4A4")
+    args = (weight, x_masked, x_unmasked, weight_args, act_args, K)
+    dense = fit_sgat(*args, factors=(1, D), epochs=2, batch_tokens=128)
+    assert dense.left.shape == (1, 1) and dense.right.shape == (D, D)
+    assert all(torch.isfinite(torch.tensor(dense.loss_history)))
+    assert dense.transformed_weight(weight).shape == (OUT, D)
+    with pytest.raises(ValueError, match=r"factors \(4, 8\) for input dim 64"):
+        fit_sgat(*args, factors=(4, 8), epochs=0)
 
 
 def test_same_seed_gives_identical_fit_and_other_seed_differs():
     x_masked, x_unmasked, weight = _state_data()
     weight_args, act_args = scheme_args("W4A4")
-    args = (weight, x_masked, x_unmasked, weight_args, act_args, D_EX)
+    args = (weight, x_masked, x_unmasked, weight_args, act_args, K)
     first = fit_sgat(*args, epochs=2, batch_tokens=128, seed=3)
     second = fit_sgat(*args, epochs=2, batch_tokens=128, seed=3)
     other = fit_sgat(*args, epochs=2, batch_tokens=128, seed=4)
-    assert torch.equal(first.transform, second.transform)
-    assert torch.equal(first.act_clip, second.act_clip)
-    assert torch.equal(first.weight_clip, second.weight_clip)
+    for name in ("exclusive", "left", "right", "channel_scale", "act_clip", "weight_clip"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
     assert first.loss_history == second.loss_history
-    assert not torch.equal(first.transform, other.transform)
+    assert not torch.equal(first.left, other.left)
+    assert not torch.equal(first.right, other.right)
 
 
 def test_fit_rejects_mismatched_token_dims():
     _, x_unmasked, weight = _state_data()
     weight_args, act_args = scheme_args("W4A4")
     with pytest.raises(ValueError, match="x_masked"):
-        fit_sgat(weight, torch.randn(8, D + 1), x_unmasked, weight_args, act_args, D_EX)
+        fit_sgat(weight, torch.randn(8, D + 1), x_unmasked, weight_args, act_args, K)
+
+
+def test_static_identity_keeps_the_weight_and_rotation_is_orthogonal():
+    x_masked, _, weight = _state_data()
+    weight_args, _ = scheme_args("W4A4")
+    identity = static_sgat(weight, weight_args)
+    assert identity.exclusive.shape == (D, 0)
+    torch.testing.assert_close(identity.transformed_weight(weight), weight, atol=0, rtol=0)
+    torch.testing.assert_close(identity.weight_clip, search_weight_clip(weight, weight_args))
+    rotated = static_sgat(
+        weight, weight_args, rotate=True, generator=torch.Generator().manual_seed(0)
+    )
+    n1, n2 = kronecker_factors(D)
+    assert rotated.left.shape == (n1, n1) and rotated.right.shape == (n2, n2)
+    torch.testing.assert_close(rotated.left @ rotated.left.T, torch.eye(n1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rotated.right @ rotated.right.T, torch.eye(n2), atol=1e-6, rtol=0)
+    assert not torch.allclose(rotated.transformed_weight(weight), weight, atol=1e-2)
+    x_s = rotated.transform_input(x_masked, _states(x_masked, MASKED))
+    torch.testing.assert_close(
+        x_s @ rotated.transformed_weight(weight).T, x_masked @ weight.T, atol=1e-4, rtol=1e-5
+    )
