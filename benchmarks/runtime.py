@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -24,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-STAR_MODULE = ".input_transform."  # every STaR tensor lives under a group's input transform
+from starquant_plugin.integrations.format import bytes_by_part, checkpoint_tensor_bytes
+
 BF16_BYTES = 2
 
 
@@ -34,42 +33,14 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _is_block_key(key: str) -> bool:
-    return re.search(r"\.(blocks|layers)\.\d+\.", key) is not None
-
-
-def disk_bytes(path: Path) -> dict[str, int]:
+def disk_bytes(path: Path, block_pattern: str) -> dict[str, int]:
     """Bytes of the tensors in ``path``'s shards: whole model, block tensors, STaR tensors."""
-    sizes = {"whole": 0, "blocks": 0, "star": 0, "files": 0}
-    for shard in sorted(path.glob("*.safetensors")):
-        sizes["files"] += shard.stat().st_size
-        with safe_open(str(shard), framework="pt") as handle:
-            for key in handle.keys():
-                tensor_slice = handle.get_slice(key)
-                numel = 1
-                for dim in tensor_slice.get_shape():
-                    numel *= dim
-                dtype = tensor_slice.get_dtype()
-                nbytes = numel * {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8,
-                                  "I8": 1, "U8": 1, "BOOL": 1}[dtype]
-                _count(sizes, key, nbytes)
-    return sizes
+    return bytes_by_part(checkpoint_tensor_bytes(path), block_pattern)
 
 
-def _count(sizes: dict[str, int], key: str, nbytes: int) -> None:
-    """Add a tensor's bytes to the whole model, the block weights and the STaR tensors."""
-    sizes["whole"] += nbytes
-    if _is_block_key(key) and "norm" not in key:
-        sizes["blocks"] += nbytes
-        if STAR_MODULE in key:
-            sizes["star"] += nbytes
-
-
-def memory_bytes(model: torch.nn.Module) -> dict[str, int]:
-    sizes = {"whole": 0, "blocks": 0, "star": 0}
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        _count(sizes, key, tensor.numel() * tensor.element_size())
-    return sizes
+def memory_bytes(model: torch.nn.Module, block_pattern: str) -> dict[str, int]:
+    return bytes_by_part({k: t.numel() * t.element_size() for k, t in
+                          model.state_dict(keep_vars=True).items()}, block_pattern)
 
 
 def _latency_ms(run, repeats: int = 10) -> float:
@@ -87,13 +58,14 @@ def measure_checkpoint(path: str, seq: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     import starquant_plugin  # noqa: F401  (registers the quantizer)
+    from starquant_plugin.models.families import family_of
 
     base_rss = _rss_mib()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     ids = torch.randint(3, 100, (1, seq), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         latency = _latency_ms(lambda: model(ids))
-    return {"memory": memory_bytes(model), "latency_ms": latency,
+    return {"memory": memory_bytes(model, family_of(model).block_pattern), "latency_ms": latency,
             "peak_rss_mib": _rss_mib(), "peak_rss_over_imports_mib": _rss_mib() - base_rss}
 
 
@@ -150,13 +122,7 @@ def measure_synthetic(scheme: str, seq: int, d: int = 4096, d_mlp: int = 12288) 
             del weight
             layers[name] = layer
     block = torch.nn.ModuleDict(layers)
-    sizes = {"whole": 0, "blocks": 0, "star": 0}
-    for key, tensor in block.state_dict().items():
-        nbytes = tensor.numel() * tensor.element_size()
-        sizes["whole"] += nbytes
-        sizes["blocks"] += nbytes
-        if STAR_MODULE.lstrip(".") in key:
-            sizes["star"] += nbytes
+    sizes = memory_bytes(block, block_pattern="")  # every tensor is a block tensor
     x = torch.randn(1, seq, d, generator=generator)
     h = torch.randn(1, seq, d_mlp, generator=generator)
 
@@ -187,26 +153,13 @@ def _calibration_rows(vocab: int, mask_id: int, n: int = 16, seq: int = 64) -> t
     return rows.masked_fill(torch.rand(rows.shape, generator=generator) < 0.5, mask_id)
 
 
-def bf16_bytes(path: Path) -> dict[str, int]:
-    """The original checkpoint's tensor bytes if stored in bf16."""
-    sizes = {"whole": 0, "blocks": 0, "star": 0}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for key in handle.keys():
-                numel = 1
-                for dim in handle.get_slice(key).get_shape():
-                    numel *= dim
-                sizes["whole"] += numel * BF16_BYTES
-                if _is_block_key(key) and "norm" not in key:
-                    sizes["blocks"] += numel * BF16_BYTES
-    return sizes
-
-
 def run_all(out: Path, seq: int, schemes: tuple[str, ...], work_dir: Path) -> dict:
+    from transformers import AutoConfig
+
     from starquant_plugin.assets import TINY_MODELS
     from starquant_plugin.config import StarQuantArgs
     from starquant_plugin.integrations.format import save_starquant
-    from starquant_plugin.models.families import mask_token_id
+    from starquant_plugin.models.families import family_of, mask_token_id
     from starquant_plugin.models.loading import load_dllm
     from starquant_plugin.pipeline import quantize_dllm
 
@@ -214,9 +167,10 @@ def run_all(out: Path, seq: int, schemes: tuple[str, ...], work_dir: Path) -> di
     for family, original in TINY_MODELS.items():
         if not (original / "config.json").is_file():
             continue
-        reference = bf16_bytes(original)
-        rows = {"FP": {"disk": disk_bytes(original), **_subprocess("--measure", str(original),
-                                                                    "--seq", str(seq))}}
+        pattern = family_of(AutoConfig.from_pretrained(original)).block_pattern
+        reference = disk_bytes(original, pattern)  # the bundled checkpoints are bf16
+        rows = {"FP": {"disk": reference, **_subprocess("--measure", str(original),
+                                                        "--seq", str(seq))}}
         for scheme in schemes:
             model, tokenizer = load_dllm(original, dtype=torch.bfloat16)  # as shipped
             args = StarQuantArgs(scheme=scheme, epochs=1)
@@ -225,7 +179,7 @@ def run_all(out: Path, seq: int, schemes: tuple[str, ...], work_dir: Path) -> di
             path = save_starquant(model, work_dir / f"{family}-{scheme}", args=args,
                                   tokenizer=tokenizer, overwrite=True)
             del model
-            rows[scheme] = {"disk": disk_bytes(path),
+            rows[scheme] = {"disk": disk_bytes(path, pattern),
                             **_subprocess("--measure", str(path), "--seq", str(seq))}
         for row in rows.values():
             for where in ("disk", "memory"):

@@ -1,17 +1,21 @@
 """``starquant`` command line.
 
 ``starquant demo`` is the main job: quantize the bundled tiny LLaDA with the W4A4 recipe through
-llm-compressor's ``oneshot``, and print FP vs RTN vs STaR-Quant quality side by side.
+llm-compressor's ``oneshot``, save each result with ``save_starquant``, and print FP vs RTN vs
+STaR-Quant quality and checkpoint size side by side.
 """
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from starquant_plugin.assets import TINY_LLADA, calibration_text, evaluation_text
 from starquant_plugin.config import METHODS
 from starquant_plugin.models.evaluation import MASK_RATIOS, quality_summary, text_rows
+from starquant_plugin.models.families import family_of
 from starquant_plugin.models.loading import load_dllm
 
 DEMO_PROMPT = "The history of the city"
@@ -29,6 +33,11 @@ def _oneshot(model, dataset, recipe, num_samples: int) -> float:
 def demo(args: argparse.Namespace) -> None:
     """FP vs RTN vs STaR-Quant (recipe ``recipes/llada_<scheme>.yaml``) on the tiny LLaDA."""
     from starquant_plugin.integrations.calibration_dataset import dllm_calibration_dataset
+    from starquant_plugin.integrations.format import (
+        bytes_by_part,
+        checkpoint_tensor_bytes,
+        save_starquant,
+    )
     from starquant_plugin.integrations.llmcompressor import (
         STaRQuantModifier,
         bundled_recipe,
@@ -46,14 +55,20 @@ def demo(args: argparse.Namespace) -> None:
     # Built once from the FP model (its sampler records the trajectory states) for both runs.
     dataset = dllm_calibration_dataset(fp_model, tokenizer, [calibration_text()],
                                        num_samples=args.samples)
+    pattern = family_of(fp_model).block_pattern
     models = {"FP": (fp_model, 0.0)}
-    for name, recipe in (
-        ("RTN", STaRQuantModifier(scheme=args.scheme, **METHODS["rtn"])),
-        ("STaR-Quant", load_starquant_recipe(recipe_path)),
-    ):
-        model, _ = load_dllm(TINY_LLADA)
-        print(f"quantizing: {name} ...", flush=True)
-        models[name] = (model, _oneshot(model, dataset, recipe, args.samples))
+    sizes = {"FP": bytes_by_part(checkpoint_tensor_bytes(TINY_LLADA), pattern)}
+    with tempfile.TemporaryDirectory(prefix="starquant-demo-") as work_dir:
+        for name, recipe in (
+            ("RTN", STaRQuantModifier(scheme=args.scheme, **METHODS["rtn"])),
+            ("STaR-Quant", load_starquant_recipe(recipe_path)),
+        ):
+            model, _ = load_dllm(TINY_LLADA, dtype=torch.bfloat16)  # as shipped
+            print(f"quantizing: {name} ...", flush=True)
+            seconds = _oneshot(model, dataset, recipe, args.samples)
+            path = save_starquant(model, Path(work_dir) / name)
+            sizes[name] = bytes_by_part(checkpoint_tensor_bytes(path), pattern)
+            models[name] = (model.float(), seconds)  # exact upcast; scored like FP
     columns = [*(f"ce@{t}" for t in MASK_RATIOS), *(f"acc@{t}" for t in MASK_RATIOS), "elbo",
                "gen_agreement"]
     print(f"\n| model | {' | '.join(columns)} | oneshot s |")
@@ -65,6 +80,13 @@ def demo(args: argparse.Namespace) -> None:
     print("\nce: masked-token cross-entropy (nats) at mask ratio t; acc: its accuracy; elbo: "
           "Monte-Carlo ELBO per token of held-out continuations; gen_agreement: share of "
           "greedy-generated tokens equal to FP's.")
+    print("\n| checkpoint | whole MiB | block MiB | blocks vs bf16 | STaR tensors MiB |")
+    print("|---|---|---|---|---|")
+    for name, size in sizes.items():
+        print(f"| {name} | {size['whole'] / 2**20:.2f} | {size['blocks'] / 2**20:.2f} | "
+              f"{size['blocks'] / sizes['FP']['blocks']:.3f}x | {size['star'] / 2**20:.3f} |")
+    print("FP is the bundled bf16 checkpoint; the quantized ones are written by save_starquant "
+          "(int codes + bf16 scales and STaR tensors; embeddings and LM head stay bf16).")
     prompt_ids = tokenizer(DEMO_PROMPT, return_tensors="pt")["input_ids"]
     for name, (model, _) in models.items():
         generated = greedy_generate(model, prompt_ids)[0, prompt_ids.shape[1]:]

@@ -106,6 +106,7 @@ def quantize_linear_group(
     else:
         sgat = _static_transform(args, weight, x.reshape(-1, d), generator)
     dtype = linears[0].weight.dtype  # STaR tensors and scales are stored in the model's dtype
+    sgat = sgat.rounded_to(dtype)
     input_transform = StarQuantInputTransform(sgat, act_args, shared_state, tac, dtype)
     hessian = None
     if args.weight_quantizer == "gptq":
@@ -234,7 +235,8 @@ def quantize_block(
                                   shared_state)
             z_quant = _capture_input(block, family.attention_output, q_inputs, states,
                                      shared_state)
-            tac = fit_attention_tac(z_fp, z_quant, args)
+            dtype = block.get_submodule(group[0]).weight.dtype
+            tac = fit_attention_tac(z_fp, z_quant, args).rounded_to(dtype)
         linears = [block.get_submodule(name) for name in group]
         with torch.enable_grad():
             x = _capture_input(block, group[0], q_inputs, states, shared_state)

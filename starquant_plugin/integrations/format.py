@@ -23,7 +23,9 @@ for ``int-quantized``), and per input group the STaR tensors of ``STAR_TENSORS``
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -399,6 +401,34 @@ def check_checkpoint(path: str | os.PathLike) -> None:
                          "checkpoint is incomplete. Re-save it with save_starquant.")
     groups = quantization_config["starquant"]["input_groups"]
     check_missing(expected_tensors(groups, quantization_config["format"]), keys, str(path))
+
+
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2,
+                      "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def checkpoint_tensor_bytes(path: str | os.PathLike) -> dict[str, int]:
+    """``{tensor name: bytes}`` of a checkpoint's shards, from the safetensors headers."""
+    sizes = {}
+    for file in shard_files(path):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_slice(key)
+                sizes[key] = math.prod(tensor.get_shape()) * _SAFETENSORS_BYTES[tensor.get_dtype()]
+    return sizes
+
+
+def bytes_by_part(sizes: dict[str, int], block_pattern: str) -> dict[str, int]:
+    """Sum ``{tensor name: bytes}`` into ``whole`` (everything), ``blocks`` (transformer-block
+    tensors matching ``block_pattern``, norms excluded: the quantized part) and ``star`` (the
+    STaR tensors among them)."""
+    parts = {"whole": 0, "blocks": 0, "star": 0}
+    for name, nbytes in sizes.items():
+        parts["whole"] += nbytes
+        if re.match(block_pattern, name) and "norm" not in name:
+            parts["blocks"] += nbytes
+            parts["star"] += nbytes if f".{TRANSFORM}." in name else 0
+    return parts
 
 
 def recipe_text(path: str | os.PathLike) -> str | None:

@@ -97,8 +97,9 @@ def build_model_card(path: str | os.PathLike, repo_id: str,
 {block['family']} diffusion LM quantized to **{args['scheme']}** with STaR-Quant
 (state-gated activation transforms + temporal attention compensation), base model
 `{base_model or 'unknown'}`. Weights are stored in compressed-tensors'
-`{quantization_config['format']}` layout; the STaR tensors (`sgat_*`, `tac_*`) sit beside them
-and are described by the `starquant` block (version {block['version']}) of `config.json`.
+`{quantization_config['format']}` layout; the STaR tensors (`sgat_*`, `tac_*`) of each group of
+linears that share an input sit under its first linear's `input_transform.` and are described
+by the `starquant` block (version {block['version']}) of `config.json`.
 K/V cache bits: {block['kv_bits']}.
 
 ## Quality
@@ -121,14 +122,8 @@ model = AutoModelForCausalLM.from_pretrained("{repo_id}")
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 ```
 
-vLLM (with `pip install starquant-plugin[serve]` the plugin registers itself through vLLM's
-`vllm.general_plugins` entry point):
-
-```python
-from vllm import LLM
-
-llm = LLM("{repo_id}", runner="pooling", enforce_eager=True)
-```
+vLLM: not yet. starquant does not register a vLLM quantization method for `starquant`
+checkpoints today, and vLLM refuses a `quant_method` it does not know.
 
 A loader without the plugin does not know `quant_method: starquant`; plain transformers then
 only warns and loads the float skeleton with uninitialised quantized layers, so always

@@ -27,7 +27,7 @@ weights concatenated along the output dim, ``[sum out, d]``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs
@@ -155,6 +155,12 @@ class SGATResult:
     residual_masked: float = 0.0
     residual_unmasked: float = 0.0
     loss_history: list[float] = field(default_factory=list)
+
+    def rounded_to(self, dtype: torch.dtype) -> SGATResult:
+        """The transform a checkpoint in ``dtype`` holds (float32 tensors): quantize the weight
+        with this one, so ``W M^{-T}`` inverts exactly the ``M`` inference applies."""
+        return replace(self, **{name: getattr(self, name).to(dtype).float() for name in
+                                ("exclusive", "channel_scale", "left", "right", "act_clip")})
 
     def transform_input(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """``x_s`` for ``x: [..., d]`` with per-token ``state: [...]`` (before ``Q_a``)."""

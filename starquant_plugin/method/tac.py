@@ -32,6 +32,11 @@ class TACParams:
     def group_size(self) -> int:
         return self.matrices.shape[-1]
 
+    def rounded_to(self, dtype: torch.dtype) -> TACParams:
+        """The values a checkpoint in ``dtype`` holds (float32 tensors), so calibration
+        continues with exactly what inference will apply."""
+        return TACParams(self.matrices.to(dtype).float(), self.bias.to(dtype).float())
+
 
 def _blocks(z: torch.Tensor, group_size: int) -> torch.Tensor:
     """``z: [N, d]`` -> ``[d / g, N, g]`` in float64."""

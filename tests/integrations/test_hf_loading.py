@@ -5,14 +5,12 @@ for each kind of broken checkpoint."""
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
@@ -20,7 +18,11 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 import starquant_plugin
 from starquant_plugin.assets import TINY_DREAM, TINY_LLADA
 from starquant_plugin.config import StarQuantArgs
-from starquant_plugin.integrations.format import save_starquant
+from starquant_plugin.integrations.format import (
+    bytes_by_part,
+    checkpoint_tensor_bytes,
+    save_starquant,
+)
 from starquant_plugin.integrations.hf_quantizer import StarQuantHfQuantizer, register_hf_quantizer
 from starquant_plugin.method import StarQuantLinear
 from starquant_plugin.models.families import FAMILIES, mask_token_id
@@ -61,16 +63,8 @@ BUNDLED = {"llada": TINY_LLADA, "dream": TINY_DREAM}
 
 
 def _block_bytes(path: Path, family: str) -> int:
-    """Bytes of the transformer-block tensors (norms excluded) in a checkpoint's shards."""
     pattern = {f.name: f for f in FAMILIES.values()}[family].block_pattern
-    total = 0
-    for shard in path.glob("*.safetensors"):
-        with safe_open(str(shard), framework="pt") as handle:
-            for key in handle.keys():
-                if re.match(pattern, key) and "norm" not in key:
-                    tensor = handle.get_tensor(key)
-                    total += tensor.numel() * tensor.element_size()
-    return total
+    return bytes_by_part(checkpoint_tensor_bytes(path), pattern)["blocks"]
 
 
 def _expected(model, family: str, path: Path) -> Path:
