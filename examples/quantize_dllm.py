@@ -2,15 +2,17 @@
 
     python examples/quantize_dllm.py                       # bundled tiny LLaDA, W4A4 recipe
     python examples/quantize_dllm.py --model GSAI-ML/LLaDA-8B-Base \
-        --recipe recipes/llada_w4a4.yaml --num-samples 128 --seq-len 256
+        --recipe recipes/llada_w4a4.yaml --num-samples 128 --seq-len 256 --out llada-w4a4
     python examples/quantize_dllm.py --model Dream-org/Dream-v0-Base-7B \
         --recipe recipes/dream_w4a8.yaml --num-samples 128 --seq-len 256
 
-The real checkpoints (LLaDA-8B, Dream-7B) need the Hub and ~32 GB of memory in fp32; calibrate
+The real checkpoints (LLaDA-8B, Dream-7B) need the Hub and ~16 GB of memory in bf16; calibrate
 them on more and longer rows (the paper uses WinoGrande, see ``dllm_calibration_dataset``).
-Without ``--recipe`` the W4A4 recipe of the model's family is used. The script prints
-masked-token cross-entropy on held-out text before and after; saving the quantized checkpoint
-is the format integration's job.
+Without ``--recipe`` the W4A4 recipe of the model's family is used. The model is loaded in
+``--dtype`` (bf16 by default, the hub checkpoints' dtype), in which the checkpoint stores its
+scales and STaR tensors. The script prints masked-token cross-entropy on held-out text before
+and after, and with ``--out`` writes the checkpoint (``save_starquant``: atomic, refuses a
+directory that already holds files).
 """
 
 import argparse
@@ -21,6 +23,7 @@ from llmcompressor import oneshot
 
 from starquant_plugin.assets import TINY_LLADA, calibration_text, evaluation_text
 from starquant_plugin.integrations.calibration_dataset import dllm_calibration_dataset
+from starquant_plugin.integrations.format import save_starquant
 from starquant_plugin.integrations.llmcompressor import (
     STaRQuantModifier,
     bundled_recipe,
@@ -38,10 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=32, help="calibration rows")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per row")
     parser.add_argument("--epochs", type=int, help="override the recipe's SGAT epochs")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--out", help="write the quantized checkpoint to this new directory")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    model, tokenizer = load_dllm(args.model)
+    model, tokenizer = load_dllm(args.model, dtype=getattr(torch, args.dtype))
     family = family_of(model)
     recipe = load_starquant_recipe(args.recipe or bundled_recipe(family.name))
     if args.epochs is not None:
@@ -62,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     for ratio in before:
         print(f"masked CE at t={ratio}: FP {before[ratio]['ce']:.3f} -> "
               f"quantized {after[ratio]['ce']:.3f} nats/token")
+    if args.out:
+        print(f"saved {save_starquant(model, args.out, tokenizer=tokenizer, recipe=recipe)}")
 
 
 if __name__ == "__main__":

@@ -194,13 +194,13 @@ class StarQuantInputTransform(nn.Module):
         n1, n2 = factors
         if n1 * n2 != d or not 0 <= 2 * k <= d:
             raise ValueError(
-                f"Got factors {factors} and exclusive width {k} for input dim {d}; the "
-                "checkpoint's starquant.args do not fit this model."
+                f"Got factors {factors} and exclusive width {k} for input dim {d}; this "
+                "entry of the checkpoint's starquant.input_groups is inconsistent."
             )
         if tac_group_size is not None and d % tac_group_size:
             raise ValueError(
-                f"TAC group size {tac_group_size} does not divide the input dim {d}; the "
-                "checkpoint's starquant.args.tac_group_size is wrong."
+                f"TAC group size {tac_group_size} does not divide the input dim {d}; this "
+                "entry of the checkpoint's starquant.input_groups is inconsistent."
             )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)

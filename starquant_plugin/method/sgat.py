@@ -174,8 +174,12 @@ class SGATResult:
 
 
 def static_sgat(
-    weight: torch.Tensor, weight_args: QuantizationArgs, *, channel_scale: torch.Tensor | None
-    = None, factors: tuple[int, int] | None = None, rotate: bool = False,
+    weight: torch.Tensor,
+    weight_args: QuantizationArgs,
+    *,
+    channel_scale: torch.Tensor | None = None,
+    factors: tuple[int, int] | None = None,
+    rotate: bool = False,
     generator: torch.Generator | None = None,
 ) -> SGATResult:
     """A fixed (not fitted), ungated transform for the baselines: ``M = diag(c) (L (x) R)``
