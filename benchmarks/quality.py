@@ -89,18 +89,20 @@ def main() -> None:
                 if method == "fp" and scheme != args.schemes[0]:
                     continue
                 model, _ = load_dllm(path, dtype=getattr(torch, args.dtype))
-                seconds, peak = 0.0, 0
+                seconds, peak, residuals = 0.0, 0, {}
                 if method != "fp":
                     start = time.time()
                     with PeakMemory() as memory:
-                        quantize_dllm(model, calibration, method_args(
+                        report = quantize_dllm(model, calibration, method_args(
                             method, scheme=scheme, seed=args.seed, epochs=args.epochs,
                             **overrides), progress=False)
                     seconds, peak = time.time() - start, memory.peak
+                    residuals = {f"max_{key}": max(g[key] for g in report.groups.values())
+                                 for key in ("residual_masked", "residual_unmasked")}
                 model.float()  # exact upcast of the stored tensors
                 row = {"model": str(path), "scheme": "FP" if method == "fp" else scheme,
                        "method": method, "overrides": overrides, "dtype": args.dtype,
-                       "calib_seconds": seconds, "calib_peak_mb": peak / 2**20}
+                       "calib_seconds": seconds, "calib_peak_mb": peak / 2**20, **residuals}
                 row |= quality_summary(model, fp_model, rows, prompts, args.elbo_rows,
                                        args.mc_num, args.seed)
                 results.append(row)
