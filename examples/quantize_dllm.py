@@ -23,7 +23,7 @@ from llmcompressor import oneshot
 
 from starquant_plugin.assets import TINY_LLADA, calibration_text, evaluation_text
 from starquant_plugin.integrations.calibration_dataset import dllm_calibration_dataset
-from starquant_plugin.integrations.format import save_starquant
+from starquant_plugin.integrations.format import check_output_dir, save_starquant
 from starquant_plugin.integrations.llmcompressor import (
     STaRQuantModifier,
     bundled_recipe,
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--out", help="write the quantized checkpoint to this new directory")
     args = parser.parse_args(argv)
+    if args.out:
+        check_output_dir(args.out)  # refuse before calibrating, not after
 
     torch.manual_seed(0)
     model, tokenizer = load_dllm(args.model, dtype=getattr(torch, args.dtype))

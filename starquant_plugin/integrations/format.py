@@ -207,6 +207,21 @@ def _write_recipe(recipe: str | os.PathLike | Any, path: Path) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an ``out_dir`` that ``save_starquant`` would refuse, e.g. before a long
+    calibration: a file, or a directory that holds files (unless ``overwrite``)."""
+    out_dir = Path(out_dir)
+    if _holds_files(out_dir) and not overwrite:
+        what = "a model" if any((out_dir / f).exists() for f in MODEL_FILES) else "files"
+        raise FileExistsError(
+            f"{out_dir} already holds {what}; nothing was written. Pass overwrite=True to "
+            "replace it, or choose an empty or new directory."
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file; pass a directory path to save into.")
+    return out_dir
+
+
 def save_starquant(
     model: PreTrainedModel,
     out_dir: str | os.PathLike,
@@ -224,15 +239,7 @@ def save_starquant(
     ``out_dir`` as it was. ``args`` defaults to the ones recorded on ``model.config``.
     An ``out_dir`` that is not empty is refused unless ``overwrite=True``.
     """
-    out_dir = Path(out_dir)
-    if _holds_files(out_dir) and not overwrite:
-        what = "a model" if any((out_dir / f).exists() for f in MODEL_FILES) else "files"
-        raise FileExistsError(
-            f"{out_dir} already holds {what}; nothing was written. Pass overwrite=True to "
-            "replace it, or choose an empty or new directory."
-        )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir} is a file; pass a directory path to save into.")
+    out_dir = check_output_dir(out_dir, overwrite)
     args = args or args_of(model)
     if args is None:
         raise ValueError(
