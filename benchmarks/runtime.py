@@ -24,7 +24,11 @@ from pathlib import Path
 
 import torch
 
-from starquant_plugin.integrations.format import bytes_by_part, checkpoint_tensor_bytes
+from starquant_plugin.integrations.format import (
+    bytes_by_part,
+    checkpoint_tensor_bytes,
+    module_tensor_bytes,
+)
 
 BF16_BYTES = 2
 
@@ -39,8 +43,7 @@ def disk_bytes(path: Path, block_pattern: str) -> dict[str, int]:
 
 
 def memory_bytes(model: torch.nn.Module, block_pattern: str) -> dict[str, int]:
-    return bytes_by_part({k: t.numel() * t.element_size() for k, t in
-                          model.state_dict(keep_vars=True).items()}, block_pattern)
+    return bytes_by_part(module_tensor_bytes(model), block_pattern)
 
 
 def _latency_ms(run, repeats: int = 10) -> float:

@@ -425,6 +425,11 @@ def checkpoint_tensor_bytes(path: str | os.PathLike) -> dict[str, int]:
     return sizes
 
 
+def module_tensor_bytes(module: nn.Module) -> dict[str, int]:
+    """``{tensor name: bytes}`` of a module's state dict, as a checkpoint of it would hold."""
+    return {name: t.numel() * t.element_size() for name, t in module.state_dict().items()}
+
+
 def bytes_by_part(sizes: dict[str, int], block_pattern: str) -> dict[str, int]:
     """Sum ``{tensor name: bytes}`` into ``whole`` (everything), ``blocks`` (transformer-block
     tensors matching ``block_pattern``, norms excluded: the quantized part) and ``star`` (the

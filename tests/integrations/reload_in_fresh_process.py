@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import starquant_plugin  # noqa: F401  (registers the starquant quantizer)
-from starquant_plugin.integrations.format import bytes_by_part
+from starquant_plugin.integrations.format import bytes_by_part, module_tensor_bytes
 from starquant_plugin.method import StarQuantLinear
 from starquant_plugin.models.families import family_of
 from starquant_plugin.models.sampling import dream_generate, llada_generate
@@ -34,11 +34,11 @@ def check(entry: dict) -> dict:
         logits = model(expected["ids"]).logits
     sample, kwargs = SAMPLERS[family.name]
     sequences = sample(model, expected["prompt"], steps=4, gen_length=8, **kwargs).sequences
-    sizes = {k: t.numel() * t.element_size() for k, t in model.state_dict().items()}
     return {"max_abs_logit_diff": (logits.float() - expected["logits"].float()).abs().max().item(),
             "same_generation": torch.equal(sequences, expected["sequences"]),
             "quantized_linears": sum(isinstance(m, StarQuantLinear) for m in model.modules()),
-            "block_bytes": bytes_by_part(sizes, family.block_pattern)["blocks"]}
+            "block_bytes": bytes_by_part(module_tensor_bytes(model),
+                                         family.block_pattern)["blocks"]}
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
 import starquant_plugin
@@ -25,7 +25,7 @@ from starquant_plugin.integrations.format import (
 )
 from starquant_plugin.integrations.hf_quantizer import StarQuantHfQuantizer, register_hf_quantizer
 from starquant_plugin.method import StarQuantLinear
-from starquant_plugin.models.families import FAMILIES, mask_token_id
+from starquant_plugin.models.families import family_of, mask_token_id
 from starquant_plugin.models.loading import load_dllm
 from starquant_plugin.models.sampling import dream_generate, llada_generate
 from starquant_plugin.pipeline import quantize_dllm
@@ -62,8 +62,8 @@ SCHEMES = ("W4A4", "W4A8", "W8A8")
 BUNDLED = {"llada": TINY_LLADA, "dream": TINY_DREAM}
 
 
-def _block_bytes(path: Path, family: str) -> int:
-    pattern = {f.name: f for f in FAMILIES.values()}[family].block_pattern
+def _block_bytes(path: Path) -> int:
+    pattern = family_of(AutoConfig.from_pretrained(path)).block_pattern
     return bytes_by_part(checkpoint_tensor_bytes(path), pattern)["blocks"]
 
 
@@ -132,8 +132,8 @@ def test_w4a4_block_weights_take_at_most_0_3x_bf16_on_disk_and_in_memory(fresh_r
     """Issue target on the trained tiny models (d 256): int4 codes, bf16 scales and the
     structured STaR tensors together stay within 0.3x the bf16 block weights."""
     outcome = fresh_reloads[(family, "bundled W4A4 bf16")]
-    original = _block_bytes(BUNDLED[family], family)
-    assert _block_bytes(outcome["checkpoint"], family) <= 0.3 * original
+    original = _block_bytes(BUNDLED[family])
+    assert _block_bytes(outcome["checkpoint"]) <= 0.3 * original
     assert outcome["block_bytes"] <= 0.3 * original
 
 
