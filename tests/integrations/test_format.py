@@ -19,9 +19,9 @@ from starquant_plugin.config import StarQuantArgs
 from starquant_plugin.integrations.format import (
     attach_quantization_config,
     read_quantization_config,
-    save_starquant,
     validate_config,
 )
+from starquant_plugin.integrations.saving import save_starquant
 from starquant_plugin.method import (
     StarQuantInputTransform,
     StarQuantLinear,
@@ -148,7 +148,7 @@ def test_config_has_explicit_format_groups_ignore_and_versioned_block(saved):
     assert set(block["tensors"]) >= {"sgat_exclusive", "sgat_left", "sgat_right",
                                      "sgat_channel_scale", "sgat_act_clip", "tac_matrices",
                                      "tac_bias"}
-    assert validate_config(config)[0] == args
+    assert validate_config(config)[0].args == args
     assert (path / "recipe.yaml").read_text().startswith("stage:")
     with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
