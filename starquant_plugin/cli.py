@@ -48,7 +48,7 @@ def demo(args: argparse.Namespace) -> None:
     prompts = rows[:4, :16]
     recipe_path = bundled_recipe("llada", args.scheme)
     print(f"tiny LLaDA ({sum(p.numel() for p in fp_model.parameters()) / 1e6:.1f} M params), "
-          f"{args.scheme}, recipe {recipe_path.name}, {args.samples} calibration rows")
+          f"{args.scheme}, recipe {Path(recipe_path).name}, {args.samples} calibration rows")
     # Built once from the FP model (its sampler records the trajectory states) for both runs.
     dataset = dllm_calibration_dataset(fp_model, tokenizer, [calibration_text()],
                                        num_samples=args.samples)

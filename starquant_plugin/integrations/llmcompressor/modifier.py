@@ -29,7 +29,10 @@ from starquant_plugin.config import StarQuantArgs
 from starquant_plugin.integrations.format import attach_quantization_config
 from starquant_plugin.integrations.saving import bind_save_pretrained
 from starquant_plugin.method import MaskState, attach_mask_state
-from starquant_plugin.models.attention import use_kv_quantized_attention
+from starquant_plugin.models.attention import (
+    register_kv_quantized_attention,
+    use_kv_quantized_attention,
+)
 from starquant_plugin.models.families import (
     DLLMFamily,
     decoder_blocks,
@@ -131,9 +134,11 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
         validate_for_model(model, self._args, family, self._groups)
         self._report = QuantizationReport(args=self._args)
         self._original_attn_implementation = model.config._attn_implementation
-        if self._args.resolved_kv_bits < 16:
-            use_kv_quantized_attention(model)
-        self._attn_implementation = model.config._attn_implementation
+        # Blocks run with it while they are fitted; the model switches to it at finalize (the
+        # sequential pipeline restores the implementation it found when it ends).
+        self._attn_implementation = (register_kv_quantized_attention()
+                                     if self._args.resolved_kv_bits < 16
+                                     else self._original_attn_implementation)
         embedding = model.get_input_embeddings()
         # Stays after finalize: the StarQuantLinears read the token state it records.
         self._mask_state = attach_mask_state(embedding, mask_id)
@@ -188,6 +193,8 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
     def on_finalize(self, state: State, **kwargs) -> bool:
         if not self.ended_:
             self.on_calibration_end(state, None)
+        if self._args.resolved_kv_bits < 16:
+            use_kv_quantized_attention(state.model)
         attach_quantization_config(state.model, self._args)
         # model.save_pretrained (and oneshot's output_dir) now write a STaR-Quant checkpoint
         # with this recipe; llm-compressor's own wrapper would drop quantization_config.
