@@ -19,10 +19,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    import starquant_plugin  # noqa: F401  (AutoConfig for llada / Dream)
     from vllm import ModelRegistry
     from vllm.model_executor.layers.quantization import register_quantization_config
 
+    import starquant_plugin  # noqa: F401  (AutoConfig for llada / Dream)
     from starquant_plugin.config import QUANT_METHOD
     from starquant_plugin.integrations.vllm.models import ARCHITECTURES
     from starquant_plugin.integrations.vllm.quant_config import StarQuantVllmConfig
