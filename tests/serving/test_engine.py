@@ -99,7 +99,7 @@ def _serve(checkpoint: Path, inputs: Path, out: Path, family: str,
         [sys.executable, str(SERVE_SCRIPT), str(checkpoint), str(inputs), str(out),
          json.dumps(SAMPLER_KWARGS[family])],
         capture_output=True, text=True, timeout=900, env=env, cwd=str(out.parent))
-    TIMINGS[checkpoint.name] = time.time() - start
+    TIMINGS[f"{out.parent.name}"] = round(time.time() - start, 1)
     assert result.returncode == 0, (result.stdout[-2000:] + result.stderr[-6000:])
     return load_file(out)
 
