@@ -18,9 +18,10 @@ whole; they are ``O(n1^2 + n2^2 + d k)``, small next to the weight shard), the r
 input is all-gathered (one ``[tokens, d]`` all-gather per row-parallel layer), every rank
 computes the same ``x_s`` and per-token scale over the full row, and keeps its own input
 columns for its weight shard; vLLM's usual all-reduce then sums the partial outputs. This is
-exact (the same numbers as TP = 1); a shard-local transform chosen at quantization time would
-avoid the all-gather but change the method. Column-parallel layers (qkv, gate_up) see the full
-input already; their weights shard by output rows as usual.
+the TP = 1 math (up to the all-reduce's float summation order); a shard-local transform
+chosen at quantization time would avoid the all-gather but change the method.
+Column-parallel layers (qkv, gate_up) see the full input already; their weights shard by
+output rows as usual.
 """
 
 from __future__ import annotations
