@@ -1,0 +1,129 @@
+"""The denoising driver: the project's LLaDA / Dream samplers, each step one vLLM call.
+
+``denoise(llm, prompts, ...)`` runs ``models.sampling.llada_generate`` or ``dream_generate``
+unchanged on a ``VllmDenoiser``, a stand-in for the transformers model whose forward is one
+batched ``LLM.encode(..., pooling_task="token_classify")`` over every canvas of the batch.
+The same driver serves FP and STaR-Quant checkpoints (the engine decides the numbers).
+
+What comes back from the engine is the pooler's per-position top-``k`` (ids, log-probs)
+(``pooler.py``). The samplers read logits, so the denoiser rebuilds a distribution with the
+top-``k`` probabilities exact and the remaining mass spread evenly over the other tokens: its
+argmax, the top-1 probability (LLaDA's low-confidence remasking, Dream's origin /
+maskgit_plus) and, for ``k >= 2``, the top-2 margin (Dream's topk_margin) are the model's.
+Settings that need the whole distribution (temperature > 0, classifier-free guidance,
+Dream's entropy rule) need a model served with ``hf_overrides={"starquant_top_k": 0}``
+(full log-probs); otherwise they are refused rather than run on an approximation.
+
+Limits: every step recomputes every canvas in full (no KV reuse across steps, which
+bidirectional attention over a changing canvas does not allow exactly), eager mode.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from starquant_plugin.integrations.vllm.pooler import DEFAULT_TOP_K, TOP_K_ATTRIBUTE
+from starquant_plugin.models.families import family_of
+from starquant_plugin.models.sampling import SamplerOutput, dream_generate, llada_generate
+
+
+def pseudo_logits(stats: torch.Tensor, vocab_size: int, top_k: int) -> torch.Tensor:
+    """``stats: [batch, seq, 2k]`` (ids, log-probs) -> log-probabilities ``[batch, seq, vocab]``
+    with the top-``k`` entries exact and the rest of the mass uniform over the other ids
+    (never above the k-th probability, so the argmax is kept). ``top_k = 0``: ``stats`` are
+    already full log-probs and are returned as they are."""
+    if top_k == 0:
+        return stats
+    ids, log_probs = stats[..., :top_k].long(), stats[..., top_k:]
+    rest = (1.0 - log_probs.exp().sum(-1, keepdim=True)).clamp_min(1e-30)
+    others = max(vocab_size - top_k, 1)
+    out = (rest / others).log().expand(*stats.shape[:-1], vocab_size).clone()
+    return out.scatter_(-1, ids, log_probs)
+
+
+def unshift(aligned: torch.Tensor) -> torch.Tensor:
+    """Position-aligned rows -> the network order that ``families.token_logits`` realigns
+    (row ``i`` = aligned ``i + 1``; the last row is never read and repeats the last)."""
+    return torch.cat([aligned[:, 1:], aligned[:, -1:]], dim=1)
+
+
+class VllmDenoiser:
+    """A diffusion LM behind a vLLM engine, called like the transformers model by the samplers.
+
+    ``llm``: a ``vllm.LLM`` started with ``runner="pooling"`` on a LLaDA / Dream checkpoint.
+    ``calls`` counts engine calls (one per denoising step, all canvases batched).
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.config = llm.model_config.hf_config
+        self.top_k: int = getattr(self.config, TOP_K_ATTRIBUTE, DEFAULT_TOP_K)
+        self.shifted_logits = family_of(self.config).shifted_logits
+        self.calls = 0
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                 ) -> SimpleNamespace:
+        """``input_ids: [batch, seq]`` -> ``.logits [batch, seq, vocab]`` (log-probs) in the
+        network's order, as the transformers model returns them."""
+        if attention_mask is not None:
+            raise ValueError("The vLLM denoiser takes equal-length canvases without an "
+                             "attention_mask; group prompts by length (denoise does).")
+        outputs = self.llm.encode([{"prompt_token_ids": row.tolist()} for row in input_ids],
+                                  pooling_task="token_classify", use_tqdm=False)
+        self.calls += 1
+        stats = torch.stack([output.outputs.data for output in outputs]).float()
+        logits = pseudo_logits(stats, self.config.vocab_size, self.top_k)
+        return SimpleNamespace(logits=unshift(logits) if self.shifted_logits else logits)
+
+
+def _check_settings(denoiser: VllmDenoiser, family: str, kwargs: dict[str, Any]) -> None:
+    if denoiser.top_k == 0:
+        return
+    needs_full = []
+    if kwargs.get("temperature", 0.0) > 0:
+        needs_full.append("temperature > 0")
+    if kwargs.get("cfg_scale", 0.0) > 0:
+        needs_full.append("cfg_scale > 0")
+    alg = kwargs.get("alg", "entropy")
+    if family == "dream" and (alg == "entropy" or (alg == "topk_margin"
+                                                   and denoiser.top_k < 2)):
+        needs_full.append(f"alg={alg!r} with top_k={denoiser.top_k}")
+    if needs_full:
+        raise ValueError(
+            f"{', '.join(needs_full)} needs the full distribution, but the engine returns the "
+            f"top-{denoiser.top_k} only. Start the LLM with hf_overrides="
+            f"{{'{TOP_K_ATTRIBUTE}': 0}}, or use temperature 0 with low_confidence / random "
+            "remasking (LLaDA) or origin / maskgit_plus / topk_margin (Dream)."
+        )
+
+
+def denoise(llm: Any, prompts: list[list[int]] | torch.Tensor, **sampler_kwargs: Any
+            ) -> SamplerOutput:
+    """Generate from every prompt with the checkpoint family's sampler, one engine call per
+    step over all canvases of equal prompt length.
+
+    ``sampler_kwargs`` go to ``llada_generate`` (steps, gen_length, block_length,
+    temperature, cfg_scale, remasking) or ``dream_generate`` (steps, gen_length, temperature,
+    alg, eps); Dream's default ``alg`` is ``entropy``, so pass e.g. ``alg="maskgit_plus"``
+    with a top-k engine. Prompts must have equal lengths (one canvas shape per call).
+    Returns the sampler's ``SamplerOutput`` (``sequences: [n, prompt + gen_length]`` in
+    prompt order) with ``engine_calls`` = the number of engine calls (= steps).
+    """
+    denoiser = VllmDenoiser(llm)
+    family = family_of(denoiser.config).name
+    sampler = llada_generate if family == "llada" else dream_generate
+    _check_settings(denoiser, family, sampler_kwargs)
+    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+    lengths = {len(row) for row in rows}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"Got prompts of lengths {sorted(lengths)}; the samplers denoise equal-length "
+            "canvases in lockstep. Call denoise once per prompt length."
+        )
+    output = sampler(denoiser, torch.stack(rows), **sampler_kwargs)
+    output.engine_calls = denoiser.calls
+    return output
+

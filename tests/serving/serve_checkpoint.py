@@ -1,0 +1,51 @@
+"""Serve one checkpoint with vLLM in this (fresh) process and write what the tests compare.
+
+Run by ``test_engine.py`` with the serving environment's Python::
+
+    python serve_checkpoint.py CHECKPOINT INPUTS.safetensors OUT.safetensors '{"steps": 4}'
+
+INPUTS holds ``canvases: [n, seq]`` and ``prompts: [b, p]``; OUT gets the pooler's
+``stats: [n, seq, 2k]`` and the denoising driver's ``sequences: [b, p + gen_length]``.
+Nothing here registers the plugin by hand: vLLM loads it through the entry point (in every
+process when ``STARQUANT_TEST_MULTIPROCESSING=1`` starts the engine and worker separately).
+``STARQUANT_TEST_TP=2`` serves with tensor parallelism (one worker per core).
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+TENSOR_PARALLEL = int(os.environ.get("STARQUANT_TEST_TP", "1"))
+MULTIPROCESSING = os.environ.get("STARQUANT_TEST_MULTIPROCESSING") == "1" or TENSOR_PARALLEL > 1
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if MULTIPROCESSING else "0")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+
+def main() -> None:
+    checkpoint, inputs_path, out_path, sampler_json = sys.argv[1:5]
+    from vllm import LLM
+
+    from starquant_plugin.integrations.vllm.driver import denoise
+
+    inputs = load_file(inputs_path)
+    start = time.time()
+    llm = LLM(checkpoint, runner="pooling", enforce_eager=True, dtype=torch.float32,
+              max_model_len=256, max_num_seqs=16, seed=0, skip_tokenizer_init=True,
+              tensor_parallel_size=TENSOR_PARALLEL,
+              distributed_executor_backend=None if MULTIPROCESSING else "uni")
+    load_seconds = time.time() - start
+    outputs = llm.encode([{"prompt_token_ids": row.tolist()} for row in inputs["canvases"]],
+                         pooling_task="token_classify", use_tqdm=False)
+    stats = torch.stack([output.outputs.data for output in outputs]).float()
+    generated = denoise(llm, inputs["prompts"], **json.loads(sampler_json))
+    save_file({"stats": stats.contiguous(), "sequences": generated.sequences.contiguous(),
+               "engine_calls": torch.tensor(generated.engine_calls),
+               "load_seconds": torch.tensor(load_seconds)}, out_path)
+
+
+if __name__ == "__main__":
+    main()

