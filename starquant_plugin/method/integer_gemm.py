@@ -7,7 +7,7 @@ eight per int32 along ``d`` (``pack-quantized`` ``weight_packed: [out, ceil(d / 
 place, never unpacked for good. The sum is integer arithmetic, exact, so the result differs
 from the dequantize-and-matmul reference only by the reference's float32 rounding.
 
-Two kernels compute the int32 accumulators, chosen per device (``integer_kernel``):
+Three kernels compute the int32 accumulators, the first that applies (``integer_kernel``):
 
 * ``"int_mm"``: ``torch._int_mm`` (int8 x int8 -> int32). CUDA (cuBLASLt) needs more than 16
   rows and ``k``, ``n`` multiples of 8 (``_int_mm_out_cuda`` in
@@ -15,11 +15,20 @@ Two kernels compute the int32 accumulators, chosen per device (``integer_kernel`
   AVX512-VNNI CPU with oneDNN enabled gets a real kernel; elsewhere PyTorch runs a scalar loop
   (``_int_mm_out_cpu`` in ``aten/src/ATen/native/LinearAlgebra.cpp``), about 100x slower than
   float32 BLAS on the AVX2 CPU we measured (``docs/results.md``).
+* ``"onednn"`` (x86 CPUs without VNNI, 4-bit weights): oneDNN's u8s8 int8 GEMM, the one
+  PyTorch's x86 quantization backend uses (``torch.ops.onednn.qlinear_prepack`` /
+  ``qlinear_pointwise``). Without VNNI it adds pairs of u8 x s8 products in int16 lanes that
+  saturate past 32767, so only 4-bit weights (codes + 8 in ``[0, 15]``: pairs stay below
+  ``2 * 255 * 15``) are exact on it; 8-bit weights times 8-bit activations are not (measured).
+  It needs the weight repacked on every call, which pays off from ``_ONEDNN_MIN_TOKENS``
+  tokens (measured: twice the float32 kernel's speed at 1024 tokens, even at 128), and it
+  returns float32, exact while ``|accumulator| <= 2^24``.
 * ``"float32"``: the same integer products summed by float32 BLAS. Exact, not approximate:
   every code and every partial sum is an integer of magnitude at most ``2^24``, which float32
   represents exactly, in any summation order (``d`` is split into chunks small enough to keep
-  it so, their sums added in int32). Used wherever ``int_mm`` is refused, with one log line
-  per reason.
+  it so, their sums added in int32). Runs everything the others refuse.
+
+Each refusal is logged once per reason.
 
 Neither torch nor compressed-tensors multiplies packed int4 codes directly, so the 4-bit path
 reads ``weight_packed`` as bytes (low nibble = even column, high nibble = odd column on a
@@ -33,18 +42,23 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
 
 import torch
 
 INT_MM = "int_mm"
+ONEDNN = "onednn"
 FLOAT32 = "float32"
-KERNELS = (INT_MM, FLOAT32)
+KERNELS = (INT_MM, ONEDNN, FLOAT32)
 
 _EXACT_FLOAT32 = 2**24  # float32 holds every integer of magnitude <= 2^24
 _INT32_MAX = 2**31 - 1
 _FLOAT32_BUFFER_BYTES = 8 * 2**20  # weight rows decoded to float32 per chunk
 _INT4_OFFSET = 8  # compressed-tensors stores a 4-bit code c as c + 8
 _INT8_MAGNITUDE = 128  # largest |code| an int8 holds
+_INT4_UNSIGNED_MAX = 2 * _INT4_OFFSET - 1  # a stored 4-bit code + 8 is at most 15
+_ONEDNN_MIN_TOKENS = 256  # below, repacking the weight per call costs more than it saves
+_U8_ZERO_POINT = 128  # activation codes go to oneDNN as uint8 code + 128
 
 logger = logging.getLogger(__name__)
 _logged_reasons: set[str] = set()
@@ -75,19 +89,55 @@ def int_mm_refusal(device: torch.device, m: int, k: int, n: int) -> tuple[str, s
         if not torch.cpu.get_capabilities().get("avx512_vnni", False):
             return ("int_mm-cpu-vnni",
                     "This CPU has no AVX512-VNNI, so torch._int_mm would run PyTorch's scalar "
-                    "loop; integer GEMMs run on the float32 kernel (exact).")
+                    "loop; integer GEMMs run on oneDNN's u8s8 GEMM where it is exact and pays "
+                    "off, else on the float32 kernel (both exact).")
         return None
     return ("int_mm-device",
             f"torch._int_mm is not used on device type {device.type!r}; integer GEMMs run "
             "on the float32 kernel (exact).")
 
 
-def integer_kernel(device: torch.device, m: int, k: int, n: int) -> str:
-    """``"int_mm"`` where ``int_mm_refusal`` allows it, else ``"float32"`` (logged once)."""
-    refusal = int_mm_refusal(device, m, k, n)
+def onednn_refusal(device: torch.device, m: int, d: int, int4: bool, max_abs_code: int
+                   ) -> tuple[str, str] | None:
+    """Why the ``"onednn"`` kernel does not take this product (after ``int_mm`` refused it):
+    ``(reason, message)``, or None. ``int4``: the weight is 4-bit ``weight_packed``;
+    ``max_abs_code``: the largest ``|activation code|``."""
+    capabilities = torch.cpu.get_capabilities()
+    if not (device.type == "cpu" and capabilities.get("architecture") == "x86_64"
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        return ("onednn-unavailable",
+                "oneDNN's int8 GEMM (torch.ops.onednn.qlinear_pointwise, x86 CPUs) is not "
+                "available here; integer GEMMs run on the float32 kernel (exact).")
+    if not int4:
+        return ("onednn-int8-weights",
+                "Without VNNI, oneDNN's int8 GEMM saturates int16 pair sums of 8-bit weights "
+                "times 8-bit activations; 8-bit weights run on the float32 kernel (exact).")
+    if m < _ONEDNN_MIN_TOKENS:
+        return ("onednn-tokens",
+                f"Calls with fewer than {_ONEDNN_MIN_TOKENS} tokens run on the float32 kernel "
+                "(exact): repacking the weight for oneDNN costs more than its int8 GEMM saves.")
+    if d * max_abs_code * _INT4_UNSIGNED_MAX > _EXACT_FLOAT32:
+        return ("onednn-range",
+                f"d * max|activation code| * 15 = {d * max_abs_code * _INT4_UNSIGNED_MAX} > 2^24: "
+                "oneDNN's float32 output would round the accumulators; such products run on "
+                "the float32 kernel (exact).")
+    return None
+
+
+def integer_kernel(device: torch.device, m: int, d: int, n: int, int4: bool = False,
+                   max_abs_code: int = _INT8_MAGNITUDE) -> str:
+    """The first kernel that takes an ``[m, d] x [d, n]`` product (module docstring); each
+    refusal on the way is logged once per reason."""
+    refusal = int_mm_refusal(device, m, d, n)
     if refusal is None:
         return INT_MM
     log_once(*refusal)
+    if device.type == "cpu":
+        refusal = onednn_refusal(device, m, d, int4, max_abs_code)
+        if refusal is None:
+            return ONEDNN
+        log_once(*refusal)
     return FLOAT32
 
 
@@ -161,20 +211,14 @@ def _accumulate_int_mm(a_codes: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     return torch._int_mm(_even_odd(a_codes), unpacked.T)
 
 
-def _accumulate_float32(a_codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """int32 ``[t, out]`` from float32 BLAS, exactly: weight rows are decoded to float32 a
-    chunk at a time, and ``d`` is cut so no partial sum exceeds ``2^24`` in magnitude."""
-    tokens, d = a_codes.shape
+def decoded_row_chunks(weight: torch.Tensor, d: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The float32 kernel's weight decode: ``(r0, r1, codes)`` with ``codes: float32
+    [r1 - r0, d]`` the rows ``r0:r1`` (``[even | odd]`` columns + 8 for 4 bit), in one reused
+    buffer of about ``_FLOAT32_BUFFER_BYTES`` (valid until the next chunk)."""
     out_features = weight.shape[0]
-    packed = weight.dtype == torch.int32
-    a = (_even_odd(a_codes) if packed else a_codes).float()
-    max_weight = 2 * _INT4_OFFSET - 1 if packed else _INT8_MAGNITUDE
-    max_product = max(1, int(a.abs().max())) * max_weight
-    chunk_d = max(1, _EXACT_FLOAT32 // max_product)
-    planes = _int4_planes(weight, d) if packed else None
+    planes = _int4_planes(weight, d) if weight.dtype == torch.int32 else None
     rows = max(1, min(out_features, _FLOAT32_BUFFER_BYTES // (4 * d)))
     buffer = torch.empty(rows, d, device=weight.device)
-    acc = torch.empty(tokens, out_features, dtype=torch.int32, device=weight.device)
     for r0 in range(0, out_features, rows):
         r1 = min(out_features, r0 + rows)
         decoded = buffer[: r1 - r0]
@@ -182,6 +226,45 @@ def _accumulate_float32(a_codes: torch.Tensor, weight: torch.Tensor) -> torch.Te
             decoded.copy_(weight[r0:r1])
         else:
             _unpack_int4_into(planes[0][r0:r1], planes[1][r0:r1], decoded)
+        yield r0, r1, decoded
+
+
+def onednn_repacked_weight(weight_packed: torch.Tensor, tokens: int, d: int) -> torch.Tensor:
+    """The ``"onednn"`` kernel's weight decode: the nibble planes of ``weight_packed: int32
+    [out, ceil(d / 8)]`` unpacked to int8 (codes + 8, ``[even | odd]`` columns; transient) and
+    repacked into oneDNN's blocked layout for a product with ``tokens`` rows."""
+    unpacked = torch.empty(weight_packed.shape[0], d, dtype=torch.int8,
+                           device=weight_packed.device)
+    _unpack_int4_into(*_int4_planes(weight_packed, d), unpacked)
+    return torch.ops.onednn.qlinear_prepack(unpacked, [tokens, d])
+
+
+def _accumulate_onednn(a_codes: torch.Tensor, weight_packed: torch.Tensor) -> torch.Tensor:
+    """int32 ``[t, out]`` by oneDNN's u8s8 GEMM: the weight repacked for it, the activation
+    codes as uint8 ``code + 128`` with zero point 128, unit scales, float32 out (exact:
+    ``onednn_refusal`` checked the range)."""
+    tokens, d = a_codes.shape
+    out_features = weight_packed.shape[0]
+    repacked = onednn_repacked_weight(weight_packed, tokens, d)
+    a_u8 = (_even_odd(a_codes).to(torch.int16) + _U8_ZERO_POINT).to(torch.uint8)
+    ones = torch.ones(out_features, device=a_codes.device)
+    zeros = torch.zeros(out_features, dtype=torch.int64, device=a_codes.device)
+    acc = torch.ops.onednn.qlinear_pointwise(a_u8, 1.0, _U8_ZERO_POINT, repacked, ones, zeros,
+                                             None, 1.0, 0, torch.float32, "none", [], "")
+    return acc.to(torch.int32)
+
+
+def _accumulate_float32(a_codes: torch.Tensor, weight: torch.Tensor, max_abs_code: int
+                        ) -> torch.Tensor:
+    """int32 ``[t, out]`` from float32 BLAS, exactly: weight rows are decoded to float32 a
+    chunk at a time, and ``d`` is cut so no partial sum exceeds ``2^24`` in magnitude."""
+    tokens, d = a_codes.shape
+    packed = weight.dtype == torch.int32
+    a = (_even_odd(a_codes) if packed else a_codes).float()
+    max_weight = _INT4_UNSIGNED_MAX if packed else _INT8_MAGNITUDE
+    chunk_d = max(1, _EXACT_FLOAT32 // (max(1, max_abs_code) * max_weight))
+    acc = torch.empty(tokens, weight.shape[0], dtype=torch.int32, device=weight.device)
+    for r0, r1, decoded in decoded_row_chunks(weight, d):
         for c0 in range(0, d, chunk_d):
             part = a[:, c0 : c0 + chunk_d] @ decoded[:, c0 : c0 + chunk_d].T
             if c0 == 0:
@@ -197,7 +280,7 @@ def integer_matmul(a_codes: torch.Tensor, weight: torch.Tensor, kernel: str | No
 
     ``a_codes: int8 [t, d]``; ``weight``: int8 codes ``[out, d]`` or the 4-bit
     ``weight_packed: int32 [out, ceil(d / 8)]`` (codes + 8, compressed-tensors' layout).
-    ``kernel``: ``"int_mm"``, ``"float32"`` or None (``integer_kernel`` picks).
+    ``kernel``: one of ``KERNELS`` or None (``integer_kernel`` picks).
     """
     tokens, d = a_codes.shape
     out_features = weight.shape[0]
@@ -210,14 +293,23 @@ def integer_matmul(a_codes: torch.Tensor, weight: torch.Tensor, kernel: str | No
             f"Got d={d}: int32 accumulators could overflow beyond d = "
             f"{_INT32_MAX // (_INT8_MAGNITUDE * 2 * _INT4_OFFSET)}; split the layer's input."
         )
-    kernel = kernel or integer_kernel(a_codes.device, tokens, d, out_features)
+    low, high = torch.aminmax(a_codes)
+    max_abs_code = max(-int(low), int(high))
+    int4 = weight.dtype == torch.int32
+    kernel = kernel or integer_kernel(a_codes.device, tokens, d, out_features, int4,
+                                      max_abs_code)
     if kernel not in KERNELS:
         raise ValueError(f"Got kernel={kernel!r}; expected one of {KERNELS} or None.")
     if kernel == INT_MM:
         acc = _accumulate_int_mm(a_codes, weight)
+    elif kernel == ONEDNN:
+        if not int4:
+            raise ValueError("The onednn kernel takes 4-bit weight_packed only (module "
+                             "docstring); pass kernel=None to choose one that applies.")
+        acc = _accumulate_onednn(a_codes, weight)
     else:
-        acc = _accumulate_float32(a_codes, weight)
-    if weight.dtype == torch.int32:
+        acc = _accumulate_float32(a_codes, weight, max_abs_code)
+    if int4:
         acc -= _INT4_OFFSET * a_codes.sum(dim=1, keepdim=True, dtype=torch.int32)
     return acc
 
@@ -243,6 +335,12 @@ def int_gemm(
     tensor([[-4.]])
     """
     _check_operands(a_codes, a_scale, weight, weight_scale, bias)
-    y = integer_matmul(a_codes, weight, kernel).float()
-    y = y.mul_(a_scale.float()).mul_(weight_scale.float().reshape(1, -1))
+    return rescale(integer_matmul(a_codes, weight, kernel), a_scale, weight_scale, bias)
+
+
+def rescale(acc: torch.Tensor, a_scale: torch.Tensor, weight_scale: torch.Tensor,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``acc: int32 [t, out]`` -> ``acc * a_scale * weight_scale^T + bias``, float32; scales
+    ``[t, 1]`` and ``[out, 1]``, ``bias: [out]``."""
+    y = acc.float().mul_(a_scale.float()).mul_(weight_scale.float().reshape(1, -1))
     return y if bias is None else y.add_(bias.float())

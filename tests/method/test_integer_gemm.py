@@ -11,11 +11,17 @@ from starquant_plugin.method import integer_gemm
 from starquant_plugin.method.integer_gemm import (
     FLOAT32,
     INT_MM,
+    ONEDNN,
     int_gemm,
     int_mm_refusal,
     integer_kernel,
     integer_matmul,
+    onednn_refusal,
 )
+
+NO_VNNI = {"architecture": "x86_64", "avx2": True, "avx512_vnni": False}
+HAS_ONEDNN = (onednn_refusal(torch.device("cpu"), 256, 64, True, 8) or ("",))[0] \
+    != "onednn-unavailable"
 
 
 def _codes(shape: tuple[int, int], bits: int, seed: int) -> torch.Tensor:
@@ -47,12 +53,17 @@ def test_int8_weights_give_the_exact_accumulators(kernel, d):
     assert abs(acc[1, 0].item()) == 128 * 128 * d
 
 
-@pytest.mark.parametrize("kernel", [INT_MM, FLOAT32])
+@pytest.mark.parametrize("kernel", [INT_MM, ONEDNN, FLOAT32])
 @pytest.mark.parametrize("d", [8, 37, 64])
 def test_packed_int4_weights_are_read_in_place_exactly(kernel, d):
     """``weight_packed`` straight from compressed-tensors' packer (odd d too: the last byte's
-    high nibble is padding) gives the accumulators of the unpacked codes."""
+    high nibble is padding) gives the accumulators of the unpacked codes, extremes included
+    (8-bit activations -128/127 against 4-bit weights -8/7: the onednn kernel's int16 pair
+    sums must not saturate)."""
+    if kernel == ONEDNN and not HAS_ONEDNN:
+        pytest.skip("no oneDNN int8 GEMM on this platform")
     a, w = _codes((19, d), 8, 2), _codes((16, d), 4, 3)
+    a[0], a[1], w[0], w[1] = 127, -128, -8, 7
     packed = pack_to_int32(w, num_bits=4)
     assert packed.shape == (16, (d + 7) // 8)
     assert torch.equal(integer_matmul(a, packed, kernel).long(), _exact(a, w))
@@ -109,12 +120,29 @@ def test_a_shape_int_mm_refuses_falls_back_and_says_so_once(fresh_log, caplog):
         "[16, 4096] x [4096, 4096]; such products run on the float32 kernel (exact)."]
 
 
-def test_cpu_without_vnni_runs_the_float32_kernel_exactly_and_says_so_once(
+def test_cpu_without_vnni_picks_onednn_for_4bit_weights_where_exact_and_worth_it(
         fresh_log, caplog, monkeypatch):
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
-    a, w = _codes((9, 48), 8, 9), _codes((8, 48), 4, 10)
+    """Each refusal on the way is logged once, whatever the number of calls."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: NO_VNNI)
+    cpu = torch.device("cpu")
     with caplog.at_level(logging.WARNING, logger=integer_gemm.__name__):
-        for _ in range(3):
-            y = int_gemm(a, torch.ones(9, 1), pack_to_int32(w, num_bits=4), torch.ones(8, 1))
-            assert torch.equal(y.double(), _exact(a, w).double())
-    assert len(caplog.records) == 1 and "AVX512-VNNI" in caplog.records[0].getMessage()
+        for _ in range(2):
+            assert integer_kernel(cpu, 256, 4096, 4096, int4=True, max_abs_code=8) == (
+                ONEDNN if HAS_ONEDNN else FLOAT32)
+            assert integer_kernel(cpu, 255, 4096, 4096, int4=True, max_abs_code=8) == FLOAT32
+            assert integer_kernel(cpu, 1024, 4096, 4096, int4=False) == FLOAT32
+            assert integer_kernel(cpu, 1024, 12288, 4096, int4=True, max_abs_code=128) \
+                == FLOAT32  # 12288 * 128 * 15 > 2^24: float32 output would round
+    reasons = [r.getMessage().split(";")[0].split(":")[0] for r in caplog.records]
+    assert len(reasons) == len(set(reasons)) == (4 if HAS_ONEDNN else 2)
+    assert "This CPU has no AVX512-VNNI, so torch._int_mm would run PyTorch's scalar loop" \
+        in reasons
+
+
+def test_cpu_without_vnni_computes_exactly_whatever_the_kernel(fresh_log, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: NO_VNNI)
+    for tokens, weight_bits in ((300, 4), (9, 4), (300, 8)):
+        a, w = _codes((tokens, 48), 8, 9), _codes((8, 48), weight_bits, 10)
+        weight = pack_to_int32(w, num_bits=4) if weight_bits == 4 else w
+        y = int_gemm(a, torch.ones(tokens, 1), weight, torch.ones(8, 1))
+        assert torch.equal(y.double(), _exact(a, w).double())
