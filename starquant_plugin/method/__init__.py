@@ -1,11 +1,13 @@
 """Pure-torch STaR-Quant math: quantizers, SGAT, TAC and the runtime linear."""
 
+from starquant_plugin.method.integer_gemm import int_gemm
 from starquant_plugin.method.quantizers import (
     SCHEMES,
     fake_quantize_activation,
     fake_quantize_kv,
     fake_quantize_weight,
     gptq_quantize_weight,
+    quantize_activation,
     scheme_args,
     search_weight_clip,
 )
@@ -51,8 +53,10 @@ __all__ = [
     "fit_sgat",
     "fit_tac",
     "gptq_quantize_weight",
+    "int_gemm",
     "kronecker_apply",
     "kronecker_factors",
+    "quantize_activation",
     "random_hadamard",
     "scheme_args",
     "search_weight_clip",

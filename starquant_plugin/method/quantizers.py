@@ -76,6 +76,31 @@ def _round_ste(v: torch.Tensor) -> torch.Tensor:
     return v + (torch.round(v) - v).detach()
 
 
+def symmetric_scale(
+    x: torch.Tensor, num_bits: int, clip_ratio: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """One scale per slice along the last dim of ``x: [..., k]``: ``max|x| * clip / qmax``,
+    floored at ``_MIN_SCALE``; ``[..., 1]``. The one definition the fake quantizers, the stored
+    weight scales and the integer path's activation codes all use, so their codes agree."""
+    qmax = _int_range(num_bits, symmetric=True)[1]
+    ratio = 1.0 if clip_ratio is None else clip_ratio
+    return (x.abs().amax(dim=-1, keepdim=True) * ratio / qmax).clamp_min(_MIN_SCALE)
+
+
+def asymmetric_qparams(
+    x: torch.Tensor, num_bits: int, clip_ratio: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)``, each ``[..., 1]``, of ``x: [..., k]`` quantized asymmetrically per
+    slice: the range widened to contain 0 and shrunk by ``clip_ratio``, the zero point an
+    integer in ``[0, 2^b - 1]`` (float, no gradient)."""
+    qmin, qmax = _int_range(num_bits, symmetric=False)
+    ratio = 1.0 if clip_ratio is None else clip_ratio
+    x_min = x.amin(dim=-1, keepdim=True).clamp_max(0.0) * ratio
+    x_max = x.amax(dim=-1, keepdim=True).clamp_min(0.0) * ratio
+    scale = ((x_max - x_min) / qmax).clamp_min(_MIN_SCALE)
+    return scale, torch.clamp(torch.round(-x_min / scale), qmin, qmax).detach()
+
+
 def _fake_quantize_last_dim(
     x: torch.Tensor, num_bits: int, symmetric: bool, clip_ratio: torch.Tensor | float | None
 ) -> torch.Tensor:
@@ -85,14 +110,10 @@ def _fake_quantize_last_dim(
     Gradients flow to ``x`` and ``clip_ratio`` (rounding is straight-through).
     """
     qmin, qmax = _int_range(num_bits, symmetric)
-    ratio = 1.0 if clip_ratio is None else clip_ratio
     if symmetric:
-        scale = (x.abs().amax(dim=-1, keepdim=True) * ratio / qmax).clamp_min(_MIN_SCALE)
+        scale = symmetric_scale(x, num_bits, clip_ratio)
         return torch.clamp(_round_ste(x / scale), qmin, qmax) * scale
-    x_min = x.amin(dim=-1, keepdim=True).clamp_max(0.0) * ratio
-    x_max = x.amax(dim=-1, keepdim=True).clamp_min(0.0) * ratio
-    scale = ((x_max - x_min) / qmax).clamp_min(_MIN_SCALE)
-    zero = torch.clamp(torch.round(-x_min / scale), qmin, qmax).detach()
+    scale, zero = asymmetric_qparams(x, num_bits, clip_ratio)
     return (torch.clamp(_round_ste(x / scale) + zero, qmin, qmax) - zero) * scale
 
 
@@ -243,6 +264,15 @@ def gptq_quantize_weight(
     return quantized.to(weight.dtype)
 
 
+def _check_activation_args(args: QuantizationArgs) -> None:
+    _check_int(args)
+    if args.strategy != "token":
+        raise ValueError(
+            f"Activation quantization strategy {args.strategy!r} is not supported; expected "
+            "'token' (dynamic, one scale per token). Set strategy='token', dynamic=True."
+        )
+
+
 def fake_quantize_activation(
     x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None = None
 ) -> torch.Tensor:
@@ -251,13 +281,34 @@ def fake_quantize_activation(
     ``clip_ratio`` is a scalar or broadcasts against ``[..., 1]`` (e.g. one ratio per token's
     mask state). Straight-through rounding: gradients reach ``x`` and a learnable ``clip_ratio``.
     """
-    _check_int(args)
-    if args.strategy != "token":
-        raise ValueError(
-            f"Activation quantization strategy {args.strategy!r} is not supported; expected "
-            "'token' (dynamic, one scale per token). Set strategy='token', dynamic=True."
-        )
+    _check_activation_args(args)
     return _fake_quantize_last_dim(x, args.num_bits, args.symmetric, clip_ratio)
+
+
+@torch.no_grad()
+def quantize_activation(
+    x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer codes behind ``fake_quantize_activation``: ``x: [..., d]`` ->
+    ``(codes: int8 [..., d], scale: [..., 1])`` in ``x``'s dtype, with
+    ``codes * scale == fake_quantize_activation(x, args, clip_ratio)`` bit for bit (same
+    ``symmetric_scale``, same ``x / scale``; the straight-through rounding rounds exactly).
+    Symmetric int of at most 8 bits only: what an int8 GEMM takes.
+
+    >>> codes, scale = quantize_activation(torch.tensor([[-7.0, 0.4, 3.5]]), scheme_args("W4A4")[1])
+    >>> codes.tolist(), scale.tolist()
+    ([[-7, 0, 4]], [[1.0]])
+    """
+    _check_activation_args(args)
+    if not args.symmetric or args.num_bits > 8:
+        raise ValueError(
+            f"Got activation QuantizationArgs(symmetric={args.symmetric}, "
+            f"num_bits={args.num_bits}); integer codes exist for symmetric int of at most 8 "
+            "bits (int8 lanes, no zero point). Use fake_quantize_activation for the others."
+        )
+    qmin, qmax = _int_range(args.num_bits, symmetric=True)
+    scale = symmetric_scale(x, args.num_bits, clip_ratio)
+    return torch.clamp(torch.round(x / scale), qmin, qmax).to(torch.int8), scale
 
 
 def fake_quantize_kv(x: torch.Tensor, num_bits: int = 4) -> torch.Tensor:

@@ -1,15 +1,24 @@
-"""What runs in a quantized forward pass: the shared mask state and the SGAT(+TAC) linear.
-
-The embedding sees ``input_ids`` once per forward; a pre-hook turns them into
-``mask_state: [batch, seq]`` on one ``MaskState`` object that every ``StarQuantLinear`` holds by
-reference, so no layer signature changes and a position that flips from ``[MASK]`` to a real
-token between denoising steps is simply re-gated on the next forward.
+"""What runs in a quantized forward pass: the SGAT(+TAC) linear and how its weight is stored.
 
 A ``StarQuantLinear`` holds its weight the way the checkpoint and an INT kernel hold it: the
 integer codes under compressed-tensors' names and layouts (``pack-quantized`` for 4 bit,
-``int-quantized`` for 8 bit), produced and read by compressed-tensors' own compressors, and
-dequantized on every forward. The STaR tensors (``sgat_*``, ``tac_*``) sit on the
-``StarQuantInputTransform`` that a group of linears reading the same input share.
+``int-quantized`` for 8 bit), produced by compressed-tensors' own compressors, so the
+checkpoint is the in-memory model. The STaR tensors (``sgat_*``, ``tac_*``) sit on the
+``StarQuantInputTransform`` that a group of linears reading the same input share
+(``input_transform.py``, with the token states).
+
+Two forwards compute the same layer:
+
+* the integer path (default wherever it is exact): the transform's int8 activation codes and
+  per-token scales times the stored weight codes, read in place, in an exact integer GEMM
+  (``integer_gemm.int_gemm``);
+* the reference path: compressed-tensors decompresses the weight (float32 scale, so
+  ``codes * scale`` is exact) and ``F.linear`` multiplies it with the fake-quantized
+  activations. Used for weights the integer GEMM does not cover (asymmetric, per group,
+  dense) with one log line per reason, and selectable with ``integer_gemm = False``.
+
+The two agree to float32 rounding: the codes are identical and the integer accumulation is
+exact, so only the reference's float32 summation order differs.
 """
 
 from __future__ import annotations
@@ -22,51 +31,25 @@ import torch.nn.functional as F
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from starquant_plugin.method.quantizers import fake_quantize_activation, fake_quantize_weight
-from starquant_plugin.method.sgat import SGATResult, transform_input
-from starquant_plugin.method.tac import TACParams, apply_tac
+from starquant_plugin.method.input_transform import (
+    MaskState,
+    StarQuantInputTransform,
+    attach_mask_state,
+)
+from starquant_plugin.method.integer_gemm import int4_weight_readable, int_gemm, log_once
+from starquant_plugin.method.quantizers import (
+    asymmetric_qparams,
+    fake_quantize_weight,
+    symmetric_scale,
+)
+from starquant_plugin.method.sgat import SGATResult
+
+__all__ = ["MaskState", "StarQuantInputTransform", "StarQuantLinear", "attach_mask_state",
+           "compressed_weight_layout", "weight_format", "weight_qparams", "weight_scheme"]
 
 WEIGHT_FORMATS: dict[int, str] = {4: "pack-quantized", 8: "int-quantized"}
 """compressed-tensors format per weight bit width (4 bit packed 8 per int32, 8 bit as int8)."""
-
-_MIN_SCALE = 1e-8  # the fake quantizers' scale floor (quantizers._MIN_SCALE)
-
-
-class MaskState:
-    """The canvas' current token states: ``mask_state: BoolTensor [batch, seq]``, True = [MASK]."""
-
-    def __init__(self) -> None:
-        self.mask_state: torch.Tensor | None = None
-        self._handle: RemovableHandle | None = None
-
-    def detach(self) -> None:
-        """Remove the embedding hook (the last state stays readable)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-
-def attach_mask_state(embedding: nn.Module, mask_token_id: int) -> MaskState:
-    """Hook ``embedding`` so each forward records ``input_ids == mask_token_id``.
-
-    The model must be called with ``input_ids`` (not ``inputs_embeds``) for the state to update.
-    """
-    state = MaskState()
-
-    def record_mask_state(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        input_ids = args[0] if args else kwargs.get("input")
-        if not isinstance(input_ids, torch.Tensor):
-            raise ValueError(
-                f"The embedding was called with {type(input_ids).__name__}, expected an "
-                "input_ids tensor; call the model with input_ids so STaR-Quant sees [MASK]s."
-            )
-        state.mask_state = input_ids == mask_token_id
-
-    state._handle = embedding.register_forward_pre_hook(record_mask_state, with_kwargs=True)
-    return state
-
 
 def weight_format(args: QuantizationArgs) -> str:
     """The compressed-tensors format that stores weights quantized with ``args``."""
@@ -110,16 +93,11 @@ def weight_qparams(
     out_features, in_features = weight.shape
     groups = _num_weight_groups(in_features, args)
     x = weight.detach().reshape(out_features, groups, in_features // groups)
-    ratio = 1.0 if clip_ratio is None else clip_ratio.reshape(-1, 1, 1).to(weight.dtype)
+    ratio = None if clip_ratio is None else clip_ratio.reshape(-1, 1, 1).to(weight.dtype)
     if args.symmetric:
-        qmax = 2 ** (args.num_bits - 1) - 1
-        scale = (x.abs().amax(dim=-1, keepdim=True) * ratio / qmax).clamp_min(_MIN_SCALE)
-        return scale.reshape(out_features, groups), None
-    qmax = 2**args.num_bits - 1
-    x_min = x.amin(dim=-1, keepdim=True).clamp_max(0.0) * ratio
-    x_max = x.amax(dim=-1, keepdim=True).clamp_min(0.0) * ratio
-    scale = ((x_max - x_min) / qmax).clamp_min(_MIN_SCALE)
-    zero = torch.clamp(torch.round(-x_min / scale), 0, qmax) - 2 ** (args.num_bits - 1)
+        return symmetric_scale(x, args.num_bits, ratio).reshape(out_features, groups), None
+    scale, zero = asymmetric_qparams(x, args.num_bits, ratio)
+    zero = zero - 2 ** (args.num_bits - 1)  # compressed-tensors' signed grid
     return scale.reshape(out_features, groups), zero.reshape(out_features, groups).to(torch.int8)
 
 
@@ -152,101 +130,6 @@ def compressed_weight_layout(
     return layout
 
 
-class StarQuantInputTransform(nn.Module):
-    """What a linear group's input goes through before the integer GEMM: TAC (o_proj input
-    only), the state-gated SGAT transform and the per-token activation quantizer.
-
-    ``forward(x: [batch, seq, d]) -> Q_a(x_s): [batch, seq, d]`` float32, with each token's
-    state read from the shared ``MaskState``. One instance serves every linear of a group
-    (q/k/v; gate/up); only the group's first linear registers it, so it is stored once.
-    Buffers, in the checkpoint under these names (see ``SGATResult`` for the math):
-
-    * ``sgat_exclusive: [d, 2k]`` (``V``; None when ``k = 0``), ``sgat_channel_scale: [d]``,
-      ``sgat_left: [n1, n1]``, ``sgat_right: [n2, n2]``, ``sgat_act_clip: [2]`` (per state);
-    * ``tac_matrices: [d / g, g, g]``, ``tac_bias: [d]``, or None.
-    """
-
-    def __init__(self, sgat: SGATResult, act_args: QuantizationArgs, mask_state: MaskState,
-                 tac: TACParams | None = None, dtype: torch.dtype = torch.float32) -> None:
-        """``dtype``: how the tensors are stored (the model's dtype, as compressed-tensors
-        stores scales); the forward computes in float32 either way."""
-        super().__init__()
-        self.act_args = act_args
-        self.mask_state = mask_state
-        exclusive = sgat.exclusive if sgat.exclusive.shape[1] else None
-        tensors = {"sgat_exclusive": exclusive, "sgat_channel_scale": sgat.channel_scale,
-                   "sgat_left": sgat.left, "sgat_right": sgat.right,
-                   "sgat_act_clip": sgat.act_clip.reshape(-1).expand(2),
-                   "tac_matrices": None if tac is None else tac.matrices,
-                   "tac_bias": None if tac is None else tac.bias}
-        for name, tensor in tensors.items():
-            self.register_buffer(name, None if tensor is None
-                                 else tensor.detach().to(dtype).contiguous().clone())
-
-    @classmethod
-    def empty(
-        cls, d: int, k: int, factors: tuple[int, int], act_args: QuantizationArgs,
-        mask_state: MaskState, tac_group_size: int | None = None,
-        dtype: torch.dtype = torch.float32, device: torch.device | str = "meta",
-    ) -> StarQuantInputTransform:
-        """A module with every buffer allocated (on ``device``, uninitialised) in the
-        checkpoint's layout, for a loader to fill by name."""
-        n1, n2 = factors
-        if n1 * n2 != d or not 0 <= 2 * k <= d:
-            raise ValueError(
-                f"Got factors {factors} and exclusive width {k} for input dim {d}; this "
-                "entry of the checkpoint's starquant.input_groups is inconsistent."
-            )
-        if tac_group_size is not None and d % tac_group_size:
-            raise ValueError(
-                f"TAC group size {tac_group_size} does not divide the input dim {d}; this "
-                "entry of the checkpoint's starquant.input_groups is inconsistent."
-            )
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.act_args, layer.mask_state = act_args, mask_state
-        shapes = {"sgat_exclusive": (d, 2 * k) if k else None, "sgat_channel_scale": (d,),
-                  "sgat_left": (n1, n1), "sgat_right": (n2, n2), "sgat_act_clip": (2,),
-                  "tac_matrices": None, "tac_bias": None}
-        if tac_group_size is not None:
-            shapes |= {"tac_matrices": (d // tac_group_size, tac_group_size, tac_group_size),
-                       "tac_bias": (d,)}
-        for name, shape in shapes.items():
-            layer.register_buffer(name, None if shape is None
-                                  else torch.empty(shape, dtype=dtype, device=device))
-        return layer
-
-    @property
-    def exclusive(self) -> torch.Tensor:
-        """``V: [d, 2k]`` (``[d, 0]`` without gating)."""
-        if self.sgat_exclusive is None:
-            return self.sgat_channel_scale.new_zeros(self.sgat_channel_scale.shape[0], 0)
-        return self.sgat_exclusive
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [batch, seq, d]`` -> quantized ``x_s`` float32; any mix of token states."""
-        mask_state = self.mask_state.mask_state
-        if mask_state is None:
-            raise RuntimeError(
-                "A STaR-Quant layer ran before any mask state was recorded; "
-                "attach_mask_state() to the model's embedding and call the model with input_ids."
-            )
-        if x.shape[:-1] != mask_state.shape:
-            raise ValueError(
-                f"Input has leading shape {tuple(x.shape[:-1])} but the mask state is "
-                f"{tuple(mask_state.shape)}; expected x [batch, seq, d] matching the input_ids "
-                "of this forward (the embedding hook must see the same canvas)."
-            )
-        x = x.float()
-        if self.tac_matrices is not None:
-            x = apply_tac(x, TACParams(self.tac_matrices.float(), self.tac_bias.float()))
-        state = mask_state.long()
-        x_s = transform_input(x, state, self.exclusive.float(), self.sgat_channel_scale.float(),
-                              self.sgat_left.float(), self.sgat_right.float())
-        clip = self.sgat_act_clip.float()[state].unsqueeze(-1)
-        return fake_quantize_activation(x_s, self.act_args, clip)
-
-
 class StarQuantLinear(nn.Module):
     """``y = Q_a(x_s) W_q^T + b``: the integer GEMM of one linear after its group's
     ``StarQuantInputTransform``.
@@ -262,7 +145,12 @@ class StarQuantLinear(nn.Module):
     with it); the others borrow it (``owns_transform=False``: same object, not saved twice).
     ``layer.weight`` is the int8 codes for 8 bit (compressed-tensors' name) and the dequantized
     weight for 4 bit (whose codes are ``weight_packed``).
+
+    ``integer_gemm`` (default True) selects the exact integer path where it applies; set it
+    False on an instance to run the dequantize-and-matmul reference (module docstring).
     """
+
+    integer_gemm: bool = True
 
     def __init__(
         self,
@@ -414,9 +302,39 @@ class StarQuantLinear(nn.Module):
             return self.dequantized_weight()
         return super().__getattr__(name)
 
+    def integer_path_refusal(self) -> str | None:
+        """Why the exact integer GEMM does not cover this layer (then the reference path runs),
+        or None."""
+        weight_args, act_args = self.weight_args, self.act_args
+        if weight_args is None:
+            return "a dense float weight (no integer codes)"
+        if not weight_args.symmetric:
+            return "asymmetric weights (the integer GEMM has no zero-point term)"
+        if weight_args.strategy != "channel":
+            return (f"weight strategy {weight_args.strategy!r} (the integer GEMM rescales by "
+                    "one scale per output channel)")
+        if act_args is None or not act_args.symmetric or act_args.num_bits > 8 \
+                or act_args.strategy != "token":
+            return "activations other than symmetric per-token int of at most 8 bits"
+        if weight_args.num_bits == 4:
+            return int4_weight_readable()
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [batch, seq, d]`` -> ``[batch, seq, out]`` in ``x``'s dtype (computed in
-        float32); any mix of token states."""
+        float32); any mix of token states. The integer path unless ``integer_gemm`` is off or
+        ``integer_path_refusal()`` names a reason (logged once per reason)."""
         bias = None if self.bias is None else self.bias.float()
+        if self.integer_gemm:
+            refusal = self.integer_path_refusal()
+            if refusal is None:
+                codes, scale = self.transform.activation_codes(x)
+                d = codes.shape[-1]
+                weight = self._buffers.get("weight_packed", self._buffers.get("weight"))
+                y = int_gemm(codes.reshape(-1, d), scale.reshape(-1, 1), weight,
+                             self.weight_scale.float(), bias)
+                return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+            log_once(f"reference:{refusal}", f"STaR-Quant linears with {refusal} run the "
+                     "dequantize-and-matmul reference path instead (same result, slower).")
         y = F.linear(self.transform(x), self.dequantized_weight().float(), bias)
         return y.to(x.dtype)

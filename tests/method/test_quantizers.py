@@ -10,6 +10,7 @@ from starquant_plugin.method.quantizers import (
     fake_quantize_kv,
     fake_quantize_weight,
     gptq_quantize_weight,
+    quantize_activation,
     scheme_args,
     search_weight_clip,
 )
@@ -89,6 +90,34 @@ def test_on_grid_activations_are_exact():
     codes[:, 0] = -127
     x = codes * 0.03
     torch.testing.assert_close(fake_quantize_activation(x, act_args), x, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["W4A4", "W8A8"])
+def test_activation_codes_times_scale_are_the_fake_quantized_activations_bit_for_bit(scheme):
+    """The integer path's codes are the fake quantizer's: same scale (clip, floor), same
+    rounding, including ties (x / scale = n + 0.5), all-zero rows (the scale floor) and
+    clipped rows whose codes saturate at -2^(b-1)."""
+    _, args = scheme_args(scheme)
+    qmax = 2 ** (args.num_bits - 1) - 1
+    x = torch.randn(6, 5, 64, generator=_gen(7)) * torch.logspace(-3, 2, 5).reshape(5, 1)
+    x[0, 0] = 0.0
+    x[1, 1, :4] = torch.tensor([qmax, -qmax, 0.5, -2.5])  # scale 1: ties at 0.5 and -2.5
+    x[1, 1, 4:] = 0.0
+    clip = torch.rand(6, 5, 1, generator=_gen(8)) * 0.5 + 0.5
+    clip[1, 1] = 1.0
+    codes, scale = quantize_activation(x, args, clip)
+    assert codes.dtype == torch.int8 and scale.shape == (6, 5, 1)
+    assert torch.equal(codes.float() * scale, fake_quantize_activation(x, args, clip))
+    assert codes[1, 1, :4].tolist() == [qmax, -qmax, 0, -2]  # round half to even
+    assert codes.min() == -(qmax + 1)  # clipped negative outliers saturate at the grid's end
+    assert not codes[0, 0].any()
+
+
+def test_activation_codes_refuse_what_an_int8_gemm_cannot_take():
+    asymmetric = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="token",
+                                  dynamic=True)
+    with pytest.raises(ValueError, match="symmetric int of at most 8 bits"):
+        quantize_activation(torch.randn(2, 8), asymmetric)
 
 
 def test_activation_quantizer_passes_gradients_to_input_and_clip():

@@ -1,5 +1,9 @@
 """Runtime: the mask-state hook, StarQuantInputTransform and StarQuantLinear against the
-per-token reference formula, and one transform shared by a group of linears."""
+per-token reference formula, one transform shared by a group of linears (stored once and
+computed once per input), and the reference path where the integer GEMM does not apply."""
+
+import copy
+import logging
 
 import pytest
 import torch
@@ -220,3 +224,82 @@ def test_shared_transform_is_stored_once_and_follows_dtype_casts():
         # bf16 buffers shift a few W4A4 codes (~5% here), but it is still the same layer.
         error = (y.float() - y_fp32[name]).norm() / y_fp32[name].norm()
         assert error < 0.2, (name, error)
+
+
+def _count_transforms(transform: StarQuantInputTransform) -> list[int]:
+    """Count how often the group's transform really computes (TAC + SGAT + clip)."""
+    calls = [0]
+    compute = transform._transformed
+
+    def counted(*args):
+        calls[0] += 1
+        return compute(*args)
+
+    transform._transformed = counted
+    return calls
+
+
+def test_a_group_transforms_each_input_once_and_recomputes_after_any_change():
+    torch.manual_seed(0)
+    sgat = _sgat(out=2 * OUT)
+    weight_args, act_args = scheme_args("W4A4")
+    state = _state(torch.tensor([[1, 0, 1], [0, 0, 1]], dtype=torch.bool))
+    transform = StarQuantInputTransform(sgat, act_args, state)
+    q = StarQuantLinear.from_linear(nn.Linear(D, OUT), sgat, weight_args, transform,
+                                    weight_clip_rows=slice(0, OUT))
+    k = StarQuantLinear.from_linear(nn.Linear(D, OUT), sgat, weight_args, transform,
+                                    owns_transform=False, weight_clip_rows=slice(OUT, 2 * OUT))
+    calls = _count_transforms(transform)
+    x = torch.randn(2, 3, D, generator=torch.Generator().manual_seed(5))
+    y_q, y_k = q(x), k(x)
+    assert calls[0] == 1  # k reused q's codes
+    k.integer_gemm = False
+    torch.testing.assert_close(k(x), y_k, rtol=1e-5, atol=1e-5)  # reference: fake-quantized
+    assert calls[0] == 2
+    q.integer_gemm = False
+    q(x)
+    assert calls[0] == 2
+
+    x.mul_(2.0)  # in place: same tensor, new values
+    torch.testing.assert_close(q(x), 2 * (y_q - q.bias) + q.bias, rtol=1e-5, atol=1e-5)
+    state.mask_state = torch.tensor([[0, 0, 1], [1, 0, 1]], dtype=torch.bool)
+    q(x)
+    transform.load_state_dict(transform.state_dict())  # buffers copied in place
+    q(x)
+    assert calls[0] == 5
+
+    with torch.inference_mode():  # inference tensors have no version counter
+        x_inference = torch.randn(2, 3, D)
+        q(x_inference), k(x_inference)
+    assert calls[0] == 6
+    del x, x_inference  # freeing the input drops what was made of it
+    assert transform._last_input.results == {}
+    copy.deepcopy(q)(torch.randn(2, 3, D))
+
+
+def test_asymmetric_weights_run_the_reference_path_and_say_so_once(linear, caplog,
+                                                                   monkeypatch):
+    from starquant_plugin.method import integer_gemm
+    from starquant_plugin.method.runtime import weight_qparams
+
+    monkeypatch.setattr(integer_gemm, "_logged_reasons", set())
+    weight_args, act_args = scheme_args("W4A4")
+    weight_args.symmetric = False
+    mask = torch.tensor([[1, 0, 1]], dtype=torch.bool)
+    sgat = _sgat()
+    transform = StarQuantInputTransform(sgat, act_args, _state(mask))
+    weight_t = sgat.transformed_weight(linear.weight.detach())
+    scale, zero_point = weight_qparams(weight_t, weight_args)
+    layer = StarQuantLinear(fake_quantize_weight(weight_t, weight_args), linear.bias, transform,
+                            weight_args=weight_args, weight_scale=scale,
+                            weight_zero_point=zero_point)
+    assert "zero-point" in layer.integer_path_refusal()
+    x = torch.randn(1, 3, D, generator=torch.Generator().manual_seed(6))
+    with caplog.at_level(logging.WARNING):
+        y, again = layer(x), layer(x)
+    assert torch.equal(y, again)
+    layer.integer_gemm = False
+    assert torch.equal(layer(x), y)  # it is the reference path
+    assert [r.getMessage() for r in caplog.records] == [
+        "STaR-Quant linears with asymmetric weights (the integer GEMM has no zero-point term) "
+        "run the dequantize-and-matmul reference path instead (same result, slower)."]
