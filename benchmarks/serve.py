@@ -42,7 +42,7 @@ def make_checkpoints(family: str, out_dir: Path) -> dict[str, str]:
 
     from starquant_plugin.assets import TINY_MODELS
     from starquant_plugin.config import StarQuantArgs
-    from starquant_plugin.integrations.format import save_starquant
+    from starquant_plugin.integrations.saving import save_starquant
     from starquant_plugin.models.families import mask_token_id
     from starquant_plugin.models.loading import load_dllm
     from starquant_plugin.pipeline import quantize_dllm

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 import starquant_plugin  # noqa: F401  (registers the transformers loader)
 from starquant_plugin.assets import TINY_DREAM, TINY_LLADA
 from starquant_plugin.config import StarQuantArgs
-from starquant_plugin.integrations.format import save_starquant
+from starquant_plugin.integrations.saving import save_starquant
 from starquant_plugin.models import LLaDAConfig, LLaDAModelLM
 from starquant_plugin.models.families import family_of, mask_token_id, token_logits
 from starquant_plugin.models.loading import load_dllm

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from compressed_tensors.compressors import unpack_from_int32
 from compressed_tensors.quantization import QuantizationArgs
 from vllm.logger import init_logger
@@ -39,7 +38,8 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
-from starquant_plugin.method.quantizers import fake_quantize_activation
+from starquant_plugin.method.integer_gemm import int_gemm
+from starquant_plugin.method.quantizers import fake_quantize_activation, quantize_activation
 
 logger = init_logger(__name__)
 
@@ -59,18 +59,18 @@ def quantized_activation_matmul(
     weight_codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
     columns: slice,
 ) -> torch.Tensor:
-    """THE activation-quantized GEMM of the torch route: ``Q_a(x_s, clip)[:, columns] @
-    (codes * scale)^T + bias``.
+    """The activation-quantized GEMM of the torch route: ``Q_a(x_s, clip)[:, columns] @
+    (codes * scale)^T + bias``, float32.
 
     ``x_s: [tokens, d]`` float32 (full width, so the per-token scale sees the whole row),
     ``clip: [tokens, 1]``, ``weight_codes: int8 [out, d_local]``, ``weight_scale: [out, 1]``
-    float32, ``columns`` = this rank's input columns. Reference math today (fake-quantize,
-    dequantize, float32 matmul: exactly the transformers runtime's); the integer kernel of
-    issue 13 (int8 codes, ``torch._int_mm``, int32 accumulation) replaces this body.
+    float32, ``columns`` = this rank's input columns. The transformers runtime's integer GEMM
+    (``method.integer_gemm``: our int8 codes, exact int32 accumulation, per-token x
+    per-channel rescale), so both stacks compute the same numbers.
     """
-    x_q = fake_quantize_activation(x_s, act_args, clip)[:, columns]
-    weight = weight_codes.float() * weight_scale.float()
-    return F.linear(x_q, weight, None if bias is None else bias.float())
+    codes, scale = quantize_activation(x_s.float(), act_args, clip)
+    return int_gemm(codes[:, columns].contiguous(), scale, weight_codes, weight_scale,
+                    None if bias is None else bias.float())
 
 
 class TorchGemm:
@@ -147,16 +147,6 @@ class _VllmSchemeGemm:
         self.scheme.process_weights_after_loading(layer)
 
 
-def int8_activation_codes(x_s: torch.Tensor, clip: torch.Tensor, act_args: QuantizationArgs
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our per-token int8 activation codes ``[tokens, d]`` and scales ``[tokens, 1]`` float32:
-    ``fake_quantize_activation(x_s) == codes * scale`` exactly (the division by the scale
-    that produced a code gives it back, and rounding removes the float error)."""
-    scale = (x_s.abs().amax(dim=-1, keepdim=True) * clip / 127).clamp_min(1e-8)
-    x_q = fake_quantize_activation(x_s, act_args, clip)
-    return torch.round(x_q / scale).to(torch.int8), scale.float()
-
-
 class VllmInt8Gemm(_VllmSchemeGemm):
     """W8A8 through vLLM's int8 GEMM.
 
@@ -187,7 +177,7 @@ class VllmInt8Gemm(_VllmSchemeGemm):
             return self.scheme.apply_weights(layer, x_c, bias)
         from vllm import _custom_ops as ops
 
-        codes, scale = int8_activation_codes(x_s, clip, self.act_args)
+        codes, scale = quantize_activation(x_s.float(), self.act_args, clip)
         kernel = self.scheme.kernel
         _, _, _, _, azp_adj = kernel._get_layer_params(layer)
         out = torch.empty((codes.shape[0], kernel.dnnl_handler.n), dtype=out_dtype)

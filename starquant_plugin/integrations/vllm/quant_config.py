@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
@@ -74,25 +73,19 @@ class StarQuantVllmConfig(QuantizationConfig):
 
     def __init__(self, quantization_config: dict[str, Any]) -> None:
         super().__init__()
-        self.raw = quantization_config
         block = quantization_config.get("starquant") or {}
         _check_args(block.get("args") or {})
-        try:
-            self.args, ct_config = validate_config(quantization_config)
-        except ValidationError as error:
-            raise ValueError(
-                f"The checkpoint's quantization_config does not parse: {error}. This "
-                "starquant_plugin cannot serve it; upgrade starquant-plugin."
-            ) from error
+        parsed, ct_config = validate_config(quantization_config)  # errors name the field
+        self.args = parsed.args
         (scheme,) = ct_config.config_groups.values()
         self.weight_args, self.act_args = scheme.weights, scheme.input_activations
         _check_quantizers(self.weight_args, self.act_args)
-        self.block = block
-        self.kv_bits: int = block.get("kv_bits", self.args.resolved_kv_bits)
-        self.mask_token_id: int = block["mask_token_id"]
-        self.family: str | None = block.get("family")
+        self.kv_bits: int = parsed.kv_bits
+        self.mask_token_id: int = parsed.mask_token_id
+        self.family: str = parsed.family
         self.groups: dict[str, dict[str, Any]] = {
-            name: group for group in block["input_groups"] for name in group["linears"]}
+            name: group for group in (g.model_dump() for g in parsed.input_groups)
+            for name in group["linears"]}
 
     def __repr__(self) -> str:
         return (f"StarQuantVllmConfig(scheme={self.args.scheme}, kv_bits={self.kv_bits}, "
@@ -127,7 +120,7 @@ class StarQuantVllmConfig(QuantizationConfig):
 
     def check_model(self, family: str, mask_token_id: int) -> None:
         """Refuse a checkpoint quantized as another family or with another [MASK] id."""
-        if self.family not in (None, family):
+        if self.family != family:
             raise ValueError(
                 f"The checkpoint was quantized as a {self.family!r} model but is being "
                 f"served as {family!r}; its config.json is inconsistent."
