@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from starquant_plugin.cli.errors import UserError
+from starquant_plugin.cli.errors import non_negative_int, positive_int
 from starquant_plugin.cli.logs import route_llmcompressor_logs, status
 from starquant_plugin.cli.quantize import scheme_recipe
 from starquant_plugin.cli.table import markdown_table
@@ -42,11 +42,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scheme", default="W4A4", choices=["W4A4", "W4A8", "W8A8"],
                         help="scheme of both quantized models (W4A4)")
-    parser.add_argument("--samples", type=int, metavar="N", default=32,
+    parser.add_argument("--samples", type=positive_int, metavar="N", default=32,
                         help="calibration rows (32)")
-    parser.add_argument("--rows", type=int, metavar="N", default=64,
+    parser.add_argument("--rows", type=positive_int, metavar="N", default=64,
                         help="held-out rows to score (64)")
-    parser.add_argument("--epochs", type=int,
+    parser.add_argument("--epochs", type=non_negative_int,
                         help="override the STaR-Quant recipe's SGAT epochs (0 = no fit)")
     parser.add_argument("--out", metavar="DIR",
                         help="keep the checkpoints in DIR/rtn and DIR/starquant (a new or "
@@ -79,8 +79,6 @@ def _output_dir(out: str | None):
 
 def run(args: argparse.Namespace) -> None:
     """FP vs RTN vs STaR-Quant (recipe ``recipes/llada_<scheme>.yaml``) on the tiny LLaDA."""
-    if args.samples < 1 or args.rows < 1 or (args.epochs is not None and args.epochs < 0):
-        raise UserError("--samples and --rows must be positive and --epochs 0 or more.")
     output = _output_dir(args.out)
     route_llmcompressor_logs(args.verbose)
 

@@ -10,6 +10,7 @@ bugs and keep their traceback; ``starquant --debug`` shows the traceback for eve
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,22 @@ _CHECK_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotA
 
 class UserError(Exception):
     """A problem with the command's input; the message says what was wrong and the fix."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a count of rows, tokens, draws or steps."""
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: epochs (0 = no fit)."""
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text!r}")
+    return value
 
 
 def _innermost_file(error: BaseException) -> Path | None:

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from starquant_plugin.cli.errors import UserError
+from starquant_plugin.cli.errors import UserError, positive_int
 from starquant_plugin.cli.loading import DTYPES, load_model, resolve_model
 from starquant_plugin.cli.logs import status
 from starquant_plugin.cli.table import markdown_table
@@ -40,17 +40,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--reference", metavar="MODEL",
                         help="FP model to compare against (adds gen_agreement)")
     parser.add_argument("--text", metavar="FILE", help="UTF-8 text to score (default bundled)")
-    parser.add_argument("--rows", type=int, metavar="N", default=64,
+    parser.add_argument("--rows", type=positive_int, metavar="N", default=64,
                         help="rows of text to score (64)")
-    parser.add_argument("--seq-len", type=int, metavar="N", default=128,
+    parser.add_argument("--seq-len", type=positive_int, metavar="N", default=128,
                         help="tokens per row (128)")
-    parser.add_argument("--elbo-rows", type=int, metavar="N", default=16,
+    parser.add_argument("--elbo-rows", type=positive_int, metavar="N", default=16,
                         help="rows for the ELBO (16)")
-    parser.add_argument("--prompt-len", type=int, metavar="N", default=32,
+    parser.add_argument("--prompt-len", type=positive_int, metavar="N", default=32,
                         help="clean prompt tokens before the ELBO's continuation (32)")
-    parser.add_argument("--mc-num", type=int, metavar="N", default=16,
+    parser.add_argument("--mc-num", type=positive_int, metavar="N", default=16,
                         help="ELBO Monte-Carlo draws (16)")
-    parser.add_argument("--prompts", type=int, metavar="N", default=4,
+    parser.add_argument("--prompts", type=positive_int, metavar="N", default=4,
                         help="prompts for generation agreement (4, of 16 tokens each)")
     parser.add_argument("--seed", type=int, metavar="N", default=0,
                         help="seed of the masks and draws")
@@ -62,10 +62,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("rows", "seq_len", "elbo_rows", "mc_num", "prompts"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} is {getattr(args, name)}; pass a "
-                            "positive number.")
     if not 0 < args.prompt_len < args.seq_len:
         raise UserError(f"--prompt-len {args.prompt_len} must be between 1 and --seq-len - 1 "
                         f"({args.seq_len - 1}) so the ELBO has a continuation to score.")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from starquant_plugin.cli.errors import UserError
+from starquant_plugin.cli.errors import UserError, non_negative_int, positive_int
 from starquant_plugin.cli.loading import load_model
 from starquant_plugin.cli.logs import status
 
@@ -51,18 +51,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="new report directory")
     parser.add_argument("--scheme", choices=["W4A4", "W4A8", "W8A8"], default="W4A4",
                         help="scheme of the in-process RTN/SGAT/STaR-Quant models (W4A4)")
-    parser.add_argument("--epochs", type=int, metavar="N", default=15, help="SGAT fit epochs (15)")
-    parser.add_argument("--samples", type=int, metavar="N", default=32,
+    parser.add_argument("--epochs", type=non_negative_int, metavar="N", default=15,
+                        help="SGAT fit epochs (15)")
+    parser.add_argument("--samples", type=positive_int, metavar="N", default=32,
                         help="calibration rows (32)")
-    parser.add_argument("--seq-len", type=int, metavar="N", default=128,
+    parser.add_argument("--seq-len", type=positive_int, metavar="N", default=128,
                         help="tokens per row (128)")
-    parser.add_argument("--rows", type=int, metavar="N", default=16,
+    parser.add_argument("--rows", type=positive_int, metavar="N", default=16,
                         help="held-out rows measured (16)")
-    parser.add_argument("--prompts", type=int, metavar="N", default=4, help="sampler prompts (4)")
-    parser.add_argument("--steps", type=int, metavar="N", default=64, help="sampler steps (64)")
-    parser.add_argument("--gen-length", type=int, metavar="N", default=64,
+    parser.add_argument("--prompts", type=positive_int, metavar="N", default=4,
+                        help="sampler prompts (4)")
+    parser.add_argument("--steps", type=positive_int, metavar="N", default=64,
+                        help="sampler steps (64)")
+    parser.add_argument("--gen-length", type=positive_int, metavar="N", default=64,
                         help="tokens generated (64)")
-    parser.add_argument("--block-length", type=int, metavar="N", default=32,
+    parser.add_argument("--block-length", type=positive_int, metavar="N", default=32,
                         help="LLaDA block length (32)")
     parser.add_argument("--layers", help="blocks in the per-channel grid, e.g. 0,3 (default: "
                         "up to 4 spread over the model)")
@@ -72,13 +75,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> Path:
-    for name in ("samples", "seq_len", "rows", "prompts", "steps", "gen_length",
-                 "block_length"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} is {getattr(args, name)}; pass a "
-                            "positive number.")
-    if args.epochs < 0:
-        raise UserError(f"--epochs is {args.epochs}; pass 0 (no fit) or more.")
     if args.seq_len <= 16:
         raise UserError(f"--seq-len {args.seq_len} leaves no room after the 16-token prompts; "
                         "pass more than 16.")

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from starquant_plugin.assets import calibration_text
-from starquant_plugin.cli.errors import UserError
+from starquant_plugin.cli.errors import UserError, non_negative_int, positive_int
 from starquant_plugin.cli.loading import DTYPES, load_model, resolve_model
 from starquant_plugin.cli.logs import route_llmcompressor_logs, status
 from starquant_plugin.cli.table import markdown_table
@@ -68,13 +68,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="with --calib-dataset: split (train)")
     parser.add_argument("--calib-column", default="text", metavar="COLUMN",
                         help="with --calib-dataset: text column (text)")
-    parser.add_argument("--samples", type=int, metavar="N", default=32,
+    parser.add_argument("--samples", type=positive_int, metavar="N", default=32,
                         help="calibration rows (default 32)")
-    parser.add_argument("--seq-len", type=int, metavar="N", default=128,
+    parser.add_argument("--seq-len", type=positive_int, metavar="N", default=128,
                         help="tokens per row (default 128)")
     parser.add_argument("--seed", type=int, metavar="N", default=0,
                         help="seed of the calibration rows (and, with --scheme, of the fit)")
-    parser.add_argument("--epochs", type=int, metavar="N",
+    parser.add_argument("--epochs", type=non_negative_int, metavar="N",
                         help="override the SGAT fit epochs (0 = no fit)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="load dtype; scales and STaR tensors are stored in it")
@@ -101,12 +101,6 @@ def scheme_recipe(scheme: str, method: str, seed: int) -> str:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    for name in ("samples", "seq_len"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} is {getattr(args, name)}; pass a "
-                            "positive number.")
-    if args.epochs is not None and args.epochs < 0:
-        raise UserError(f"--epochs is {args.epochs}; pass 0 (no fit) or more.")
     dataset_only = {"calib_config": None, "calib_split": "train", "calib_column": "text"}
     stray = [f"--{k.replace('_', '-')}" for k, v in dataset_only.items()
              if getattr(args, k) != v]

@@ -38,3 +38,8 @@ def test_bad_input_is_one_line_naming_the_fix(argv, phrase, tmp_path):
     (tmp_path / "taken.json").write_text("{}")
     assert_user_error(starquant(*argv, *SMALL, cwd=tmp_path), phrase)
     assert (tmp_path / "taken.json").read_text() == "{}"
+
+
+def test_counts_must_be_positive(tmp_path):
+    result = starquant("eval", "tiny-llada", "--rows", 0, cwd=tmp_path)
+    assert_user_error(result, "argument --rows: must be a positive integer, got '0'", code=2)
