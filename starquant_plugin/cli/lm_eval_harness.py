@@ -50,7 +50,8 @@ def run_lm_eval(argv: list[str]) -> None:
                             "'starquant-plugin[eval]' (lm-eval==0.4.13).") from error
         raise
     if argv in ([], ["-h"], ["--help"]):
-        print(__doc__.strip() + "\n\n" + EXAMPLE + "\nlm-eval's own help follows.\n")
+        print(__doc__.strip().replace("``", "") + "\n\n" + EXAMPLE
+              + "\nlm-eval's own help follows.\n")
         argv = ["run", "--help"]
     sys.argv = ["starquant lm-eval", *argv]
     cli_evaluate()
