@@ -68,9 +68,11 @@ def _finder() -> _PostImportFinder:
 def when_imported(module_name: str, callback: Callable[[], None]) -> None:
     """Call ``callback()`` once ``module_name`` (a module's full dotted name) is imported: now
     if it already is, else right after its code has run. A module that is never imported
-    costs nothing. ``callback`` must be idempotent; the same function is queued once."""
+    costs nothing, and neither does one whose import is blocked (``sys.modules[name] =
+    None``). ``callback`` must be idempotent; the same function is queued once."""
     if module_name in sys.modules:
-        callback()
+        if sys.modules[module_name] is not None:
+            callback()
         return
     callbacks = _finder().callbacks.setdefault(module_name, [])
     if not any(getattr(c, "__qualname__", None) == callback.__qualname__

@@ -78,3 +78,10 @@ def test_when_imported_runs_after_the_module_and_keeps_its_loader(tmp_path, monk
     when_imported("starquant_fake_framework", callback)  # already imported: runs now
     assert seen == [42, 42]
     monkeypatch.delitem(sys.modules, "starquant_fake_framework")
+
+
+def test_a_blocked_import_runs_nothing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "starquant_blocked_framework", None)  # import blocked
+    calls = []
+    when_imported("starquant_blocked_framework", lambda: calls.append(1))
+    assert calls == []
