@@ -8,7 +8,7 @@ python3 -m venv .venv
 python -m pip install --quiet --upgrade pip
 # The CPU wheel first: a looser torch requirement would pull a multi-GB CUDA build.
 python -m pip install --quiet torch==2.13.0
-python -m pip install --quiet -e ".[compress,dev]"
+python -m pip install --quiet -e ".[compress,eval,dev]"
 # compressed-tensors 0.17 (what vLLM pins) in its own environment: the checkpoint's weight
 # groups must decompress there too (tests/compat/read_with_ct017.py).
 python3 -m venv .venv-ct017

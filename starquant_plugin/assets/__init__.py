@@ -9,6 +9,16 @@ ASSETS_DIR = Path(__file__).resolve().parent
 TINY_LLADA = ASSETS_DIR / "tiny-llada"
 TINY_DREAM = ASSETS_DIR / "tiny-dream"
 TINY_MODELS = {"llada": TINY_LLADA, "dream": TINY_DREAM}
+BUNDLED_MODELS = {f"tiny-{family}": path for family, path in TINY_MODELS.items()}
+"""The names the command line and the lm-eval model accept for the bundled models."""
+
+
+def resolve_bundled(model: str | Path) -> str | Path:
+    """``tiny-llada``/``tiny-dream`` -> the bundled folder, unless a path of that name exists;
+    anything else unchanged."""
+    if str(model) in BUNDLED_MODELS and not Path(model).exists():
+        return BUNDLED_MODELS[str(model)]
+    return model
 
 
 CALIBRATION_FRACTION = 0.3

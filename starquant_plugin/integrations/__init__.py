@@ -1,17 +1,50 @@
 """Framework glue: each submodule imports its framework, so ``import starquant_plugin`` works
-without the optional extras (``compress``: llm-compressor, ``serve``: vLLM)."""
+without the optional extras (``compress``: llm-compressor, ``eval``: lm-eval, ``serve``: vLLM)
+and without paying for their imports.
 
-import importlib.util
+llm-compressor and lm-eval are registered with lazily: ``when_imported`` runs the
+registration as soon as the framework is imported (or at once if it already is), so recipes
+naming ``STaRQuantModifier`` and ``lm_eval --model starquant`` lookups resolve in whichever
+order the user imports.
+"""
+
+import importlib
+import sys
+
+from starquant_plugin.integrations.post_import import when_imported
+
+_LLMCOMPRESSOR_GLUE = "starquant_plugin.integrations.llmcompressor"
+LM_EVAL_MODEL_NAME = "starquant"
+"""The name ``lm_eval --model`` takes for LLaDA/Dream (FP or STaR-Quant) models."""
+LM_EVAL_MODEL_PATH = "starquant_plugin.integrations.lm_eval:DiffusionLM"
+
+
+def _register_modifier() -> None:
+    # Importing the glue registers the modifier at its end; if it is already imported (or
+    # being imported, e.g. it is what triggered llm-compressor's import) that happened or
+    # will happen there.
+    if _LLMCOMPRESSOR_GLUE not in sys.modules:
+        importlib.import_module(_LLMCOMPRESSOR_GLUE)
 
 
 def register_llmcompressor() -> None:
-    """Make ``STaRQuantModifier`` resolvable in llm-compressor recipes when llm-compressor is
-    installed (the ``compress`` extra); otherwise do nothing. Idempotent."""
-    if importlib.util.find_spec("llmcompressor") is None:
-        return
-    from starquant_plugin.integrations.llmcompressor import register_modifier
+    """Make ``STaRQuantModifier`` resolvable in llm-compressor recipes once llm-compressor is
+    imported (the ``compress`` extra), without importing it. Idempotent."""
+    when_imported("llmcompressor", _register_modifier)
 
-    register_modifier()
+
+def _register_lm_eval_model() -> None:
+    import lm_eval.models  # noqa: F401  lm-eval's own models: it skips them once any is registered
+    from lm_eval.api.registry import model_registry
+
+    if LM_EVAL_MODEL_NAME not in model_registry:
+        model_registry.register(LM_EVAL_MODEL_NAME, target=LM_EVAL_MODEL_PATH)
+
+
+def register_lm_eval() -> None:
+    """Make ``simple_evaluate(model="starquant")`` resolve once lm-eval's registry is imported
+    (a lazy ``module:Class`` entry: the adapter is imported only when a run uses it)."""
+    when_imported("lm_eval.api.registry", _register_lm_eval_model)
 
 
 def register_transformers() -> None:

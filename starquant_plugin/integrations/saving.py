@@ -39,10 +39,12 @@ CHECKPOINT_FILES = (
     "config.json", "generation_config.json", "model.safetensors.index.json", "recipe.yaml",
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-    "chat_template.json",
+    "chat_template.json", "quantization_report.json", "quality.json",
 )
-"""Files a checkpoint folder holds (besides ``*.safetensors``); ``overwrite=True`` replaces a
-folder only when it holds nothing else."""
+"""Files a checkpoint folder holds (besides ``*.safetensors``): the model's, the tokenizer's,
+the recipe, and what ``starquant quantize``/``demo`` put beside them (the run's report, the
+quality numbers the Hub card shows). ``overwrite=True`` replaces a folder only when it holds
+nothing else."""
 
 _TMP, _OLD = "tmp", "old"
 """Sibling directories of an atomic save: ``.<name>.tmp-<pid>-<id>`` (being written) and
@@ -146,6 +148,21 @@ def clean_interrupted_saves(out_dir: Path) -> None:
                            "%s; move it back or delete it.", path, out_dir)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling file and a rename, so a reader
+    (or a crash) never sees half a file. Overwrites ``path``; callers ask the user first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, _TMP)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and only
     deleted once ``new`` is in place (restored if the rename fails)."""
@@ -207,6 +224,7 @@ def save_starquant(
     recipe: str | os.PathLike | Any = None,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a STaR-Quant checkpoint of ``model`` to ``out_dir`` atomically.
 
@@ -217,7 +235,9 @@ def save_starquant(
     ``args`` defaults to the ones recorded on ``model.config``. An ``out_dir`` that is not
     empty is refused unless ``overwrite=True``, which replaces a checkpoint folder (one that
     holds other files is refused). The config's ``auto_map`` is dropped: the hub's remote code
-    cannot load this checkpoint, only ``import starquant_plugin`` can.
+    cannot load this checkpoint, only ``import starquant_plugin`` can. ``extra_files``:
+    ``{name: text}`` written beside the checkpoint in the same atomic step (names from
+    ``CHECKPOINT_FILES`` that the save itself does not write, e.g. the run's report).
     """
     check_usable(model)
     out_dir = check_output_dir(out_dir, overwrite)
@@ -228,6 +248,16 @@ def save_starquant(
             "StarQuantArgs or modifier.starquant_args() the model was quantized with)."
         )
     recipe_text = None if recipe is None else recipe_yaml(recipe)
+    extra_files = dict(extra_files or {})
+    written_by_save = {"config.json", "generation_config.json", "model.safetensors.index.json",
+                       "recipe.yaml"}
+    bad = [name for name in extra_files
+           if name not in CHECKPOINT_FILES or name in written_by_save or "/" in name]
+    if bad:
+        raise ValueError(
+            f"extra_files {bad} would be overwritten by the save or are not checkpoint files; "
+            f"pass names from {sorted(set(CHECKPOINT_FILES) - written_by_save)}."
+        )
     quantization_config = quantization_config_dict(model, args)
     clean_interrupted_saves(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -248,6 +278,8 @@ def save_starquant(
             tokenizer.save_pretrained(tmp_dir)
         if recipe_text is not None:
             (tmp_dir / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+        for name, text in extra_files.items():
+            (tmp_dir / name).write_text(text, encoding="utf-8")
         check_checkpoint(tmp_dir)
         _replace_dir(tmp_dir, out_dir)
     except BaseException:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from starquant_plugin.models.families import family_of, mask_token_id, token_logits
-from starquant_plugin.models.sampling import dream_generate, llada_generate
+from starquant_plugin.models.sampling import dream_generate, guided_logits, llada_generate
 
 MASK_RATIOS = (0.15, 0.5, 0.85)
 
@@ -88,27 +88,35 @@ def elbo_log_likelihood(
     mc_num: int = 128,
     batch_size: int = 16,
     seed: int = 0,
+    cfg_scale: float = 0.0,
 ) -> float:
     """Monte-Carlo ELBO of ``log p(target | prompt)`` as LLaDA's likelihood evaluation does.
 
     Each draw masks k target tokens (prompt clean), with k stratified over the batch; the CE on
-    masked tokens is weighted by ``L_target / k``. prompt_ids: [P], target_ids: [L].
+    masked tokens is weighted by ``L_target / k``. prompt_ids: [P] (may be empty), target_ids:
+    [L], on the model's device. ``cfg_scale > 0`` scores with classifier-free guidance
+    (``guided_logits``), as LLaDA's evaluation does for some tasks.
     """
     if mc_num % batch_size:
         raise ValueError(f"mc_num ({mc_num}) must be a multiple of batch_size ({batch_size}).")
     mask_id = mask_token_id(model)
     generator = torch.Generator().manual_seed(seed)
+    device = target_ids.device
     target_len, prompt_len = len(target_ids), len(prompt_ids)
     sequence = torch.cat([prompt_ids, target_ids])[None].repeat(batch_size, 1)
+    prompt_mask = (torch.arange(sequence.shape[1], device=device) < prompt_len).expand_as(
+        sequence)
     losses = []
     for _ in range(mc_num // batch_size):
         k = torch.randint(1, target_len + 1, (), generator=generator).item()
         counts = torch.linspace(k, k + (batch_size - 1) * target_len / batch_size, batch_size)
-        counts = (counts.round().long() - 1) % target_len + 1
+        counts = ((counts.round().long() - 1) % target_len + 1).to(device)
         ranks = torch.rand(batch_size, target_len, generator=generator).argsort(1).argsort(1)
-        target_mask = ranks < counts[:, None]
-        mask = torch.cat([torch.zeros(batch_size, prompt_len, dtype=torch.bool), target_mask], 1)
-        logits = token_logits(model, sequence.masked_fill(mask, mask_id))
+        target_mask = ranks.to(device) < counts[:, None]
+        mask = torch.cat([torch.zeros(batch_size, prompt_len, dtype=torch.bool, device=device),
+                          target_mask], 1)
+        logits = guided_logits(model, sequence.masked_fill(mask, mask_id), prompt_mask,
+                               cfg_scale)
         ce = F.cross_entropy(logits[mask].float(), sequence[mask], reduction="none")
         weights = (target_len / counts)[:, None].expand(-1, sequence.shape[1])[mask]
         losses.append((ce * weights).sum().item() / batch_size)

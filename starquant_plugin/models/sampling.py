@@ -57,6 +57,18 @@ def _transfer_counts(masked: torch.Tensor, steps: int) -> torch.LongTensor:
     return counts
 
 
+def guided_logits(model: PreTrainedModel, x: torch.LongTensor, prompt_mask: torch.Tensor,
+                  cfg_scale: float) -> torch.Tensor:
+    """Position-aligned logits of ``x`` [batch, seq]; with ``cfg_scale > 0``, LLaDA's
+    classifier-free guidance: ``uncond + (cfg_scale + 1) (cond - uncond)``, where the
+    unconditional input has the prompt (``prompt_mask`` [batch, seq]) masked too."""
+    if cfg_scale <= 0:
+        return token_logits(model, x)
+    unconditional = x.masked_fill(prompt_mask, mask_token_id(model))
+    cond, uncond = token_logits(model, torch.cat([x, unconditional])).chunk(2)
+    return uncond + (cfg_scale + 1) * (cond - uncond)
+
+
 @torch.no_grad()
 def llada_generate(
     model: PreTrainedModel,
@@ -99,12 +111,7 @@ def llada_generate(
             if return_canvases:
                 output.canvases.append(x.clone())
             masked = x == mask_id
-            if cfg_scale > 0:
-                unconditional = x.masked_fill(prompt_mask, mask_id)
-                cond, uncond = token_logits(model, torch.cat([x, unconditional])).chunk(2)
-                logits = uncond + (cfg_scale + 1) * (cond - uncond)
-            else:
-                logits = token_logits(model, x)
+            logits = guided_logits(model, x, prompt_mask.expand_as(x), cfg_scale)
             x0 = _gumbel_argmax(logits, temperature, generator)
             if remasking == "low_confidence":
                 confidence = F.softmax(logits.float(), -1).gather(-1, x0[..., None])[..., 0]

@@ -17,7 +17,11 @@ from starquant_plugin.assets import TINY_MODELS
 from starquant_plugin.config import StarQuantArgs
 from starquant_plugin.integrations.format import check_checkpoint
 from starquant_plugin.integrations.llmcompressor import load_starquant_recipe
-from starquant_plugin.integrations.saving import mark_unusable, save_starquant
+from starquant_plugin.integrations.saving import (
+    mark_unusable,
+    save_starquant,
+    write_text_atomic,
+)
 from starquant_plugin.pipeline import quantize_dllm
 from tests.integrations.reload_in_fresh_process import record_expected, reload_in_fresh_process
 from tests.integrations.tiny_oneshot import calibration_dataset, run_oneshot, tiny_model
@@ -164,6 +168,26 @@ def test_missing_recipe_file_is_refused_before_writing(quantized, tmp_path):
     with pytest.raises(ValueError, match="not a YAML mapping"):
         save_starquant(quantized, tmp_path / "out", recipe="- just\n- a list\n")
     assert not any(tmp_path.iterdir())
+
+
+def test_extra_files_are_written_with_the_checkpoint_and_count_as_part_of_it(quantized,
+                                                                            tmp_path):
+    target = tmp_path / "ckpt"
+    save_starquant(quantized, target, extra_files={"quantization_report.json": "{}\n"})
+    assert (target / "quantization_report.json").read_text() == "{}\n"
+    save_starquant(quantized, target, overwrite=True)  # replaced: report and quality are ours
+    assert not (target / "quantization_report.json").exists()
+    for bad in ("config.json", "notes.txt", "../escape.json"):
+        with pytest.raises(ValueError, match="extra_files"):
+            save_starquant(quantized, tmp_path / "other", extra_files={bad: "x"})
+    assert not (tmp_path / "other").exists()
+
+
+def test_write_text_atomic_leaves_no_temporary_file(tmp_path):
+    path = write_text_atomic(tmp_path / "sub" / "results.json", "{}\n")
+    write_text_atomic(path, "[]\n")
+    assert path.read_text() == "[]\n"
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]
 
 
 def test_leftovers_of_interrupted_saves_are_cleaned_or_reported(quantized, tmp_path, caplog):

@@ -41,3 +41,14 @@ def test_generation_agreement_is_one_for_identical_models_and_lower_otherwise():
     prompts = torch.randint(0, 60, (2, 4))
     assert generation_agreement(generate, tiny_llada(0), tiny_llada(0), prompts) == 1.0
     assert generation_agreement(generate, tiny_llada(0), tiny_llada(5), prompts) < 1.0
+
+
+def test_elbo_with_guidance_needs_a_prompt_to_change_anything():
+    model = tiny_llada()
+    prompt, target = torch.arange(3, 11), torch.arange(20, 28)
+    plain = elbo_log_likelihood(model, prompt, target, mc_num=8, batch_size=4)
+    guided = elbo_log_likelihood(model, prompt, target, mc_num=8, batch_size=4, cfg_scale=1.0)
+    assert guided != plain
+    empty = torch.zeros(0, dtype=torch.long)  # unconditional == conditional without a prompt
+    assert elbo_log_likelihood(model, empty, target, mc_num=8, batch_size=4, cfg_scale=1.0) \
+        == elbo_log_likelihood(model, empty, target, mc_num=8, batch_size=4)

@@ -1,7 +1,8 @@
 """llm-compressor integration: ``STaRQuantModifier`` for ``oneshot`` recipes.
 
-Needs the ``compress`` extra. ``starquant_plugin.register()`` calls ``register_modifier`` when
-llm-compressor is installed, so a YAML recipe naming ``STaRQuantModifier`` resolves.
+Needs the ``compress`` extra. Importing this module registers the modifier with llm-compressor's
+``ModifierFactory``; ``import starquant_plugin`` arranges for that import to happen as soon as
+llm-compressor itself is imported, so a YAML recipe naming ``STaRQuantModifier`` resolves.
 """
 
 from starquant_plugin.integrations.llmcompressor.modifier import (
@@ -20,6 +21,8 @@ def register_modifier() -> None:
 
     ModifierFactory.register(STaRQuantModifier.__name__, STaRQuantModifier)
 
+
+register_modifier()
 
 __all__ = ["STaRQuantModifier", "bundled_recipe", "load_starquant_recipe", "register_modifier",
            "resolve_block_groups"]
