@@ -1,16 +1,17 @@
 """The pieces of the vLLM path that can be checked without an engine: the clip-as-clamp
-trick in front of vLLM's int8 quantizer, our int8 codes, the oneDNN probe, the pooler's
-statistics and the driver's reconstruction of them."""
+trick in front of vLLM's int8 quantizer, the torch route's integer GEMM, the oneDNN probe,
+the pooler's statistics and the driver's reconstruction of them."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from vllm.platforms import current_platform
 
 from starquant_plugin.integrations.vllm.driver import pseudo_logits, unshift
 from starquant_plugin.integrations.vllm.gemm import (
     clamp_to_clip,
     cpu_onednn_int8_is_exact,
-    int8_activation_codes,
+    quantized_activation_matmul,
 )
 from starquant_plugin.integrations.vllm.pooler import position_statistics, realign_shifted
 from starquant_plugin.method.quantizers import fake_quantize_activation, scheme_args
@@ -40,13 +41,22 @@ def test_clamp_gives_vllms_dynamic_int8_quantizer_our_scale_but_not_our_minus_12
         assert differs.any() == (ratio < 1.0)
 
 
-def test_our_int8_codes_are_the_fake_quantizer_exactly():
-    _, act_args = scheme_args("W8A8")
+@pytest.mark.parametrize("scheme", ["W4A4", "W8A8"])
+def test_torch_route_is_the_dequantize_and_matmul_reference(scheme):
+    """The torch route's integer GEMM on a tensor-parallel column slice equals the reference
+    (fake-quantized activations times dequantized weights) up to float32 rounding."""
+    weight_args, act_args = scheme_args(scheme)
     x = _activations(1)
     clip = torch.rand(x.shape[0], 1, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.5
-    codes, scale = int8_activation_codes(x, clip, act_args)
-    assert codes.dtype == torch.int8 and int(codes.min()) >= -128
-    assert torch.equal(codes.float() * scale, fake_quantize_activation(x, act_args, clip))
+    high = 2 ** (weight_args.num_bits - 1)
+    codes = torch.randint(-high, high, (64, 64), generator=torch.Generator().manual_seed(3),
+                          dtype=torch.int8)
+    scale, bias = torch.rand(64, 1) / 100, torch.randn(64)
+    columns = slice(64, 128)  # this rank's half of the input
+    out = quantized_activation_matmul(x, clip, act_args, codes, scale, bias, columns)
+    reference = F.linear(fake_quantize_activation(x, act_args, clip)[:, columns],
+                         codes.float() * scale, bias)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_the_onednn_probe_agrees_with_a_direct_measurement():
