@@ -26,9 +26,12 @@ from starquant_plugin.method.sgat import (
 )
 from starquant_plugin.method.tac import TACParams, apply_tac, fit_tac
 from starquant_plugin.method.transforms import (
+    hadamard,
     kronecker_apply,
     kronecker_factors,
     random_hadamard,
+    random_orthogonal,
+    rotate_value_heads,
     smoothquant_scales,
 )
 
@@ -51,9 +54,12 @@ __all__ = [
     "fit_sgat",
     "fit_tac",
     "gptq_quantize_weight",
+    "hadamard",
     "kronecker_apply",
     "kronecker_factors",
     "random_hadamard",
+    "random_orthogonal",
+    "rotate_value_heads",
     "scheme_args",
     "search_weight_clip",
     "smoothquant_scales",
