@@ -32,6 +32,8 @@ from starquant_plugin.method import (
     fit_sgat,
     fit_tac,
     gptq_quantize_weight,
+    hadamard,
+    rotate_value_heads,
     scheme_args,
     smoothquant_scales,
     static_sgat,
@@ -100,9 +102,15 @@ def quantize_linear_group(
     by_state = _split_by_state(x, mask_state)
     generator = torch.Generator().manual_seed(args.seed)
     if args.transform == "learned":
+        init_scale = None
+        if args.init_scale == "smoothquant":  # x -> x / s
+            init_scale = 1.0 / smoothquant_scales(x.reshape(-1, d).abs().amax(0), weight,
+                                                  args.init_scale_alpha)
         sgat = fit_sgat(weight, by_state[MASKED], by_state[UNMASKED], weight_args, act_args,
                         k=args.exclusive_width(d), factors=args.factors(d), epochs=args.epochs,
-                        lr=args.lr, lr_clip=args.lr_clip, seed=args.seed)
+                        lr=args.lr, lr_clip=args.lr_clip, seed=args.seed,
+                        init_scale=init_scale, init_rotation=args.init_rotation,
+                        lr_schedule=args.lr_schedule)
     else:
         sgat = _static_transform(args, weight, x.reshape(-1, d), generator)
     dtype = linears[0].weight.dtype  # STaR tensors and scales are stored in the model's dtype
@@ -138,6 +146,30 @@ def fit_attention_tac(z_fp: torch.Tensor, z_quant: torch.Tensor, args: StarQuant
                    z_quant.reshape(-1, z_quant.shape[-1]).float(),
                    group_size=args.tac_group_size, damping=args.tac_damping,
                    shrinkage=args.tac_shrinkage, method=args.tac_method)
+
+
+def rotate_value_heads_(block: nn.Module, family: DLLMFamily) -> torch.Tensor:
+    """Fold a per-head Hadamard into ``block``'s value projection rows and output projection
+    columns in place (QuaRot's V rotation, exact up to the weights' dtype); returns ``H:
+    [head_dim, head_dim]``, which maps FP attention outputs into the rotated basis."""
+    value, readers = next(pair for pair in family.scale_pairs
+                          if pair[1] == (family.attention_output,))
+    v_proj, o_proj = block.get_submodule(value), block.get_submodule(readers[0])
+    if not (isinstance(v_proj, nn.Linear) and isinstance(o_proj, nn.Linear)):
+        raise ValueError(
+            f"kv_rotation folds a rotation into {value} and {readers[0]}, but one of them is "
+            f"already quantized ({type(v_proj).__name__}, {type(o_proj).__name__}); quantize "
+            "the attention's linear groups in one run."
+        )
+    head_dim = block.get_submodule(family.attention_module).head_dim
+    with torch.no_grad():
+        v_weight, v_bias, o_weight = rotate_value_heads(v_proj.weight, v_proj.bias,
+                                                        o_proj.weight, head_dim)
+        v_proj.weight.copy_(v_weight)
+        o_proj.weight.copy_(o_weight)
+        if v_bias is not None:
+            v_proj.bias.copy_(v_bias)
+    return hadamard(head_dim)
 
 
 def _capture_input(
@@ -228,11 +260,18 @@ def quantize_block(
     all_states = torch.cat(states)
     attention = block.get_submodule(family.attention_module)
     attention.kv_bits = args.resolved_kv_bits
+    value_rotation = None
+    if args.resolved_kv_rotation:
+        value_rotation = rotate_value_heads_(block, family)
+        attention.k_rotation = True
     for group in family.linear_groups if groups is None else groups:
         tac = None
         if args.tac and group == (family.attention_output,):
             z_fp = _capture_input(fp_block, family.attention_output, fp_inputs, states,
                                   shared_state)
+            if value_rotation is not None:  # TAC's target in the rotated basis
+                head_dim = value_rotation.shape[0]
+                z_fp = (z_fp.float().unflatten(-1, (-1, head_dim)) @ value_rotation).flatten(-2)
             z_quant = _capture_input(block, family.attention_output, q_inputs, states,
                                      shared_state)
             dtype = block.get_submodule(group[0]).weight.dtype
@@ -250,6 +289,7 @@ def quantize_block(
             "residual_masked": sgat.residual_masked,
             "residual_unmasked": sgat.residual_unmasked,
             "final_loss": sgat.loss_history[-1] if sgat.loss_history else float("nan"),
+            **{f"fit_{stage}_seconds": seconds for stage, seconds in sgat.seconds.items()},
         }
 
 

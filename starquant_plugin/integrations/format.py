@@ -70,6 +70,12 @@ FORWARD = (
     "quantizer (dynamic, per token)"
 )
 
+K_ROTATION = "hadamard"
+"""``starquant.k_rotation`` when K is rotated before its quantizer: queries and keys of every
+head, after RoPE, times the normalised Sylvester Hadamard ``H_hd / sqrt(hd)`` (no random signs;
+``method.transforms.hadamard``); V's rotation is already folded into the weights. null: no
+rotation."""
+
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 
@@ -164,6 +170,7 @@ def quantization_config_dict(model: PreTrainedModel, args: StarQuantArgs) -> dic
             "family": family.name,
             "mask_token_id": mask_token_id(model),
             "kv_bits": args.resolved_kv_bits,
+            "k_rotation": K_ROTATION if args.resolved_kv_rotation else None,
             "input_groups": input_groups(model),
             "tensors": dict(STAR_TENSORS),
             "forward": FORWARD,

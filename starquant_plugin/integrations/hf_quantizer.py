@@ -25,6 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from starquant_plugin.config import QUANT_METHOD
 from starquant_plugin.integrations.format import (
+    K_ROTATION,
     check_missing,
     checkpoint_keys,
     expected_tensors,
@@ -127,11 +128,19 @@ class StarQuantHfQuantizer(HfQuantizer):
             check_missing(expected_tensors(block["input_groups"], ct_config.format),
                           checkpoint_keys(checkpoint_files), str(checkpoint_files[0]))
         kv_bits = block.get("kv_bits", config.args.resolved_kv_bits)
+        k_rotation = block.get("k_rotation")
+        if k_rotation not in (None, K_ROTATION):
+            raise ValueError(
+                f"starquant.k_rotation is {k_rotation!r}; this starquant_plugin knows "
+                f"{K_ROTATION!r} (or null). Upgrade starquant_plugin to load this checkpoint."
+            )
         if kv_bits < 16:
             for block_name, decoder_block in model.named_modules():
                 if type(decoder_block).__name__ == family.block_class and any(
                         name.startswith(f"{block_name}.") for name in listed):
-                    decoder_block.get_submodule(family.attention_module).kv_bits = kv_bits
+                    attention = decoder_block.get_submodule(family.attention_module)
+                    attention.kv_bits = kv_bits
+                    attention.k_rotation = k_rotation == K_ROTATION
             use_kv_quantized_attention(model)
         return model
 
