@@ -161,7 +161,7 @@ def run_all(out: Path, seq: int, schemes: tuple[str, ...], work_dir: Path) -> di
 
     from starquant_plugin.assets import TINY_MODELS
     from starquant_plugin.config import StarQuantArgs
-    from starquant_plugin.integrations.format import save_starquant
+    from starquant_plugin.integrations.saving import save_starquant
     from starquant_plugin.models.families import family_of, mask_token_id
     from starquant_plugin.models.loading import load_dllm
     from starquant_plugin.pipeline import quantize_dllm

@@ -23,12 +23,12 @@ from llmcompressor import oneshot
 
 from starquant_plugin.assets import TINY_LLADA, calibration_text, evaluation_text
 from starquant_plugin.integrations.calibration_dataset import dllm_calibration_dataset
-from starquant_plugin.integrations.format import check_output_dir, save_starquant
 from starquant_plugin.integrations.llmcompressor import (
     STaRQuantModifier,
     bundled_recipe,
     load_starquant_recipe,
 )
+from starquant_plugin.integrations.saving import check_output_dir, save_starquant
 from starquant_plugin.models.evaluation import masked_token_metrics, text_rows
 from starquant_plugin.models.families import family_of
 from starquant_plugin.models.loading import load_dllm

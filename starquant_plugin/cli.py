@@ -33,16 +33,13 @@ def _oneshot(model, dataset, recipe, num_samples: int) -> float:
 def demo(args: argparse.Namespace) -> None:
     """FP vs RTN vs STaR-Quant (recipe ``recipes/llada_<scheme>.yaml``) on the tiny LLaDA."""
     from starquant_plugin.integrations.calibration_dataset import dllm_calibration_dataset
-    from starquant_plugin.integrations.format import (
-        bytes_by_part,
-        checkpoint_tensor_bytes,
-        save_starquant,
-    )
+    from starquant_plugin.integrations.format import bytes_by_part, checkpoint_tensor_bytes
     from starquant_plugin.integrations.llmcompressor import (
         STaRQuantModifier,
         bundled_recipe,
         load_starquant_recipe,
     )
+    from starquant_plugin.integrations.saving import save_starquant
     from starquant_plugin.models.evaluation import greedy_generate
 
     torch.manual_seed(0)
@@ -51,7 +48,7 @@ def demo(args: argparse.Namespace) -> None:
     prompts = rows[:4, :16]
     recipe_path = bundled_recipe("llada", args.scheme)
     print(f"tiny LLaDA ({sum(p.numel() for p in fp_model.parameters()) / 1e6:.1f} M params), "
-          f"{args.scheme}, recipe {recipe_path.name}, {args.samples} calibration rows")
+          f"{args.scheme}, recipe {Path(recipe_path).name}, {args.samples} calibration rows")
     # Built once from the FP model (its sampler records the trajectory states) for both runs.
     dataset = dllm_calibration_dataset(fp_model, tokenizer, [calibration_text()],
                                        num_samples=args.samples)

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from starquant_plugin.config import StarQuantArgs
+from starquant_plugin.integrations.format import attach_quantization_config
+from starquant_plugin.integrations.saving import bind_save_pretrained
 from starquant_plugin.method import (
     MASKED,
     UNMASKED,
@@ -40,7 +42,22 @@ from starquant_plugin.method import (
 )
 from starquant_plugin.method.runtime import weight_qparams
 from starquant_plugin.models.attention import use_kv_quantized_attention
-from starquant_plugin.models.families import DLLMFamily, family_of, mask_token_id
+from starquant_plugin.models.families import (
+    DLLMFamily,
+    decoder_blocks,
+    family_of,
+    mask_token_id,
+)
+from starquant_plugin.safeguards import (
+    CalibrationError,
+    check_calibration_rows,
+    check_finite_activations,
+    check_finite_fit,
+    group_location,
+    undo_or_mark_unusable,
+    validate_for_model,
+    warn_on_one_state,
+)
 
 
 @dataclass
@@ -54,10 +71,6 @@ class QuantizationReport:
 
 class _StopForward(Exception):
     """Raised by a hook once the inputs it wanted are captured."""
-
-
-def decoder_blocks(model: PreTrainedModel, family: DLLMFamily) -> list[nn.Module]:
-    return [m for m in model.modules() if type(m).__name__ == family.block_class]
 
 
 def _static_transform(
@@ -146,6 +159,16 @@ def fit_attention_tac(z_fp: torch.Tensor, z_quant: torch.Tensor, args: StarQuant
                    z_quant.reshape(-1, z_quant.shape[-1]).float(),
                    group_size=args.tac_group_size, damping=args.tac_damping,
                    shrinkage=args.tac_shrinkage, method=args.tac_method)
+
+
+def _value_rotation_params(block: nn.Module, family: DLLMFamily) -> list[torch.Tensor]:
+    """The parameters ``rotate_value_heads_`` changes in place (v_proj weight and bias, the
+    output projection's weight), for ``quantize_block`` to restore if the block fails."""
+    value, readers = next(pair for pair in family.scale_pairs
+                          if pair[1] == (family.attention_output,))
+    v_proj, o_proj = block.get_submodule(value), block.get_submodule(readers[0])
+    return [p for p in (getattr(v_proj, "weight", None), getattr(v_proj, "bias", None),
+                        getattr(o_proj, "weight", None)) if p is not None]
 
 
 def rotate_value_heads_(block: nn.Module, family: DLLMFamily) -> torch.Tensor:
@@ -257,14 +280,39 @@ def quantize_block(
     states: per batch ``[batch, seq]`` token states. groups: which of ``family.linear_groups``
     to quantize (default all). Shared by ``quantize_dllm`` and the llm-compressor modifier.
     """
-    all_states = torch.cat(states)
+    groups = family.linear_groups if groups is None else groups
+    originals = {name: block.get_submodule(name) for group in groups for name in group}
     attention = block.get_submodule(family.attention_module)
-    attention.kv_bits = args.resolved_kv_bits
-    value_rotation = None
-    if args.resolved_kv_rotation:
-        value_rotation = rotate_value_heads_(block, family)
-        attention.k_rotation = True
-    for group in family.linear_groups if groups is None else groups:
+    saved = {key: attention.__dict__.get(key) for key in ("kv_bits", "k_rotation")}
+    unrotated: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        value_rotation = None
+        if args.resolved_kv_rotation:
+            unrotated = [(p, p.detach().clone()) for p in _value_rotation_params(block, family)]
+            value_rotation = rotate_value_heads_(block, family)
+            attention.k_rotation = True
+        _quantize_groups(block, fp_block, q_inputs, fp_inputs, states, shared_state, args,
+                         family, report, index, groups, value_rotation)
+    except BaseException:
+        for name, linear in originals.items():  # leave the block as it was
+            block.set_submodule(name, linear)
+        with torch.no_grad():  # undo the value rotation folded into v_proj / output projection
+            for param, before in unrotated:
+                param.copy_(before)
+        for key, value in saved.items():
+            if value is None:
+                attention.__dict__.pop(key, None)
+            else:
+                setattr(attention, key, value)
+        raise
+
+
+def _quantize_groups(block, fp_block, q_inputs, fp_inputs, states, shared_state, args, family,
+                     report, index, groups, value_rotation) -> None:
+    all_states = torch.cat(states)
+    block.get_submodule(family.attention_module).kv_bits = args.resolved_kv_bits
+    for group in groups:
+        where = group_location(index, group)
         tac = None
         if args.tac and group == (family.attention_output,):
             z_fp = _capture_input(fp_block, family.attention_output, fp_inputs, states,
@@ -274,15 +322,33 @@ def quantize_block(
                 z_fp = (z_fp.float().unflatten(-1, (-1, head_dim)) @ value_rotation).flatten(-2)
             z_quant = _capture_input(block, family.attention_output, q_inputs, states,
                                      shared_state)
+            check_finite_activations(z_fp, "The FP attention output", where)
+            check_finite_activations(z_quant, "The quantized attention output", where)
             dtype = block.get_submodule(group[0]).weight.dtype
-            tac = fit_attention_tac(z_fp, z_quant, args).rounded_to(dtype)
+            try:
+                tac = fit_attention_tac(z_fp, z_quant, args).rounded_to(dtype)
+            except torch.linalg.LinAlgError as error:
+                raise CalibrationError(f"TAC's closed form failed for {where}: {error}. "
+                                       "Raise tac_damping.") from error
+            check_finite_fit({"tac_matrices": tac.matrices, "tac_bias": tac.bias}, where)
         linears = [block.get_submodule(name) for name in group]
         with torch.enable_grad():
             x = _capture_input(block, group[0], q_inputs, states, shared_state)
+            check_finite_activations(x, "The input", where)
             if tac is not None:
                 x = apply_tac(x, tac)
-            replacements, sgat = quantize_linear_group(linears, x, all_states, args,
-                                                       shared_state, tac)
+            try:
+                replacements, sgat = quantize_linear_group(linears, x, all_states, args,
+                                                           shared_state, tac)
+            except torch.linalg.LinAlgError as error:
+                raise CalibrationError(f"A linear-algebra step failed for {where}: {error}."
+                                       ) from error
+        check_finite_fit(
+            {"channel_scale": sgat.channel_scale, "left": sgat.left, "right": sgat.right,
+             "act_clip": sgat.act_clip, "weight_clip": sgat.weight_clip,
+             "exclusive": sgat.exclusive, "weight_scale": torch.cat(
+                 [r.weight_scale.float().flatten() for r in replacements])},
+            where, f" (fit loss per epoch {[round(v, 4) for v in sgat.loss_history]})")
         for name, replacement in zip(group, replacements, strict=True):
             block.set_submodule(name, replacement)
         report.groups[f"{index}.{'+'.join(group)}"] = {
@@ -305,28 +371,39 @@ def quantize_dllm(
 
     calibration_rows: [n, seq] denoising states (rows containing [MASK] tokens). Returns the
     report; the model's forward afterwards is the quantized one, with the token state set from
-    ``input_ids == mask_token_id`` by a hook on the embedding.
+    ``input_ids == mask_token_id`` by a hook on the embedding, and ``model.save_pretrained``
+    writes the STaR-Quant checkpoint. Arguments are checked against the model before anything
+    changes; if a block fails, the model goes back to FP (first block) or is marked unusable.
     """
     start_time = time.time()
     family = family_of(model)
     mask_id = mask_token_id(model)
+    validate_for_model(model, args, family)
+    check_calibration_rows(calibration_rows, model)
     model.eval()
     blocks = decoder_blocks(model, family)
     report = QuantizationReport(args=args)
-    shared_state = attach_mask_state(model.get_input_embeddings(), mask_id)
-    inputs = _block_inputs(model, blocks[0], calibration_rows, batch_size)
     states = [calibration_rows[i : i + batch_size] == mask_id
               for i in range(0, len(calibration_rows), batch_size)]
-    if args.resolved_kv_bits < 16:
-        use_kv_quantized_attention(model)
-    fp_hidden = [args_[0] for args_, _ in inputs]
-    q_hidden = list(fp_hidden)
-    for index, block in enumerate(tqdm(blocks, desc="STaR-Quant blocks", disable=not progress)):
-        fp_block = copy.deepcopy(block)
-        fp_inputs, q_inputs = with_hidden(inputs, fp_hidden), with_hidden(inputs, q_hidden)
-        quantize_block(block, fp_block, q_inputs, fp_inputs, states, shared_state, args, family,
-                       report, index)
-        q_hidden = run_block(block, q_inputs, states, shared_state)
-        fp_hidden = run_block(fp_block, fp_inputs, states, shared_state)
+    warn_on_one_state(states)
+    done: set[int] = set()
+    shared_state = attach_mask_state(model.get_input_embeddings(), mask_id)
+    with undo_or_mark_unusable(model, done, model.config._attn_implementation, shared_state):
+        inputs = _block_inputs(model, blocks[0], calibration_rows, batch_size)
+        if args.resolved_kv_bits < 16:
+            use_kv_quantized_attention(model)
+        fp_hidden = [args_[0] for args_, _ in inputs]
+        q_hidden = list(fp_hidden)
+        for index, block in enumerate(tqdm(blocks, desc="STaR-Quant blocks",
+                                           disable=not progress)):
+            fp_block = copy.deepcopy(block)
+            fp_inputs, q_inputs = with_hidden(inputs, fp_hidden), with_hidden(inputs, q_hidden)
+            quantize_block(block, fp_block, q_inputs, fp_inputs, states, shared_state, args,
+                           family, report, index)
+            done.add(index)
+            q_hidden = run_block(block, q_inputs, states, shared_state)
+            fp_hidden = run_block(fp_block, fp_inputs, states, shared_state)
+    attach_quantization_config(model, args)
+    bind_save_pretrained(model)
     report.seconds = time.time() - start_time
     return report

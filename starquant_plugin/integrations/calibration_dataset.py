@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from starquant_plugin.models.calibration import StateMix, build_calibration_states
 from starquant_plugin.models.evaluation import text_rows
+from starquant_plugin.models.families import check_tokenizer_mask_token
 
 
 def dllm_calibration_dataset(
@@ -38,6 +39,21 @@ def dllm_calibration_dataset(
     The trajectory part of ``mix`` runs the FP model's sampler, so build the dataset before
     quantizing the model.
     """
+    mix = mix or StateMix()
+    check_tokenizer_mask_token(model, tokenizer)
+    if num_samples < 1:
+        raise ValueError(f"num_samples is {num_samples}; pass a positive number of rows.")
+    if seq_len <= mix.prompt_length:
+        raise ValueError(
+            f"seq_len={seq_len} leaves no position to mask after the {mix.prompt_length}-token "
+            f"clean prompt of the state mix; use seq_len > {mix.prompt_length} (the paper's "
+            "rows are 256 tokens), or a StateMix with a shorter prompt_length."
+        )
+    if isinstance(texts, str):
+        raise TypeError(
+            "texts is a single string; its characters would become the documents. Pass a "
+            "list of strings (e.g. [text]) or a datasets.Dataset with a text column."
+        )
     if isinstance(texts, datasets.Dataset):
         if text_column not in texts.column_names:
             raise ValueError(

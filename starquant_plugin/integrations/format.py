@@ -26,20 +26,25 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
+import torch
 from compressed_tensors.quantization import QuantizationConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
 
 from starquant_plugin.config import QUANT_METHOD, StarQuantArgs
 from starquant_plugin.method.quantizers import scheme_args
-from starquant_plugin.method.runtime import StarQuantLinear, weight_format, weight_scheme
+from starquant_plugin.method.runtime import (
+    StarQuantInputTransform,
+    StarQuantLinear,
+    weight_format,
+    weight_scheme,
+)
 from starquant_plugin.models.families import family_of, mask_token_id
 
 FORMAT_VERSION = 2
@@ -76,14 +81,45 @@ head, after RoPE, times the normalised Sylvester Hadamard ``H_hd / sqrt(hd)`` (n
 ``method.transforms.hadamard``); V's rotation is already folded into the weights. null: no
 rotation."""
 
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+class InputGroup(BaseModel):
+    """One entry of ``starquant.input_groups``: linears reading one input, led by the one that
+    stores the group's STaR tensors, with the shapes a loader needs to build empty modules."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    linears: list[str] = Field(min_length=1)
+    in_features: int = Field(gt=0)
+    exclusive_width: int = Field(ge=0)
+    factors: tuple[int, int]
+    tac_group_size: int | None = Field(None, gt=0)
+
+
+class StarQuantBlock(BaseModel):
+    """The versioned ``starquant`` block of ``quantization_config``: the one schema writers
+    produce and loaders (transformers, vLLM) parse, so a missing or misspelt field is an error
+    that names it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int
+    args: StarQuantArgs
+    family: str
+    mask_token_id: int = Field(ge=0)
+    kv_bits: int
+    k_rotation: Literal["hadamard"] | None = Field(
+        None, description="K_ROTATION when queries and keys are rotated per head before the "
+        "K/V quantizer; None (and absent, in checkpoints older than the option): no rotation")
+    input_groups: list[InputGroup] = Field(min_length=1)
+    tensors: dict[str, str] = Field(default_factory=dict)
+    forward: str = ""
 
 
 def starquant_linears(model: nn.Module) -> dict[str, StarQuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, StarQuantLinear)}
 
 
-def input_groups(model: nn.Module) -> list[dict[str, Any]]:
+def input_groups(model: nn.Module) -> list[InputGroup]:
     """The quantized linears grouped by the input transform they share, each group led by the
     linear that owns it (and stores its tensors), with the shapes a loader needs."""
     linears = starquant_linears(model)
@@ -108,24 +144,53 @@ def input_groups(model: nn.Module) -> list[dict[str, Any]]:
             )
         if not linear.owns_transform:
             group["linears"].append(name)
-    return list(groups.values())
+    return [InputGroup(**group) for group in groups.values()]
 
 
-def expected_tensors(groups: list[dict[str, Any]], weight_format_name: str) -> set[str]:
+def star_tensor_names(group: InputGroup) -> list[str]:
+    """The STaR tensors a group stores, under ``<first linear>.input_transform.``."""
+    star = ["sgat_channel_scale", "sgat_left", "sgat_right", "sgat_act_clip"]
+    if group.exclusive_width:
+        star.append("sgat_exclusive")
+    if group.tac_group_size is not None:
+        star += ["tac_matrices", "tac_bias"]
+    return [f"{group.linears[0]}.{TRANSFORM}.{name}" for name in star]
+
+
+def expected_tensors(groups: list[InputGroup], weight_format_name: str) -> set[str]:
     """Every tensor name a v2 checkpoint must hold for its ``input_groups``."""
     weight_names = (("weight_packed", "weight_shape") if weight_format_name == "pack-quantized"
                     else ("weight",))
     names = set()
     for group in groups:
-        owner = group["linears"][0]
-        names |= {f"{m}.{n}" for m in group["linears"] for n in (*weight_names, "weight_scale")}
-        star = ["sgat_channel_scale", "sgat_left", "sgat_right", "sgat_act_clip"]
-        if group["exclusive_width"]:
-            star.append("sgat_exclusive")
-        if group["tac_group_size"] is not None:
-            star += ["tac_matrices", "tac_bias"]
-        names |= {f"{owner}.{TRANSFORM}.{n}" for n in star}
+        names |= {f"{m}.{n}" for m in group.linears for n in (*weight_names, "weight_scale")}
+        names |= set(star_tensor_names(group))
     return names
+
+
+def nonfinite(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf."""
+    return [name for name, tensor in named_tensors
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
+    """Refuse NaN/inf scales or STaR tensors: a checkpoint holding them computes NaN."""
+    bad = nonfinite(named_tensors)
+    if bad:
+        raise ValueError(
+            f"{where} has {len(bad)} tensor(s) with NaN or inf values, e.g. {bad[:3]}; the model "
+            "would compute NaN. Re-quantize from the FP model on finite calibration data "
+            "(a fit that diverged or non-finite activations produce this)."
+        )
+
+
+def quantized_buffers(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every buffer of the STaR-Quant modules (scales, STaR tensors)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (StarQuantLinear, StarQuantInputTransform)):
+            for buffer_name, tensor in module.named_buffers(recurse=False):
+                yield f"{name}.{buffer_name}", tensor
 
 
 def quantization_config_dict(model: PreTrainedModel, args: StarQuantArgs) -> dict[str, Any]:
@@ -154,6 +219,7 @@ def quantization_config_dict(model: PreTrainedModel, args: StarQuantArgs) -> dic
                 f"{linear.act_args}, but args.scheme={args.scheme!r} means {weight_args} and "
                 f"{act_args}; pass the StarQuantArgs the model was quantized with."
             )
+    check_finite(quantized_buffers(model), type(model).__name__)
     scheme = weight_scheme(weight_args, act_args)
     ignore = sorted(name for name, module in model.named_modules()
                     if isinstance(module, nn.Linear))
@@ -164,24 +230,18 @@ def quantization_config_dict(model: PreTrainedModel, args: StarQuantArgs) -> dic
     return {
         "quant_method": QUANT_METHOD,
         **quantization_config,
-        "starquant": {
-            "version": FORMAT_VERSION,
-            "args": args.model_dump(mode="json"),
-            "family": family.name,
-            "mask_token_id": mask_token_id(model),
-            "kv_bits": args.resolved_kv_bits,
-            "k_rotation": K_ROTATION if args.resolved_kv_rotation else None,
-            "input_groups": input_groups(model),
-            "tensors": dict(STAR_TENSORS),
-            "forward": FORWARD,
-        },
+        "starquant": StarQuantBlock(
+            version=FORMAT_VERSION, args=args, family=family.name,
+            mask_token_id=mask_token_id(model), kv_bits=args.resolved_kv_bits,
+            k_rotation=K_ROTATION if args.resolved_kv_rotation else None,
+            input_groups=input_groups(model), tensors=dict(STAR_TENSORS), forward=FORWARD,
+        ).model_dump(mode="json"),
     }
 
 
 def attach_quantization_config(model: PreTrainedModel, args: StarQuantArgs) -> None:
-    """Put the STaR-Quant ``quantization_config`` on ``model.config`` so any
-    ``save_pretrained`` (including llm-compressor's wrapped one after ``oneshot``) writes a
-    loadable checkpoint."""
+    """Put the STaR-Quant ``quantization_config`` on ``model.config``, where the savers
+    (``integrations.saving``) and ``args_of`` find it."""
     model.config.quantization_config = quantization_config_dict(model, args)
 
 
@@ -193,111 +253,7 @@ def args_of(model: PreTrainedModel) -> StarQuantArgs | None:
         config = config.to_dict()
     if not config or config.get("quant_method") != QUANT_METHOD:
         return None
-    return StarQuantArgs(**config["starquant"]["args"])
-
-
-def _holds_files(path: Path) -> bool:
-    return path.exists() and any(path.iterdir())
-
-
-def _write_recipe(recipe: str | os.PathLike | Any, path: Path) -> None:
-    """``recipe``: a recipe.yaml path, YAML text, or an object with ``yaml()``
-    (llm-compressor's ``Recipe``)."""
-    if hasattr(recipe, "yaml"):
-        text = recipe.yaml()
-    elif isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and "\n" not in recipe
-                                             and Path(recipe).is_file()):
-        text = Path(recipe).read_text(encoding="utf-8")
-    else:
-        text = str(recipe)
-    yaml.safe_load(text)  # refuse to write something that is not YAML
-    path.write_text(text, encoding="utf-8")
-
-
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an ``out_dir`` that ``save_starquant`` would refuse, e.g. before a long
-    calibration: a file, or a directory that holds files (unless ``overwrite``)."""
-    out_dir = Path(out_dir)
-    if _holds_files(out_dir) and not overwrite:
-        what = "a model" if any((out_dir / f).exists() for f in MODEL_FILES) else "files"
-        raise FileExistsError(
-            f"{out_dir} already holds {what}; nothing was written. Pass overwrite=True to "
-            "replace it, or choose an empty or new directory."
-        )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir} is a file; pass a directory path to save into.")
-    return out_dir
-
-
-def save_starquant(
-    model: PreTrainedModel,
-    out_dir: str | os.PathLike,
-    *,
-    args: StarQuantArgs | None = None,
-    tokenizer: Any = None,
-    recipe: str | os.PathLike | Any = None,
-    overwrite: bool = False,
-    max_shard_size: str | int = "5GB",
-) -> Path:
-    """Write a STaR-Quant checkpoint of ``model`` to ``out_dir`` atomically.
-
-    Everything is written into a temporary sibling directory, checked (every quantized
-    linear's tensors present in the shards), then renamed into place, so a failure leaves
-    ``out_dir`` as it was. ``args`` defaults to the ones recorded on ``model.config``.
-    An ``out_dir`` that is not empty is refused unless ``overwrite=True``.
-    """
-    out_dir = check_output_dir(out_dir, overwrite)
-    args = args or args_of(model)
-    if args is None:
-        raise ValueError(
-            "No StarQuantArgs given and none recorded on model.config; pass args= (the "
-            "StarQuantArgs or modifier.starquant_args() the model was quantized with)."
-        )
-    quantization_config = quantization_config_dict(model, args)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    previous = getattr(model.config, "quantization_config", None)
-    try:
-        model.config.quantization_config = quantization_config
-        # the class's own save_pretrained: llm-compressor's instance wrapper would re-infer
-        # compressed-tensors formats and rewrite quantization_config
-        type(model).save_pretrained(model, tmp_dir, max_shard_size=max_shard_size)
-        config_path = tmp_dir / "config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["quantization_config"] = quantization_config
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
-                               encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp_dir)
-        if recipe is not None:
-            _write_recipe(recipe, tmp_dir / "recipe.yaml")
-        check_checkpoint(tmp_dir)
-        _replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    finally:
-        if previous is None:
-            model.config.quantization_config = quantization_config
-        else:
-            model.config.quantization_config = previous
-    return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and only
-    deleted once ``new`` is in place (restored if the rename fails)."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, backup)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+    return validate_config(config)[0].args
 
 
 # reading
@@ -319,11 +275,13 @@ def read_quantization_config(path: str | os.PathLike) -> dict[str, Any]:
     return quantization_config
 
 
-def validate_config(quantization_config: dict[str, Any]) -> tuple[StarQuantArgs,
+def validate_config(quantization_config: dict[str, Any]) -> tuple[StarQuantBlock,
                                                                    QuantizationConfig]:
-    """Parse a ``quantization_config`` dict: its StarQuantArgs and compressed-tensors config.
+    """Parse a ``quantization_config`` dict: its ``starquant`` block and compressed-tensors
+    config.
 
-    Raises on another quant_method, an unknown ``starquant.version`` or invalid fields.
+    Raises on another quant_method, an unknown ``starquant.version``, a missing or invalid
+    field of the block, or a compressed-tensors config STaR-Quant does not write.
     """
     method = quantization_config.get("quant_method")
     if method != QUANT_METHOD:
@@ -332,7 +290,7 @@ def validate_config(quantization_config: dict[str, Any]) -> tuple[StarQuantArgs,
     if not isinstance(block, dict) or "version" not in block:
         raise ValueError(
             "quantization_config has no 'starquant' block with a 'version'; the checkpoint is "
-            "incomplete. Re-save it with starquant_plugin.save_starquant."
+            "incomplete. Re-save it with save_starquant from the quantized model."
         )
     if block["version"] not in SUPPORTED_VERSIONS:
         raise ValueError(
@@ -341,7 +299,16 @@ def validate_config(quantization_config: dict[str, Any]) -> tuple[StarQuantArgs,
             "(pip install -U starquant-plugin) to load a newer one, or re-quantize the model "
             "to replace a version-1 checkpoint."
         )
-    args = StarQuantArgs(**block["args"])
+    try:
+        parsed = StarQuantBlock.model_validate(block)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                             for e in error.errors()[:5])
+        raise ValueError(
+            f"quantization_config.starquant is incomplete or invalid ({problems}); the "
+            "checkpoint's config.json was edited or cut short. Restore it from the original "
+            "save, or re-save the quantized model with save_starquant."
+        ) from error
     ct_config = QuantizationConfig.model_validate(
         {k: v for k, v in quantization_config.items() if k not in ("quant_method", "starquant")})
     if len(ct_config.config_groups) != 1:
@@ -349,9 +316,6 @@ def validate_config(quantization_config: dict[str, Any]) -> tuple[StarQuantArgs,
             f"quantization_config has {len(ct_config.config_groups)} config groups; STaR-Quant "
             "checkpoints have exactly one (all quantized linears share the scheme)."
         )
-    if not isinstance(block.get("input_groups"), list):
-        raise ValueError("starquant block has no 'input_groups' list; the checkpoint is "
-                         "incomplete. Re-save it with starquant_plugin.save_starquant.")
     for name, scheme in ct_config.config_groups.items():
         if scheme.weights is None or scheme.input_activations is None:
             raise ValueError(f"config group {name!r} lacks weights or input_activations; "
@@ -362,7 +326,7 @@ def validate_config(quantization_config: dict[str, Any]) -> tuple[StarQuantArgs,
                 f"{scheme.weights.num_bits}-bit weights are stored as "
                 f"{weight_format(scheme.weights)!r}."
             )
-    return args, ct_config
+    return parsed, ct_config
 
 
 def checkpoint_keys(files: list[str | os.PathLike]) -> set[str]:
@@ -404,17 +368,28 @@ def check_missing(expected: set[str], present: set[str], where: str) -> None:
         )
 
 
+def checkpoint_tensors(files: list[Path], names: set[str]) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for the tensors called ``names`` in the safetensors ``files``."""
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in names.intersection(handle.keys()):
+                yield key, handle.get_tensor(key)
+
+
 def check_checkpoint(path: str | os.PathLike) -> None:
-    """Check a saved checkpoint on disk: config, readable shards, and every weight and STaR
-    tensor of the ``starquant.input_groups``."""
-    quantization_config = read_quantization_config(path)
+    """Check a saved checkpoint on disk: config, readable shards, every weight and STaR
+    tensor of the ``starquant.input_groups``, and finite scales and STaR tensors."""
+    block, ct_config = validate_config(read_quantization_config(path))
     files = shard_files(path)
     keys = checkpoint_keys(files)
     if not any(key.endswith(".weight_scale") for key in keys):
         raise ValueError(f"{path} holds no quantized weights (no '*.weight_scale'); the "
                          "checkpoint is incomplete. Re-save it with save_starquant.")
-    groups = quantization_config["starquant"]["input_groups"]
-    check_missing(expected_tensors(groups, quantization_config["format"]), keys, str(path))
+    expected = expected_tensors(block.input_groups, ct_config.format)
+    check_missing(expected, keys, str(path))
+    float_names = {name for name in expected if name.endswith("weight_scale")
+                   or f".{TRANSFORM}." in name}
+    check_finite(checkpoint_tensors(files, float_names), str(path))
 
 
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2,

@@ -26,11 +26,16 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from starquant_plugin.config import QUANT_METHOD
 from starquant_plugin.integrations.format import (
     K_ROTATION,
+    InputGroup,
+    StarQuantBlock,
+    check_finite,
     check_missing,
     checkpoint_keys,
     expected_tensors,
+    quantized_buffers,
     validate_config,
 )
+from starquant_plugin.integrations.saving import bind_save_pretrained
 from starquant_plugin.method.runtime import (
     StarQuantInputTransform,
     StarQuantLinear,
@@ -44,14 +49,15 @@ class StarQuantConfig(QuantizationConfigMixin):
     """transformers' view of a STaR-Quant ``quantization_config`` (see ``integrations.format``).
 
     Holds the dict as saved (``to_dict`` returns it, so a reloaded model saves the same
-    config); ``args`` (``StarQuantArgs``) and ``ct_config`` (compressed-tensors'
-    ``QuantizationConfig``) are parsed from it, and an unknown ``starquant.version`` raises.
+    config); ``block`` (``StarQuantBlock``, with ``block.args``) and ``ct_config``
+    (compressed-tensors' ``QuantizationConfig``) are parsed from it, and an unknown
+    ``starquant.version`` or a missing field raises.
     """
 
     def __init__(self, quant_method: str = QUANT_METHOD, **config: Any) -> None:
         self._config = {"quant_method": quant_method, **config}
         self.quant_method = quant_method
-        self.args, self.ct_config = validate_config(self._config)
+        self.block, self.ct_config = validate_config(self._config)
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._config)
@@ -63,8 +69,8 @@ class StarQuantConfig(QuantizationConfigMixin):
         return self.to_dict()
 
     @property
-    def starquant(self) -> dict[str, Any]:
-        return self._config["starquant"]
+    def starquant(self) -> StarQuantBlock:
+        return self.block
 
 
 class StarQuantHfQuantizer(HfQuantizer):
@@ -91,17 +97,17 @@ class StarQuantHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None,
                                              **kwargs):
         config = self.quantization_config
-        block = config.starquant
+        block = config.block
         family = family_of(model)
-        if block.get("family") not in (None, family.name):
+        if block.family != family.name:
             raise ValueError(
-                f"The checkpoint was quantized as a {block['family']!r} model but config.json "
+                f"The checkpoint was quantized as a {block.family!r} model but config.json "
                 f"describes a {family.name!r} one; the checkpoint is inconsistent."
             )
         mask_id = mask_token_id(model)
-        if block["mask_token_id"] != mask_id:
+        if block.mask_token_id != mask_id:
             raise ValueError(
-                f"starquant.mask_token_id is {block['mask_token_id']} but the model config's "
+                f"starquant.mask_token_id is {block.mask_token_id} but the model config's "
                 f"mask_token_id is {mask_id}; the gates would read the wrong token state. Fix "
                 "one of them so both name the tokenizer's [MASK] id."
             )
@@ -112,7 +118,7 @@ class StarQuantHfQuantizer(HfQuantizer):
                     for name, module in match_named_modules(model, scheme.targets,
                                                             ct_config.ignore or [])
                     if isinstance(module, nn.Linear)}
-        listed = [name for group in block["input_groups"] for name in group["linears"]]
+        listed = [name for group in block.input_groups for name in group.linears]
         if not listed or set(listed) != targeted:
             raise ValueError(
                 f"The checkpoint's config_groups/ignore select {len(targeted)} linears of "
@@ -122,35 +128,30 @@ class StarQuantHfQuantizer(HfQuantizer):
             )
         (scheme,) = ct_config.config_groups.values()  # validate_config: exactly one group
         weight_args, act_args = scheme.weights, scheme.input_activations
-        for group in block["input_groups"]:
+        for group in block.input_groups:
             self._replace_group(model, group, weight_args, act_args, mask_state)
         if checkpoint_files:
-            check_missing(expected_tensors(block["input_groups"], ct_config.format),
+            check_missing(expected_tensors(block.input_groups, ct_config.format),
                           checkpoint_keys(checkpoint_files), str(checkpoint_files[0]))
-        kv_bits = block.get("kv_bits", config.args.resolved_kv_bits)
-        k_rotation = block.get("k_rotation")
-        if k_rotation not in (None, K_ROTATION):
-            raise ValueError(
-                f"starquant.k_rotation is {k_rotation!r}; this starquant_plugin knows "
-                f"{K_ROTATION!r} (or null). Upgrade starquant_plugin to load this checkpoint."
-            )
+        kv_bits = block.kv_bits
+        k_rotation = block.k_rotation == K_ROTATION  # validated: "hadamard" or None
         if kv_bits < 16:
             for block_name, decoder_block in model.named_modules():
                 if type(decoder_block).__name__ == family.block_class and any(
                         name.startswith(f"{block_name}.") for name in listed):
                     attention = decoder_block.get_submodule(family.attention_module)
                     attention.kv_bits = kv_bits
-                    attention.k_rotation = k_rotation == K_ROTATION
+                    attention.k_rotation = k_rotation
             use_kv_quantized_attention(model)
         return model
 
     @staticmethod
-    def _replace_group(model: nn.Module, group: dict[str, Any], weight_args, act_args,
+    def _replace_group(model: nn.Module, group: InputGroup, weight_args, act_args,
                        mask_state) -> None:
         """Swap a group's linears for empty ``StarQuantLinear``s sharing one empty transform,
         with float tensors in the dtype the model is being loaded in."""
-        linears = {name: model.get_submodule(name) for name in group["linears"]}
-        d = group["in_features"]
+        linears = {name: model.get_submodule(name) for name in group.linears}
+        d = group.in_features
         wrong = [name for name, linear in linears.items() if linear.in_features != d]
         if wrong:
             raise ValueError(
@@ -160,8 +161,8 @@ class StarQuantHfQuantizer(HfQuantizer):
         first = next(iter(linears.values())).weight
         device, dtype = first.device, first.dtype
         transform = StarQuantInputTransform.empty(
-            d, group["exclusive_width"], tuple(group["factors"]), act_args, mask_state,
-            group["tac_group_size"], dtype=dtype, device=device)
+            d, group.exclusive_width, group.factors, act_args, mask_state,
+            group.tac_group_size, dtype=dtype, device=device)
         for index, (name, linear) in enumerate(linears.items()):
             model.set_submodule(name, StarQuantLinear.empty(
                 linear.out_features, linear.bias is not None, weight_args, transform,
@@ -177,6 +178,8 @@ class StarQuantHfQuantizer(HfQuantizer):
                 f"{len(unloaded)} STaR-Quant tensor(s) were not in the checkpoint: "
                 f"{unloaded[:5]}; the checkpoint is incomplete. Re-save it with save_starquant."
             )
+        check_finite(quantized_buffers(model), type(model).__name__ + " as loaded")
+        bind_save_pretrained(model)
         return model
 
     def is_serializable(self) -> bool:

@@ -42,8 +42,14 @@ def kv_quantized_sdpa(
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def use_kv_quantized_attention(model: nn.Module) -> None:
-    """Route ``model``'s attention through ``kv_quantized_sdpa`` (idempotent)."""
+def register_kv_quantized_attention() -> str:
+    """Make ``kv_quantized_sdpa`` available to transformers as ``KV_ATTENTION`` (idempotent);
+    returns that name."""
     if KV_ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(KV_ATTENTION, kv_quantized_sdpa)
-    model.config._attn_implementation = KV_ATTENTION
+    return KV_ATTENTION
+
+
+def use_kv_quantized_attention(model: nn.Module) -> None:
+    """Route ``model``'s attention through ``kv_quantized_sdpa`` (idempotent)."""
+    model.config._attn_implementation = register_kv_quantized_attention()

@@ -21,10 +21,13 @@ def text_rows(
     tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int = 128, max_rows: int | None = None
 ) -> torch.LongTensor:
     """Tokenize ``text`` and cut it into equal rows ``[rows, seq_len]`` (no padding)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len is {seq_len}; rows need a positive number of tokens.")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     n_rows = len(ids) // seq_len if max_rows is None else min(len(ids) // seq_len, max_rows)
     if n_rows == 0:
-        raise ValueError(f"Text has {len(ids)} tokens, fewer than one row of {seq_len}.")
+        raise ValueError(f"Text has {len(ids)} tokens, fewer than one row of {seq_len}; pass "
+                         "more text or a smaller seq_len.")
     return torch.tensor(ids[: n_rows * seq_len]).view(n_rows, seq_len)
 
 

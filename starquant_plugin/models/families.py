@@ -4,10 +4,11 @@ Every caller that needs "which token is the mask", "are logits shifted" or "whic
 are the decoder blocks" asks here, so a new family is one entry, not edits everywhere.
 """
 
+import difflib
 from dataclasses import dataclass
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -88,20 +89,38 @@ FAMILIES: dict[str, DLLMFamily] = {
 }
 
 
-def family_of(model_or_config: PreTrainedModel | PretrainedConfig) -> DLLMFamily:
-    """The family of a model or config; an unknown ``model_type`` raises with the fix."""
+def family_of(model_or_config: PreTrainedModel | PretrainedConfig | dict) -> DLLMFamily:
+    """The family of a model, config or config dict; an unknown ``model_type`` raises with the
+    fix (and the closest supported name, for a typo)."""
     config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
+    model_type = (config.get("model_type") if isinstance(config, dict)
+                  else getattr(config, "model_type", None))
     if model_type not in FAMILIES:
+        close = difflib.get_close_matches(str(model_type), FAMILIES, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
             f"Unsupported model_type {model_type!r}: starquant supports diffusion LMs of type "
-            f"{sorted(FAMILIES)}. Load a LLaDA or Dream checkpoint (config.json 'model_type')."
+            f"{sorted(FAMILIES)}.{hint} Load a LLaDA or Dream checkpoint (config.json "
+            "'model_type')."
         )
     return FAMILIES[model_type]
 
 
+def decoder_blocks(model: PreTrainedModel, family: DLLMFamily) -> list:
+    """The model's decoder blocks in forward order (modules of class ``family.block_class``)."""
+    return [m for m in model.modules() if type(m).__name__ == family.block_class]
+
+
+def vocabulary_size(model_or_config: PreTrainedModel | PretrainedConfig) -> int:
+    """Rows of the input embedding: LLaDA's ``embedding_size`` (padded) else ``vocab_size``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return int(getattr(config, "embedding_size", None) or config.vocab_size)
+
+
 def mask_token_id(model_or_config: PreTrainedModel | PretrainedConfig) -> int:
-    """The ``[MASK]`` id from the config; a model without one cannot denoise, so this raises."""
+    """The ``[MASK]`` id from the config, checked to lie inside the vocabulary; a model without
+    one cannot denoise, so this raises (there is no default: the 8B models' ids would be wrong
+    for any other vocabulary)."""
     config = getattr(model_or_config, "config", model_or_config)
     mask_id = getattr(config, "mask_token_id", None)
     if mask_id is None:
@@ -109,7 +128,28 @@ def mask_token_id(model_or_config: PreTrainedModel | PretrainedConfig) -> int:
             f"{type(config).__name__} has no mask_token_id: a masked diffusion LM needs one. "
             "Set 'mask_token_id' in config.json to the tokenizer's mask token id."
         )
+    vocab = vocabulary_size(config)
+    if not 0 <= int(mask_id) < vocab:
+        raise ValueError(
+            f"mask_token_id is {mask_id}, outside the model's vocabulary of {vocab} ids; set "
+            "'mask_token_id' in config.json to the tokenizer's mask token id."
+        )
     return int(mask_id)
+
+
+def check_tokenizer_mask_token(model_or_config: PreTrainedModel | PretrainedConfig,
+                               tokenizer: PreTrainedTokenizerBase) -> int:
+    """``mask_token_id(config)``, checked against the tokenizer's mask token when it has one:
+    otherwise calibration and sampling would mark the wrong positions as ``[MASK]``."""
+    mask_id = mask_token_id(model_or_config)
+    tokenizer_id = getattr(tokenizer, "mask_token_id", None)
+    if tokenizer_id is not None and tokenizer_id != mask_id:
+        raise ValueError(
+            f"config.json's mask_token_id is {mask_id} but the tokenizer's mask token "
+            f"{tokenizer.mask_token!r} has id {tokenizer_id}; make them agree (set "
+            f"'mask_token_id': {tokenizer_id} in config.json if the tokenizer is right)."
+        )
+    return mask_id
 
 
 def token_logits(

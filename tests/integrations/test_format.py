@@ -19,9 +19,9 @@ from starquant_plugin.config import StarQuantArgs
 from starquant_plugin.integrations.format import (
     attach_quantization_config,
     read_quantization_config,
-    save_starquant,
     validate_config,
 )
+from starquant_plugin.integrations.saving import save_starquant
 from starquant_plugin.method import (
     StarQuantInputTransform,
     StarQuantLinear,
@@ -148,7 +148,13 @@ def test_config_has_explicit_format_groups_ignore_and_versioned_block(saved):
     assert set(block["tensors"]) >= {"sgat_exclusive", "sgat_left", "sgat_right",
                                      "sgat_channel_scale", "sgat_act_clip", "tac_matrices",
                                      "tac_bias"}
-    assert validate_config(config)[0] == args
+    assert validate_config(config)[0].args == args
+    assert block["k_rotation"] is None
+    del block["k_rotation"]  # written before kv_rotation existed: loads as no rotation
+    assert validate_config(config)[0].k_rotation is None
+    block["k_rotation"] = "givens"
+    with pytest.raises(ValueError, match="k_rotation"):
+        validate_config(config)
     assert (path / "recipe.yaml").read_text().startswith("stage:")
     with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())

@@ -3,10 +3,6 @@ fresh process for both families and every scheme, the W4A4 size target, and a cl
 for each kind of broken checkpoint."""
 
 import json
-import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,19 +17,16 @@ from starquant_plugin.config import StarQuantArgs
 from starquant_plugin.integrations.format import (
     bytes_by_part,
     checkpoint_tensor_bytes,
-    save_starquant,
 )
 from starquant_plugin.integrations.hf_quantizer import StarQuantHfQuantizer, register_hf_quantizer
-from starquant_plugin.method import StarQuantLinear
+from starquant_plugin.integrations.saving import save_starquant
 from starquant_plugin.models.families import family_of, mask_token_id
 from starquant_plugin.models.loading import load_dllm
-from starquant_plugin.models.sampling import dream_generate, llada_generate
 from starquant_plugin.pipeline import quantize_dllm
+from tests.integrations.reload_in_fresh_process import record_expected, reload_in_fresh_process
 from tests.models.tiny import MASK_ID, tiny_dream, tiny_llada
 
 MODELS = {"llada": tiny_llada, "dream": tiny_dream}
-RELOAD_SCRIPT = Path(__file__).with_name("reload_in_fresh_process.py")
-SAMPLERS = {"llada": llada_generate, "dream": dream_generate}
 
 
 def calibration_rows(seed: int = 0) -> torch.LongTensor:
@@ -67,22 +60,6 @@ def _block_bytes(path: Path) -> int:
     return bytes_by_part(checkpoint_tensor_bytes(path), pattern)["blocks"]
 
 
-def _expected(model, family: str, path: Path) -> Path:
-    """The in-memory model's logits and greedy generation, for the fresh process to match."""
-    ids = torch.randint(3, 60, (2, 32), generator=torch.Generator().manual_seed(3))
-    ids = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(4))
-                          < 0.5, mask_token_id(model))
-    prompt = torch.randint(3, 60, (1, 4), generator=torch.Generator().manual_seed(5))
-    sample = SAMPLERS[family]
-    kwargs = {"block_length": 8} if family == "llada" else {}
-    with torch.no_grad():
-        expected = {"ids": ids, "logits": model(ids).logits, "prompt": prompt,
-                    "sequences": sample(model, prompt, steps=4, gen_length=8, **kwargs).sequences}
-    file = path.parent / "expected.safetensors"
-    save_file({k: v.contiguous() for k, v in expected.items()}, file)
-    return file
-
-
 @pytest.fixture(scope="module")
 def fresh_reloads(tmp_path_factory) -> dict[tuple[str, str], dict]:
     """Quantize -> save -> reload in one fresh process: the random tiny models (float32) at
@@ -91,12 +68,12 @@ def fresh_reloads(tmp_path_factory) -> dict[tuple[str, str], dict]:
     for family in MODELS:
         for scheme in SCHEMES:
             model, path = quantized(family, scheme, tmp_path_factory)
-            entries.append({"checkpoint": str(path), "dtype": "float32",
-                            "expected": str(_expected(model, family, path))})
+            entries.append({"checkpoint": str(path),
+                            **record_expected(model, path.parent / "expected.safetensors")})
             keys.append((family, scheme))
         model, path = quantized(family, "W4A4", tmp_path_factory, kv_rotation=True)
-        entries.append({"checkpoint": str(path), "dtype": "float32",
-                        "expected": str(_expected(model, family, path))})
+        entries.append({"checkpoint": str(path),
+                        **record_expected(model, path.parent / "expected.safetensors")})
         keys.append((family, "W4A4 kv_rotation"))
         model, _ = load_dllm(BUNDLED[family], dtype=torch.bfloat16)
         args = StarQuantArgs(scheme="W4A4", epochs=0)
@@ -105,16 +82,10 @@ def fresh_reloads(tmp_path_factory) -> dict[tuple[str, str], dict]:
                       progress=False)
         path = save_starquant(model, tmp_path_factory.mktemp(f"bundled-{family}") / "ckpt",
                               args=args)
-        entries.append({"checkpoint": str(path), "dtype": "bfloat16",
-                        "expected": str(_expected(model, family, path))})
+        entries.append({"checkpoint": str(path),
+                        **record_expected(model, path.parent / "expected.safetensors")})
         keys.append((family, "bundled W4A4 bf16"))
-    manifest = tmp_path_factory.mktemp("manifest") / "manifest.json"
-    manifest.write_text(json.dumps(entries))
-    result = subprocess.run([sys.executable, str(RELOAD_SCRIPT), str(manifest)],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+    outcomes = reload_in_fresh_process(entries, tmp_path_factory.mktemp("manifest"))
     return {key: {**outcome, "checkpoint": Path(entry["checkpoint"])}
             for key, entry, outcome in zip(keys, entries, outcomes, strict=True)}
 
@@ -176,7 +147,7 @@ def test_truncated_shard_is_refused_with_the_fix(tmp_path, tmp_path_factory):
 
 
 def test_missing_tensor_is_refused_with_its_name(tmp_path, tmp_path_factory):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     _, path = quantized("dream", "W4A4", tmp_path_factory)
     broken = _copy(path, tmp_path / "broken")
@@ -197,20 +168,22 @@ def test_unknown_format_version_is_refused_with_the_fix(tmp_path, tmp_path_facto
         AutoModelForCausalLM.from_pretrained(broken)
 
 
-def test_plain_transformers_only_warns_on_an_unknown_quant_method(tmp_path, tmp_path_factory,
-                                                                   caplog):
-    """Why quant_method is "starquant": a loader without the plugin does not raise, it logs a
-    warning and loads the float skeleton with random 4-bit linears (documented in
-    docs/format.md). We assert the warning so a change in transformers is noticed."""
+@pytest.mark.parametrize("quant_method", ["not-registered", None])
+def test_unknown_or_missing_quant_method_is_refused_not_loaded_at_random(
+        tmp_path, tmp_path_factory, caplog, quant_method):
+    """transformers only warns on an unregistered quant_method and ignores a folder without
+    quantization_config, leaving the quantized linears at random init; the model classes'
+    from_pretrained turns both into an error naming the fix."""
     _, path = quantized("llada", "W4A4", tmp_path_factory)
     other = _copy(path, tmp_path / "other")
     config = json.loads((other / "config.json").read_text())
-    config["quantization_config"]["quant_method"] = "not-registered"
+    if quant_method is None:
+        del config["quantization_config"]
+    else:
+        config["quantization_config"]["quant_method"] = quant_method
     (other / "config.json").write_text(json.dumps(config))
-    with caplog.at_level(logging.WARNING):
-        model = AutoModelForCausalLM.from_pretrained(other)
-    assert "Unknown quantization type" in caplog.text
-    assert not any(isinstance(m, StarQuantLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="quantized tensor.*random init.*save_starquant"):
+        AutoModelForCausalLM.from_pretrained(other)
 
 
 def test_k_rotation_is_recorded_and_applied_on_load(tmp_path_factory):

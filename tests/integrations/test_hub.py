@@ -8,7 +8,7 @@ import torch
 
 from starquant_plugin.config import StarQuantArgs
 from starquant_plugin.integrations import hub
-from starquant_plugin.integrations.format import save_starquant
+from starquant_plugin.integrations.saving import save_starquant
 from starquant_plugin.pipeline import quantize_dllm
 from tests.models.tiny import MASK_ID, tiny_llada
 

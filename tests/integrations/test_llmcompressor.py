@@ -7,14 +7,13 @@ import sys
 import datasets
 import pytest
 import torch
-from llmcompressor import oneshot
 from llmcompressor.datasets.utils import LengthAwareSampler
 from llmcompressor.modifiers.factory import ModifierFactory
 from loguru import logger
 from pydantic import ValidationError
 
 import starquant_plugin
-from starquant_plugin.assets import TINY_MODELS, calibration_text
+from starquant_plugin.assets import calibration_text
 from starquant_plugin.config import StarQuantArgs
 from starquant_plugin.integrations.calibration_dataset import dllm_calibration_dataset
 from starquant_plugin.integrations.llmcompressor import (
@@ -24,11 +23,10 @@ from starquant_plugin.integrations.llmcompressor import (
 )
 from starquant_plugin.method import StarQuantLinear
 from starquant_plugin.models.calibration import StateMix
-from starquant_plugin.models.families import family_of
-from starquant_plugin.models.loading import load_dllm
-from starquant_plugin.pipeline import decoder_blocks, quantize_dllm
+from starquant_plugin.models.families import decoder_blocks, family_of
+from starquant_plugin.pipeline import quantize_dllm
+from tests.integrations.tiny_oneshot import BATCH, calibration_dataset, run_oneshot, tiny_model
 
-ROWS, SEQ_LEN, BATCH = 8, 32, 4
 # Both paths run the same function on the same rows in the same order and batches, so the
 # result is bit-identical in practice; the tolerance only allows for summation-order noise.
 ATOL = 1e-5
@@ -41,23 +39,6 @@ starquant_stage:
       epochs: 1
       seed: 3
 """
-
-
-def tiny_model(family: str):
-    path = TINY_MODELS[family]
-    if not path.is_dir():
-        pytest.skip(f"bundled tiny {family} model not found at {path}")
-    return load_dllm(path)
-
-
-def calibration_dataset(model, tokenizer, rows: int = ROWS):
-    return dllm_calibration_dataset(model, tokenizer, [calibration_text()], num_samples=rows,
-                                    seq_len=SEQ_LEN, mix=StateMix(trajectory=0.0), seed=0)
-
-
-def run_oneshot(model, dataset, recipe, **kwargs):
-    oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset),
-            batch_size=BATCH, shuffle_calibration_samples=False, **kwargs)
 
 
 def assert_block_linears_replaced(model):

@@ -11,9 +11,8 @@ from starquant_plugin.integrations.calibration_dataset import dllm_calibration_d
 from starquant_plugin.integrations.llmcompressor import STaRQuantModifier, load_starquant_recipe
 from starquant_plugin.method import StarQuantLinear
 from starquant_plugin.models.calibration import StateMix
-from starquant_plugin.models.families import family_of
+from starquant_plugin.models.families import decoder_blocks, family_of
 from starquant_plugin.models.loading import load_dllm
-from starquant_plugin.pipeline import decoder_blocks
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 

@@ -1,11 +1,13 @@
 """Bad input is refused with a message that names the fix."""
 
 import json
+import shutil
 
 import pytest
 from transformers import AutoConfig
 
-from starquant_plugin.models import LLaDAConfig, family_of, mask_token_id
+from starquant_plugin.assets import TINY_LLADA
+from starquant_plugin.models import DreamConfig, LLaDAConfig, family_of, mask_token_id
 from starquant_plugin.models.loading import load_dllm
 from tests.models.hub_configs import LLADA_8B
 
@@ -28,3 +30,36 @@ def test_loading_checks_mask_token_before_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLADA_8B | {"mask_token_id": None}))
     with pytest.raises(ValueError, match="no mask_token_id"):
         load_dllm(tmp_path)  # no weights in the folder: the config check comes first
+
+
+def test_configs_have_no_default_mask_token():
+    """A config.json without mask_token_id must not inherit the 8B models' id."""
+    for config in (LLaDAConfig(), DreamConfig()):
+        with pytest.raises(ValueError, match="no mask_token_id"):
+            mask_token_id(config)
+
+
+def test_mask_token_outside_the_vocabulary_is_refused():
+    config = LLaDAConfig(vocab_size=2048, embedding_size=2048, mask_token_id=126336)
+    with pytest.raises(ValueError, match="126336, outside the model's vocabulary of 2048"):
+        mask_token_id(config)
+
+
+def _bundled_copy(tmp_path, **config_changes):
+    folder = tmp_path / "model"
+    shutil.copytree(TINY_LLADA, folder)
+    config = json.loads((folder / "config.json").read_text()) | config_changes
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_mask_token_must_agree_with_the_tokenizer(tmp_path):
+    with pytest.raises(ValueError, match="tokenizer's mask token '<\\|mdm_mask\\|>' has id 2"):
+        load_dllm(_bundled_copy(tmp_path, mask_token_id=5))
+
+
+def test_model_type_typo_names_the_supported_type_not_remote_code(tmp_path):
+    """The bundled config carries the hub's auto_map; with a typo transformers would ask for
+    trust_remote_code. load_dllm says what is wrong instead."""
+    with pytest.raises(ValueError, match="Unsupported model_type 'lada'.*Did you mean 'llada'"):
+        load_dllm(_bundled_copy(tmp_path, model_type="lada"))

@@ -27,15 +27,28 @@ from tqdm.auto import tqdm
 
 from starquant_plugin.config import StarQuantArgs
 from starquant_plugin.integrations.format import attach_quantization_config
+from starquant_plugin.integrations.saving import bind_save_pretrained
 from starquant_plugin.method import MaskState, attach_mask_state
-from starquant_plugin.models.attention import use_kv_quantized_attention
-from starquant_plugin.models.families import DLLMFamily, family_of, mask_token_id
+from starquant_plugin.models.attention import (
+    register_kv_quantized_attention,
+    use_kv_quantized_attention,
+)
+from starquant_plugin.models.families import (
+    DLLMFamily,
+    decoder_blocks,
+    family_of,
+    mask_token_id,
+)
 from starquant_plugin.pipeline import (
     QuantizationReport,
-    decoder_blocks,
     quantize_block,
     run_block,
     with_hidden,
+)
+from starquant_plugin.safeguards import (
+    undo_or_mark_unusable,
+    validate_for_model,
+    warn_on_one_state,
 )
 
 BlockInputs = dict[int, tuple[tuple, dict]]  # batch index -> the block's (args, kwargs)
@@ -85,8 +98,10 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
     _inputs: dict[int, BlockInputs] = PrivateAttr(default_factory=dict)
     _fp_hidden: list[torch.Tensor] | None = PrivateAttr(None)
     _done: set[int] = PrivateAttr(default_factory=set)
+    _quantized: set[int] = PrivateAttr(default_factory=set)
     _propagation_handles: list[RemovableHandle] = PrivateAttr(default_factory=list)
     _attn_implementation: str = PrivateAttr("sdpa")
+    _original_attn_implementation: str = PrivateAttr("sdpa")
     _report: QuantizationReport | None = PrivateAttr(None)
     _progress: tqdm | None = PrivateAttr(None)
     _start_time: float = PrivateAttr(0.0)
@@ -103,6 +118,7 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
     # lifecycle
 
     def on_initialize(self, state: State, **kwargs) -> bool:
+        """Check everything that can be checked, then hook the model (nothing before)."""
         model = state.model
         if state.data is None or state.data.calib is None:
             raise ValueError(
@@ -115,16 +131,15 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
         self._blocks = decoder_blocks(model, family)
         self._groups = resolve_block_groups(model, family, self._blocks, self.targets,
                                             self.ignore)
+        validate_for_model(model, self._args, family, self._groups)
         self._report = QuantizationReport(args=self._args)
-        if self._args.resolved_kv_bits < 16:
-            use_kv_quantized_attention(model)
-        self._attn_implementation = model.config._attn_implementation
+        self._original_attn_implementation = model.config._attn_implementation
+        # Blocks run with it while they are fitted; the model switches to it at finalize (the
+        # sequential pipeline restores the implementation it found when it ends).
+        self._attn_implementation = (register_kv_quantized_attention()
+                                     if self._args.resolved_kv_bits < 16
+                                     else self._original_attn_implementation)
         embedding = model.get_input_embeddings()
-        if not 0 <= mask_id < embedding.num_embeddings:
-            raise ValueError(
-                f"mask_token_id {mask_id} is outside the embedding's {embedding.num_embeddings} "
-                "rows; set config.mask_token_id to the tokenizer's [MASK] id."
-            )
         # Stays after finalize: the StarQuantLinears read the token state it records.
         self._mask_state = attach_mask_state(embedding, mask_id)
         self.register_hook(embedding, self._record_state_hook(mask_id), "forward_pre",
@@ -145,10 +160,16 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
         if not indices:
             return
         q_hidden = None  # set when one subgraph holds several blocks
-        with HooksMixin.disable_hooks(), self._block_attention(state.model):
-            for position, index in enumerate(indices):
-                q_hidden = self._process_block(index, q_hidden,
-                                               need_outputs=position < len(indices) - 1)
+        with (undo_or_mark_unusable(state.model, self._quantized,
+                                    self._original_attn_implementation, self._mask_state),
+              HooksMixin.disable_hooks(), self._block_attention(state.model)):
+            try:
+                for position, index in enumerate(indices):
+                    q_hidden = self._process_block(index, q_hidden,
+                                                   need_outputs=position < len(indices) - 1)
+            except BaseException:
+                self.remove_hooks()
+                raise
         self._add_propagation_hooks(state.model, [self._blocks[i] for i in indices])
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
@@ -160,18 +181,25 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
             self._report.seconds = time.time() - self._start_time
         missing = [i for i in range(len(self._blocks)) if i not in self._done]
         if missing:
-            raise RuntimeError(
-                f"STaRQuantModifier quantized decoder blocks {sorted(self._done)} but not "
-                f"{missing}: it needs the sequential pipeline with the decoder blocks "
-                f"({self._family.block_class}) as sequential targets. Drop pipeline= and "
-                "sequential_targets= overrides from the oneshot call."
-            )
+            with undo_or_mark_unusable(state.model, self._quantized,
+                                       self._original_attn_implementation, self._mask_state):
+                raise RuntimeError(
+                    f"STaRQuantModifier quantized decoder blocks {sorted(self._done)} but not "
+                    f"{missing}: it needs the sequential pipeline with the decoder blocks "
+                    f"({self._family.block_class}) as sequential targets. Drop pipeline= and "
+                    "sequential_targets= overrides from the oneshot call."
+                )
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if not self.ended_:
             self.on_calibration_end(state, None)
-        # llm-compressor's usual save_pretrained then writes a loadable starquant checkpoint.
+        if self._args.resolved_kv_bits < 16:
+            use_kv_quantized_attention(state.model)
         attach_quantization_config(state.model, self._args)
+        # model.save_pretrained (and oneshot's output_dir) now write a STaR-Quant checkpoint
+        # with this recipe; llm-compressor's own wrapper would drop quantization_config.
+        recipe = active_session().lifecycle.recipe
+        bind_save_pretrained(state.model, recipe=recipe.yaml() if recipe is not None else None)
         self._states.clear()
         self._inputs.clear()
         self._fp_hidden = None
@@ -195,12 +223,8 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
             )
         batches = sorted(inputs)
         states = [self._states[b] for b in batches]
-        if index == 0 and not any(state.any() for state in states):
-            logger.warning(
-                "No calibration row contains the [MASK] token, so the masked-state gates are "
-                "fitted on unmasked tokens; calibrate on denoising states "
-                "(dllm_calibration_dataset) instead of clean text."
-            )
+        if index == 0:
+            warn_on_one_state(states)
         q_inputs = [inputs[b] for b in batches]
         if q_hidden is not None:
             q_inputs = with_hidden(q_inputs, q_hidden)
@@ -210,6 +234,7 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
         if self._groups.get(index):
             quantize_block(block, fp_block, q_inputs, fp_inputs, states, self._mask_state,
                            self._args, self._family, self._report, index, self._groups[index])
+            self._quantized.add(index)
         self._fp_hidden = run_block(fp_block, fp_inputs, states, self._mask_state)
         self._done.add(index)
         self._progress.update(1)

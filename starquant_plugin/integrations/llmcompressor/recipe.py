@@ -40,10 +40,12 @@ def load_starquant_recipe(path_or_yaml: str | Path, stage: str | None = None) ->
     return recipe
 
 
-def bundled_recipe(family: str, scheme: str = "W4A4") -> Path:
-    """Path of the shipped recipe for a model family (``llada``/``dream``) and scheme."""
+def bundled_recipe(family: str, scheme: str = "W4A4") -> str:
+    """Path of the shipped recipe for a model family (``llada``/``dream``) and scheme, as a
+    string: ``oneshot(recipe=...)`` takes a ``str`` path (a ``Path`` fails inside
+    llm-compressor)."""
     path = RECIPES_DIR / f"{family}_{scheme.lower()}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
         raise ValueError(f"No bundled recipe for {family} {scheme}; available: {available}.")
-    return path
+    return str(path)

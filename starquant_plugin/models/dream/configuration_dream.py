@@ -21,7 +21,8 @@ class DreamConfig(Qwen2Config):
     use_sliding_window: bool = False
     sliding_window: int | None = None
     use_cache: bool = False
-    mask_token_id: int | None = 151666
+    # No default: a config without it must fail, not inherit the 7-8B model's id (151666).
+    mask_token_id: int | None = None
     pad_token_id: int | None = 151643
     bos_token_id: int | None = 151665
     eos_token_id: int | list[int] | None = 151643

@@ -7,11 +7,11 @@ for position ``i`` sits at ``i - 1``. The one place that realigns them is
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm
 
 from starquant_plugin.models.dream.configuration_dream import DreamConfig
+from starquant_plugin.models.pretrained import DLLMPreTrainedModel
 from starquant_plugin.models.rotary import RotaryEmbedding, bidirectional_attention_mask
 
 
@@ -53,7 +53,7 @@ class DreamBaseModel(nn.Module):
         return self.norm(hidden_states)
 
 
-class DreamPreTrainedModel(PreTrainedModel):
+class DreamPreTrainedModel(DLLMPreTrainedModel):
     config_class = DreamConfig
     config: DreamConfig
     base_model_prefix = "model"

@@ -50,7 +50,8 @@ class LLaDAConfig(PreTrainedConfig):
     eos_token_id: int | None = 126081
     pad_token_id: int | None = 126081
     bos_token_id: int | None = 126080
-    mask_token_id: int | None = 126336
+    # No default: a config without it must fail, not inherit the 7-8B model's id (126336).
+    mask_token_id: int | None = None
     init_device: str | None = "meta"
     init_fn: str = "mitchell"
     init_std: float = 0.02

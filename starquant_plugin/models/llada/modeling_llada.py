@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -21,6 +20,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from starquant_plugin.models.llada.configuration_llada import LLaDAConfig
+from starquant_plugin.models.pretrained import DLLMPreTrainedModel
 from starquant_plugin.models.rotary import RotaryEmbedding, bidirectional_attention_mask
 
 
@@ -116,7 +116,7 @@ class LLaDAModel(nn.Module):
         return self.transformer.ff_out(self.transformer.ln_f(hidden_states))
 
 
-class LLaDAPreTrainedModel(PreTrainedModel):
+class LLaDAPreTrainedModel(DLLMPreTrainedModel):
     config_class = LLaDAConfig
     config: LLaDAConfig
     base_model_prefix = "model"
