@@ -110,6 +110,9 @@ def main() -> None:
                         help="dtype the model is quantized (and its STaR tensors stored) in; "
                              "evaluation always runs in float32")
     parser.add_argument("--json", type=Path, default=Path("results/quality.json"))
+    parser.add_argument("--describe-only", action="store_true",
+                        help="only record the variants' outlier ratios (and rescaled channels) "
+                             "in variants.json beside --json; run no method")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in --json and skip those runs")
     args = parser.parse_args()
@@ -127,6 +130,8 @@ def main() -> None:
             variants = [v for v in variants
                         if (v["model"], v["variant"]) != (path.name, variant)] + [description]
             variants_file.write_text(json.dumps(variants, indent=2) + "\n")
+            if args.describe_only:
+                continue
             ratios = description["ratios"]
             fp_model = copy.deepcopy(base).float()  # exact upcast
             rows = text_rows(tokenizer, evaluation_text(), max_rows=args.eval_rows)
@@ -150,7 +155,7 @@ def main() -> None:
                         results.append(row)
                         args.json.write_text(json.dumps(results, indent=2) + "\n")
                         print_row(row, header=len(results) == 1)
-    print(f"wrote {args.json}")
+    print(f"wrote {variants_file}" if args.describe_only else f"wrote {args.json}")
 
 
 def run(base, fp_model, calibration, rows, prompts, method, scheme, seed, overrides,
