@@ -127,28 +127,30 @@ def quality_table(rows: list[dict], select) -> str:
     return "\n".join(lines)
 
 
-def paired_table(rows: list[dict], target: str, others: tuple[str, ...]) -> str:
-    """``target`` minus each of ``others`` per seed (same calibration rows and evaluation
-    masks), W4A4, by model and variant: negative CE differences favour ``target``."""
+def paired_table(rows: list[dict], pairs: list[tuple[str, tuple[str, ...]]]) -> str:
+    """For each ``(target, others)`` of ``pairs``: ``target`` minus each of ``others`` per seed
+    (same calibration rows and evaluation masks), W4A4, by model and variant: negative CE
+    differences favour ``target``."""
     header = ["model", "variant", "comparison", "n", "ΔCE@0.15", "ΔCE@0.5", "Δ gen. agreement",
               "std of excess CE@0.15 (target / other)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups = grouped(rows)
     for model, variant in sorted({(k[0], k[1]) for k in groups}):
-        mine = {r["seed"]: r for r in groups.get((model, variant, "W4A4", target), [])}
-        for other in others:
-            theirs = {r["seed"]: r for r in groups.get((model, variant, "W4A4", other), [])}
-            seeds = sorted(set(mine) & set(theirs))
-            if not seeds:
-                continue
-            diff = {key: [mine[s][key] - theirs[s][key] for s in seeds]
-                    for key in ("ce@0.15", "ce@0.5", "gen_agreement")}
-            spread = [mean_std(excess(rows, [g[s] for s in seeds], "0.15")).split(" ± ")[-1]
-                      if len(seeds) > 1 else "" for g in (mine, theirs)]
-            lines.append("| " + " | ".join([
-                model, variant, f"{target} − {other}", str(len(seeds)),
-                mean_std(diff["ce@0.15"]), mean_std(diff["ce@0.5"]),
-                mean_std(diff["gen_agreement"]), " / ".join(spread)]) + " |")
+        for target, others in pairs:
+            mine = {r["seed"]: r for r in groups.get((model, variant, "W4A4", target), [])}
+            for other in others:
+                theirs = {r["seed"]: r for r in groups.get((model, variant, "W4A4", other), [])}
+                seeds = sorted(set(mine) & set(theirs))
+                if not seeds:
+                    continue
+                diff = {key: [mine[s][key] - theirs[s][key] for s in seeds]
+                        for key in ("ce@0.15", "ce@0.5", "gen_agreement")}
+                spread = [mean_std(excess(rows, [g[s] for s in seeds], "0.15")).split(" ± ")[-1]
+                          if len(seeds) > 1 else "" for g in (mine, theirs)]
+                lines.append("| " + " | ".join([
+                    model, variant, f"{target} − {other}", str(len(seeds)),
+                    mean_std(diff["ce@0.15"]), mean_std(diff["ce@0.5"]),
+                    mean_std(diff["gen_agreement"]), " / ".join(spread)]) + " |")
     return "\n".join(lines)
 
 
@@ -205,8 +207,10 @@ def sections(results: Path) -> dict[str, str]:
         "stress-variants": variants_table(results),
         "quality-w4a4": setup_line(w4a4) + "\n\n" + quality_table(
             rows, lambda m, v, s, n: s in ("FP", "W4A4") and n in MAIN),
-        "quality-paired": paired_table(rows, "starquant", tuple(m for m in MAIN[2:]
-                                                                if m != "starquant")),
+        "quality-paired": paired_table(rows, [
+            ("starquant", tuple(m for m in MAIN[2:] if m != "starquant")),
+            *[(name, ("starquant", "flatquant", "quarot")) for name in sorted(
+                {label(r) for r in rows if r["method"] == "starquant" and r["overrides"]})]]),
         "quality-ablation": quality_table(
             rows, lambda m, v, s, n: s == "W4A4" and (n in ("tac", "sgat", "starquant")
                                                       or n not in MAIN)),
