@@ -1,21 +1,31 @@
-"""Quality benchmark: each model x scheme x method through the same harness.
+"""Quality benchmark: each model x variant x scheme x method x seed through the same harness.
 
 For every run: masked-token CE and accuracy at t = 0.15 / 0.5 / 0.85, ELBO log-likelihood per
-token of held-out continuations, greedy-generation token agreement with the FP model,
-calibration wall time and peak resident memory. Prints a table and writes JSON (one row per
-model x scheme x method). A benchmark, not a test.
+token of held-out continuations, greedy-generation token agreement with the FP model of the
+same variant, calibration wall time and peak resident memory. Prints one line per run and
+writes JSON (one row per run, rewritten after every run; ``--resume`` skips rows already in
+it). ``benchmarks/report.py`` turns the JSON into the tables of ``docs/results.md``. A
+benchmark, not a test.
 
-    python benchmarks/quality.py                                  # both bundled models
+    python benchmarks/quality.py                                  # both bundled models, clean
+    python benchmarks/quality.py --variant clean --variant stress --seeds 0 1 2 \\
+        --json benchmarks/results/quality-w4a4.json
     python benchmarks/quality.py --model /path/to/LLaDA-8B-Base --schemes W4A4 --samples 128
 
-Evaluation text for any model is the bundled held-out split, tokenized with that model's own
-tokenizer; calibration uses a disjoint slice of it (``assets.calibration_text``).
+Variants: ``clean`` is the model as shipped; ``stress`` adds 8B-style outlier channels by an
+exactly function-preserving rescaling (``starquant_plugin.models.outliers``), chosen once per
+model from 32 calibration states of seed 0, so every seed and method sees the same model.
+Evaluation text is the bundled held-out split, tokenized with the model's own tokenizer;
+calibration uses a disjoint slice of it (``assets.calibration_text``). The seed changes the
+calibration rows, the evaluation masks and the fit's initialisation.
 """
 
 import argparse
+import copy
 import json
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import psutil
@@ -26,9 +36,12 @@ from starquant_plugin.config import METHODS, method_args
 from starquant_plugin.models.calibration import build_calibration_states
 from starquant_plugin.models.evaluation import MASK_RATIOS, quality_summary, text_rows
 from starquant_plugin.models.loading import load_dllm
+from starquant_plugin.models.outliers import add_stress_outliers_, outlier_ratios
 from starquant_plugin.pipeline import quantize_dllm
 
 SCHEMES = ("W4A4", "W4A8", "W8A8")
+VARIANTS = ("clean", "stress")
+STRESS_ROWS, STRESS_SEED = 32, 0
 
 
 class PeakMemory:
@@ -52,20 +65,44 @@ class PeakMemory:
         self._thread.join()
 
 
+def load_variant(path: Path, variant: str, dtype: torch.dtype):
+    """(model in ``dtype``, tokenizer, description) of a variant; the description holds the
+    outlier ratio of every site and, for the stress variant, the rescaled channels."""
+    model, tokenizer = load_dllm(path, dtype=dtype)
+    reference, _ = load_dllm(path)  # float32, for the sampler that makes trajectory states
+    rows = build_calibration_states(reference, text_rows(tokenizer, calibration_text()),
+                                    STRESS_ROWS, seed=STRESS_SEED)
+    description: dict = {"model": path.name, "variant": variant}
+    if variant == "stress":
+        report = add_stress_outliers_(model, rows)
+        description |= {"targets": {site: r["target"] for site, r in report.ratios.items()},
+                        "channels": [asdict(c) for c in report.channels]}
+    description["ratios"] = outlier_ratios(model, rows)
+    return model, tokenizer, description
+
+
+def row_key(row: dict) -> tuple:
+    return (row["model"], row["variant"], row["scheme"], row["method"], row["seed"],
+            json.dumps(row["overrides"], sort_keys=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", type=Path,
                         help="hub-layout LLaDA or Dream directory (repeatable)")
+    parser.add_argument("--variant", action="append", choices=VARIANTS,
+                        help="clean (as shipped) and/or stress (repeatable; default clean)")
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--methods", nargs="+", default=["fp", *METHODS],
                         choices=["fp", *METHODS])
-    parser.add_argument("--samples", type=int, default=128, help="calibration rows")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--samples", type=int, default=64, help="calibration rows")
     parser.add_argument("--epochs", type=int, default=15, help="SGAT epochs (learned methods)")
     parser.add_argument("--eval-rows", type=int, default=128)
     parser.add_argument("--elbo-rows", type=int, default=16)
     parser.add_argument("--mc-num", type=int, default=16)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts", type=int, default=64,
+                        help="generation-agreement prompts (x 32 generated tokens)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="override a StarQuantArgs field for every method; the value is "
                              "JSON, e.g. --set exclusive_fraction=0.03125")
@@ -73,49 +110,78 @@ def main() -> None:
                         help="dtype the model is quantized (and its STaR tensors stored) in; "
                              "evaluation always runs in float32")
     parser.add_argument("--json", type=Path, default=Path("results/quality.json"))
+    parser.add_argument("--describe-only", action="store_true",
+                        help="only record the variants' outlier ratios (and rescaled channels) "
+                             "in variants.json beside --json; run no method")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --json and skip those runs")
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
     overrides = {field: json.loads(value) for field, value in
                  (item.split("=", 1) for item in args.set)}
-    results = []
-    for path in args.model or list(TINY_MODELS.values()):
-        fp_model, tokenizer = load_dllm(path)
-        rows = text_rows(tokenizer, evaluation_text(), max_rows=args.eval_rows)
-        prompts = rows[: args.prompts, :16]
-        calibration = build_calibration_states(
-            fp_model, text_rows(tokenizer, calibration_text()), args.samples, seed=args.seed)
-        for scheme in args.schemes:
-            for method in args.methods:
-                if method == "fp" and scheme != args.schemes[0]:
-                    continue
-                model, _ = load_dllm(path, dtype=getattr(torch, args.dtype))
-                seconds, peak, residuals = 0.0, 0, {}
-                if method != "fp":
-                    start = time.time()
-                    with PeakMemory() as memory:
-                        report = quantize_dllm(model, calibration, method_args(
-                            method, scheme=scheme, seed=args.seed, epochs=args.epochs,
-                            **overrides), progress=False)
-                    seconds, peak = time.time() - start, memory.peak
-                    residuals = {f"max_{key}": max(g[key] for g in report.groups.values())
-                                 for key in ("residual_masked", "residual_unmasked")}
-                model.float()  # exact upcast of the stored tensors
-                row = {"model": str(path), "scheme": "FP" if method == "fp" else scheme,
-                       "method": method, "overrides": overrides, "dtype": args.dtype,
-                       "calib_seconds": seconds, "calib_peak_mb": peak / 2**20, **residuals}
-                row |= quality_summary(model, fp_model, rows, prompts, args.elbo_rows,
-                                       args.mc_num, args.seed)
-                results.append(row)
-                print_row(row, header=len(results) == 1)
+    dtype = getattr(torch, args.dtype)
+    results = json.loads(args.json.read_text()) if args.resume and args.json.exists() else []
+    done = {row_key(row) for row in results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    variants_file = args.json.with_name("variants.json")
+    variants = json.loads(variants_file.read_text()) if variants_file.exists() else []
+    for path in args.model or list(TINY_MODELS.values()):
+        for variant in args.variant or ["clean"]:
+            base, tokenizer, description = load_variant(path, variant, dtype)
+            variants = [v for v in variants
+                        if (v["model"], v["variant"]) != (path.name, variant)] + [description]
+            variants_file.write_text(json.dumps(variants, indent=2) + "\n")
+            if args.describe_only:
+                continue
+            ratios = description["ratios"]
+            fp_model = copy.deepcopy(base).float()  # exact upcast
+            rows = text_rows(tokenizer, evaluation_text(), max_rows=args.eval_rows)
+            prompts = rows[: args.prompts, :16]
+            for seed in args.seeds:
+                torch.manual_seed(seed)
+                calibration = build_calibration_states(
+                    fp_model, text_rows(tokenizer, calibration_text()), args.samples, seed=seed)
+                for scheme in args.schemes:
+                    for method in args.methods:
+                        if method == "fp" and scheme != args.schemes[0]:
+                            continue
+                        key = {"model": path.name, "variant": variant,
+                               "scheme": "FP" if method == "fp" else scheme,
+                               "method": method, "seed": seed, "overrides": overrides}
+                        if row_key(key) in done:
+                            continue
+                        row = key | run(base, fp_model, calibration, rows, prompts, method,
+                                        scheme, seed, overrides, args)
+                        row["outlier_ratio_max"] = max(ratios.values())
+                        results.append(row)
+                        args.json.write_text(json.dumps(results, indent=2) + "\n")
+                        print_row(row, header=len(results) == 1)
+    print(f"wrote {variants_file}" if args.describe_only else f"wrote {args.json}")
+
+
+def run(base, fp_model, calibration, rows, prompts, method, scheme, seed, overrides,
+        args) -> dict:
+    """Quantize a copy of ``base`` with ``method`` (unless "fp") and score it against FP."""
+    model = copy.deepcopy(base)
+    seconds, peak, residuals = 0.0, 0, {}
+    if method != "fp":
+        start = time.time()
+        with PeakMemory() as memory:
+            report = quantize_dllm(model, calibration, method_args(
+                method, scheme=scheme, seed=seed, epochs=args.epochs, **overrides),
+                progress=False)
+        seconds, peak = time.time() - start, memory.peak
+        residuals = {f"max_{key}": max(g[key] for g in report.groups.values())
+                     for key in ("residual_masked", "residual_unmasked")}
+    model.float()  # exact upcast of the stored tensors
+    row = {"dtype": args.dtype, "samples": args.samples, "epochs": args.epochs,
+           "calib_seconds": seconds, "calib_peak_mb": peak / 2**20, **residuals}
+    return row | quality_summary(model, fp_model, rows, prompts, args.elbo_rows, args.mc_num,
+                                 seed)
 
 
 def print_row(row: dict, header: bool) -> None:
-    columns = ["scheme", "method", *[f"ce@{t}" for t in MASK_RATIOS],
-               *[f"acc@{t}" for t in MASK_RATIOS], "elbo", "gen_agreement", "calib_seconds",
-               "calib_peak_mb"]
+    columns = ["variant", "scheme", "method", "seed", *[f"ce@{t}" for t in MASK_RATIOS],
+               "elbo", "gen_agreement", "calib_seconds"]
     if header:
         print("| model | " + " | ".join(columns) + " |")
         print("|---" * (len(columns) + 1) + "|")

@@ -25,9 +25,19 @@ class StarQuantArgs(BaseModel):
     state_gating: bool = True
     exclusive_fraction: float = Field(
         1 / 64, ge=0.0, lt=0.5, description="width of each state's exclusive subspace / d")
+    init_scale: Literal["ones", "smoothquant"] = Field(
+        "ones", description="initial channel scale c of a learned M: 1, or SmoothQuant's "
+        "1 / s with s = max|x|^alpha / max|W|^(1 - alpha) (FlatQuant's 'sq_style')")
+    init_scale_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    init_rotation: Literal["hadamard", "random"] = Field(
+        "hadamard", description="initial Kronecker factors of a learned M: random Hadamard "
+        "(QuaRot) or random orthogonal (FlatQuant)")
     epochs: int = Field(15, ge=0)
     lr: float = Field(5e-3, gt=0)
     lr_clip: float = Field(5e-2, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: anneal both learning rates to 1e-3 x over the fit "
+        "(FlatQuant)")
     smoothquant_alpha: float = Field(0.5, ge=0.0, le=1.0)
     weight_quantizer: Literal["rtn", "gptq"] = "rtn"
     tac: bool = True
@@ -38,6 +48,10 @@ class StarQuantArgs(BaseModel):
     kv_bits: Literal[4, 8, 16] | None = Field(
         None, description="K/V cache bits; None = 4 at W4A4, 16 otherwise"
     )
+    kv_rotation: bool = Field(
+        False, description="rotate K and V per head by a Hadamard before the K/V quantizer "
+        "(QuaRot): V's folded into v_proj rows and output-projection columns, K's applied to "
+        "Q and K after RoPE at run time; only with kv_bits < 16")
     seed: int = 0
 
     @property
@@ -45,6 +59,11 @@ class StarQuantArgs(BaseModel):
         if self.kv_bits is not None:
             return self.kv_bits
         return 4 if self.scheme == "W4A4" else 16
+
+    @property
+    def resolved_kv_rotation(self) -> bool:
+        """Whether K and V are rotated: ``kv_rotation`` with K/V quantized below 16 bit."""
+        return self.kv_rotation and self.resolved_kv_bits < 16
 
     def exclusive_width(self, d: int) -> int:
         """``k``, the width of each state's exclusive subspace for a linear input of dim ``d``
@@ -58,11 +77,20 @@ class StarQuantArgs(BaseModel):
         return kronecker_factors(d) if self.transform_factors == "kronecker" else (1, d)
 
 
+_FLATQUANT = {"init_rotation": "random", "init_scale": "smoothquant", "init_scale_alpha": 0.3,
+              "lr_schedule": "cosine", "kv_rotation": True}
+"""FlatQuant's own initialisation and schedule (its ``--diag_init sq_style --diag_alpha 0.3``,
+random orthogonal factors, cosine annealing); its learned per-head K/V transforms are
+approximated by the fixed Hadamard of ``kv_rotation``."""
+
 METHODS: dict[str, dict] = {
     "rtn": {"transform": "identity", "state_gating": False, "tac": False},
     "smoothquant": {"transform": "smoothquant", "state_gating": False, "tac": False},
-    "quarot": {"transform": "hadamard", "state_gating": False, "tac": False},
-    "flatquant": {"transform": "learned", "state_gating": False, "tac": False},
+    "quarot": {"transform": "hadamard", "state_gating": False, "tac": False,
+               "kv_rotation": True},
+    "quarot_gptq": {"transform": "hadamard", "state_gating": False, "tac": False,
+                    "kv_rotation": True, "weight_quantizer": "gptq"},
+    "flatquant": {"transform": "learned", "state_gating": False, "tac": False, **_FLATQUANT},
     "sgat": {"transform": "learned", "state_gating": True, "tac": False},
     "tac": {"transform": "identity", "state_gating": False, "tac": True},
     "starquant": {"transform": "learned", "state_gating": True, "tac": True},

@@ -34,6 +34,8 @@ from starquant_plugin.method import (
     fit_sgat,
     fit_tac,
     gptq_quantize_weight,
+    hadamard,
+    rotate_value_heads,
     scheme_args,
     smoothquant_scales,
     static_sgat,
@@ -113,9 +115,15 @@ def quantize_linear_group(
     by_state = _split_by_state(x, mask_state)
     generator = torch.Generator().manual_seed(args.seed)
     if args.transform == "learned":
+        init_scale = None
+        if args.init_scale == "smoothquant":  # x -> x / s
+            init_scale = 1.0 / smoothquant_scales(x.reshape(-1, d).abs().amax(0), weight,
+                                                  args.init_scale_alpha)
         sgat = fit_sgat(weight, by_state[MASKED], by_state[UNMASKED], weight_args, act_args,
                         k=args.exclusive_width(d), factors=args.factors(d), epochs=args.epochs,
-                        lr=args.lr, lr_clip=args.lr_clip, seed=args.seed)
+                        lr=args.lr, lr_clip=args.lr_clip, seed=args.seed,
+                        init_scale=init_scale, init_rotation=args.init_rotation,
+                        lr_schedule=args.lr_schedule)
     else:
         sgat = _static_transform(args, weight, x.reshape(-1, d), generator)
     dtype = linears[0].weight.dtype  # STaR tensors and scales are stored in the model's dtype
@@ -151,6 +159,40 @@ def fit_attention_tac(z_fp: torch.Tensor, z_quant: torch.Tensor, args: StarQuant
                    z_quant.reshape(-1, z_quant.shape[-1]).float(),
                    group_size=args.tac_group_size, damping=args.tac_damping,
                    shrinkage=args.tac_shrinkage, method=args.tac_method)
+
+
+def _value_rotation_params(block: nn.Module, family: DLLMFamily) -> list[torch.Tensor]:
+    """The parameters ``rotate_value_heads_`` changes in place (v_proj weight and bias, the
+    output projection's weight), for ``quantize_block`` to restore if the block fails."""
+    value, readers = next(pair for pair in family.scale_pairs
+                          if pair[1] == (family.attention_output,))
+    v_proj, o_proj = block.get_submodule(value), block.get_submodule(readers[0])
+    return [p for p in (getattr(v_proj, "weight", None), getattr(v_proj, "bias", None),
+                        getattr(o_proj, "weight", None)) if p is not None]
+
+
+def rotate_value_heads_(block: nn.Module, family: DLLMFamily) -> torch.Tensor:
+    """Fold a per-head Hadamard into ``block``'s value projection rows and output projection
+    columns in place (QuaRot's V rotation, exact up to the weights' dtype); returns ``H:
+    [head_dim, head_dim]``, which maps FP attention outputs into the rotated basis."""
+    value, readers = next(pair for pair in family.scale_pairs
+                          if pair[1] == (family.attention_output,))
+    v_proj, o_proj = block.get_submodule(value), block.get_submodule(readers[0])
+    if not (isinstance(v_proj, nn.Linear) and isinstance(o_proj, nn.Linear)):
+        raise ValueError(
+            f"kv_rotation folds a rotation into {value} and {readers[0]}, but one of them is "
+            f"already quantized ({type(v_proj).__name__}, {type(o_proj).__name__}); quantize "
+            "the attention's linear groups in one run."
+        )
+    head_dim = block.get_submodule(family.attention_module).head_dim
+    with torch.no_grad():
+        v_weight, v_bias, o_weight = rotate_value_heads(v_proj.weight, v_proj.bias,
+                                                        o_proj.weight, head_dim)
+        v_proj.weight.copy_(v_weight)
+        o_proj.weight.copy_(o_weight)
+        if v_bias is not None:
+            v_proj.bias.copy_(v_bias)
+    return hadamard(head_dim)
 
 
 def _capture_input(
@@ -241,22 +283,32 @@ def quantize_block(
     groups = family.linear_groups if groups is None else groups
     originals = {name: block.get_submodule(name) for group in groups for name in group}
     attention = block.get_submodule(family.attention_module)
-    kv_bits_before = attention.__dict__.get("kv_bits")
+    saved = {key: attention.__dict__.get(key) for key in ("kv_bits", "k_rotation")}
+    unrotated: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
+        value_rotation = None
+        if args.resolved_kv_rotation:
+            unrotated = [(p, p.detach().clone()) for p in _value_rotation_params(block, family)]
+            value_rotation = rotate_value_heads_(block, family)
+            attention.k_rotation = True
         _quantize_groups(block, fp_block, q_inputs, fp_inputs, states, shared_state, args,
-                         family, report, index, groups)
+                         family, report, index, groups, value_rotation)
     except BaseException:
         for name, linear in originals.items():  # leave the block as it was
             block.set_submodule(name, linear)
-        if kv_bits_before is None:
-            attention.__dict__.pop("kv_bits", None)
-        else:
-            attention.kv_bits = kv_bits_before
+        with torch.no_grad():  # undo the value rotation folded into v_proj / output projection
+            for param, before in unrotated:
+                param.copy_(before)
+        for key, value in saved.items():
+            if value is None:
+                attention.__dict__.pop(key, None)
+            else:
+                setattr(attention, key, value)
         raise
 
 
 def _quantize_groups(block, fp_block, q_inputs, fp_inputs, states, shared_state, args, family,
-                     report, index, groups) -> None:
+                     report, index, groups, value_rotation) -> None:
     all_states = torch.cat(states)
     block.get_submodule(family.attention_module).kv_bits = args.resolved_kv_bits
     for group in groups:
@@ -265,6 +317,9 @@ def _quantize_groups(block, fp_block, q_inputs, fp_inputs, states, shared_state,
         if args.tac and group == (family.attention_output,):
             z_fp = _capture_input(fp_block, family.attention_output, fp_inputs, states,
                                   shared_state)
+            if value_rotation is not None:  # TAC's target in the rotated basis
+                head_dim = value_rotation.shape[0]
+                z_fp = (z_fp.float().unflatten(-1, (-1, head_dim)) @ value_rotation).flatten(-2)
             z_quant = _capture_input(block, family.attention_output, q_inputs, states,
                                      shared_state)
             check_finite_activations(z_fp, "The FP attention output", where)
@@ -300,6 +355,7 @@ def _quantize_groups(block, fp_block, q_inputs, fp_inputs, states, shared_state,
             "residual_masked": sgat.residual_masked,
             "residual_unmasked": sgat.residual_unmasked,
             "final_loss": sgat.loss_history[-1] if sgat.loss_history else float("nan"),
+            **{f"fit_{stage}_seconds": seconds for stage, seconds in sgat.seconds.items()},
         }
 
 

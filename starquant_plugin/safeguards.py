@@ -64,6 +64,12 @@ def validate_for_model(model: PreTrainedModel, args: StarQuantArgs, family: DLLM
         raise ValueError(f"{type(model).__name__} has no {family.block_class} blocks to "
                          "quantize; is it a LLaDA or Dream model?")
     for index, block in enumerate(blocks):
+        head_dim = getattr(block.get_submodule(family.attention_module), "head_dim", None)
+        if args.resolved_kv_rotation and head_dim and head_dim & (head_dim - 1):
+            raise ValueError(
+                f"kv_rotation rotates every head by a Sylvester Hadamard, which needs a "
+                f"power-of-two head_dim; block {index} has {head_dim}. Set kv_rotation=False."
+            )
         for group in family.linear_groups if groups is None else groups.get(index, ()):
             d = block.get_submodule(group[0]).in_features
             if args.tac and group == (family.attention_output,) and d % args.tac_group_size:

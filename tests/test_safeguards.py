@@ -138,3 +138,33 @@ def test_oneshot_with_nan_calibration_leaves_fp_or_unusable(where, tmp_path):
         with pytest.raises(RuntimeError, match=r"half-quantized.*blocks \[0, 1\]"):
             model.save_pretrained(tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("make", [tiny_llada, tiny_dream])
+def test_a_failed_block_undoes_the_value_rotation(make, monkeypatch):
+    """kv_rotation folds a Hadamard into v_proj / the output projection in place before the
+    groups are fitted; a failure later in the block must restore those weights too."""
+    from starquant_plugin import pipeline
+    from starquant_plugin.models.families import family_of
+
+    model, reference = make(), make()
+    family = family_of(model)
+    fitted = []
+    real = pipeline.quantize_linear_group
+
+    def fail_on_the_mlp(linears, *args, **kwargs):
+        if len(fitted) == 2:  # q/k/v and the output projection are already replaced
+            raise CalibrationError("injected failure in the MLP input group")
+        fitted.append(linears)
+        return real(linears, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "quantize_linear_group", fail_on_the_mlp)
+    with pytest.raises(CalibrationError, match="injected"):
+        quantize_dllm(model, rows(), ARGS.model_copy(update={"kv_rotation": True}),
+                      progress=False)
+    block = pipeline.decoder_blocks(model, family)[0]
+    fp_block = pipeline.decoder_blocks(reference, family)[0]
+    for name in (family.scale_pairs[1][0], family.attention_output):
+        assert torch.equal(block.get_submodule(name).weight, fp_block.get_submodule(name).weight)
+    assert "k_rotation" not in block.get_submodule(family.attention_module).__dict__
+    assert_untouched(model, reference)

@@ -28,7 +28,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationConfig
@@ -75,6 +75,12 @@ FORWARD = (
     "quantizer (dynamic, per token)"
 )
 
+K_ROTATION = "hadamard"
+"""``starquant.k_rotation`` when K is rotated before its quantizer: queries and keys of every
+head, after RoPE, times the normalised Sylvester Hadamard ``H_hd / sqrt(hd)`` (no random signs;
+``method.transforms.hadamard``); V's rotation is already folded into the weights. null: no
+rotation."""
+
 
 class InputGroup(BaseModel):
     """One entry of ``starquant.input_groups``: linears reading one input, led by the one that
@@ -101,6 +107,9 @@ class StarQuantBlock(BaseModel):
     family: str
     mask_token_id: int = Field(ge=0)
     kv_bits: int
+    k_rotation: Literal["hadamard"] | None = Field(
+        None, description="K_ROTATION when queries and keys are rotated per head before the "
+        "K/V quantizer; None (and absent, in checkpoints older than the option): no rotation")
     input_groups: list[InputGroup] = Field(min_length=1)
     tensors: dict[str, str] = Field(default_factory=dict)
     forward: str = ""
@@ -224,6 +233,7 @@ def quantization_config_dict(model: PreTrainedModel, args: StarQuantArgs) -> dic
         "starquant": StarQuantBlock(
             version=FORMAT_VERSION, args=args, family=family.name,
             mask_token_id=mask_token_id(model), kv_bits=args.resolved_kv_bits,
+            k_rotation=K_ROTATION if args.resolved_kv_rotation else None,
             input_groups=input_groups(model), tensors=dict(STAR_TENSORS), forward=FORWARD,
         ).model_dump(mode="json"),
     }

@@ -25,6 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from starquant_plugin.config import QUANT_METHOD
 from starquant_plugin.integrations.format import (
+    K_ROTATION,
     InputGroup,
     StarQuantBlock,
     check_finite,
@@ -133,11 +134,14 @@ class StarQuantHfQuantizer(HfQuantizer):
             check_missing(expected_tensors(block.input_groups, ct_config.format),
                           checkpoint_keys(checkpoint_files), str(checkpoint_files[0]))
         kv_bits = block.kv_bits
+        k_rotation = block.k_rotation == K_ROTATION  # validated: "hadamard" or None
         if kv_bits < 16:
             for block_name, decoder_block in model.named_modules():
                 if type(decoder_block).__name__ == family.block_class and any(
                         name.startswith(f"{block_name}.") for name in listed):
-                    decoder_block.get_submodule(family.attention_module).kv_bits = kv_bits
+                    attention = decoder_block.get_submodule(family.attention_module)
+                    attention.kv_bits = kv_bits
+                    attention.k_rotation = k_rotation
             use_kv_quantized_attention(model)
         return model
 

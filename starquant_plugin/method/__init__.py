@@ -28,9 +28,12 @@ from starquant_plugin.method.sgat import (
 )
 from starquant_plugin.method.tac import TACParams, apply_tac, fit_tac
 from starquant_plugin.method.transforms import (
+    hadamard,
     kronecker_apply,
     kronecker_factors,
     random_hadamard,
+    random_orthogonal,
+    rotate_value_heads,
     smoothquant_scales,
 )
 
@@ -53,11 +56,14 @@ __all__ = [
     "fit_sgat",
     "fit_tac",
     "gptq_quantize_weight",
+    "hadamard",
     "int_gemm",
     "kronecker_apply",
     "kronecker_factors",
     "quantize_activation",
     "random_hadamard",
+    "random_orthogonal",
+    "rotate_value_heads",
     "scheme_args",
     "search_weight_clip",
     "smoothquant_scales",

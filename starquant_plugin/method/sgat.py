@@ -27,6 +27,7 @@ weights concatenated along the output dim, ``[sum out, d]``.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -37,7 +38,12 @@ from starquant_plugin.method.quantizers import (
     fake_quantize_weight,
     search_weight_clip,
 )
-from starquant_plugin.method.transforms import kronecker_apply, kronecker_factors, random_hadamard
+from starquant_plugin.method.transforms import (
+    kronecker_apply,
+    kronecker_factors,
+    random_hadamard,
+    random_orthogonal,
+)
 
 UNMASKED = 0
 """Row of ``drop`` (and value of ``mask_state.long()``) for prompt and decoded tokens."""
@@ -143,7 +149,9 @@ class SGATResult:
     ``exclusive: [d, 2k]`` (``V``), ``channel_scale: [d]``, ``left: [n1, n1]``, ``right:
     [n2, n2]``; ``act_clip: [2]`` (per state, both equal without gating); ``weight_clip:
     [out]``; residuals from ``exactness_residual``; ``loss_history[0]`` is the initial loss,
-    then one entry per epoch (the returned parameters are those with the lowest loss).
+    then one entry per epoch (the returned parameters are those with the lowest loss);
+    ``seconds``: wall time of the fit's setup (second moments, subspaces, clip search, first
+    loss) and of its epochs in total (empty for a static transform).
     """
 
     exclusive: torch.Tensor
@@ -155,6 +163,7 @@ class SGATResult:
     residual_masked: float = 0.0
     residual_unmasked: float = 0.0
     loss_history: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def rounded_to(self, dtype: torch.dtype) -> SGATResult:
         """The transform a checkpoint in ``dtype`` holds (float32 tensors): quantize the weight
@@ -251,6 +260,9 @@ def fit_sgat(
     lr_clip: float = 5e-2,
     batch_tokens: int = 1024,
     seed: int = 0,
+    init_scale: torch.Tensor | None = None,
+    init_rotation: str = "hadamard",
+    lr_schedule: str = "constant",
 ) -> SGATResult:
     """Fit an SGAT transform and clip ratios for one linear input (method.md section 2).
 
@@ -264,8 +276,14 @@ def fit_sgat(
     sigmoid-parameterised activation clip per state and a weight clip per output row
     (initialised by ``search_weight_clip``). Both quantizers round straight-through.
     Deterministic for a given ``seed``.
+
+    ``init_scale: [d]`` starts ``c`` elsewhere than 1 (e.g. SmoothQuant's ``1 / s``);
+    ``init_rotation`` "random" starts ``L``, ``R`` as random orthogonal matrices (FlatQuant)
+    instead of random Hadamards; ``lr_schedule`` "cosine" anneals both learning rates to
+    1e-3 of their value over the fit (FlatQuant's schedule).
     """
     _check_fit_inputs(weight, x_masked, x_unmasked, batch_tokens)
+    start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     w = weight.detach().float()
     xs = {MASKED: x_masked.detach().float(), UNMASKED: x_unmasked.detach().float()}
@@ -277,13 +295,24 @@ def fit_sgat(
     covs = {s: x.T.double() @ x.double() / x.shape[0] for s, x in xs.items()}
     exclusive = exclusive_subspaces(covs[MASKED], covs[UNMASKED], k)
 
-    left = torch.nn.Parameter(random_hadamard(n1, generator))
-    right = torch.nn.Parameter(random_hadamard(n2, generator))
-    log_scale = torch.nn.Parameter(torch.zeros(d))
+    if init_rotation not in ("hadamard", "random"):
+        raise ValueError(f"Got init_rotation={init_rotation!r}; expected 'hadamard' or 'random'.")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"Got lr_schedule={lr_schedule!r}; expected 'constant' or 'cosine'.")
+    if init_scale is not None and (init_scale.shape != (d,) or not (init_scale > 0).all()):
+        raise ValueError(
+            f"Got init_scale of shape {tuple(init_scale.shape)}; expected a positive [{d}] "
+            "channel scale (e.g. 1 / smoothquant_scales(...))."
+        )
+    rotation = random_hadamard if init_rotation == "hadamard" else random_orthogonal
+    left = torch.nn.Parameter(rotation(n1, generator))
+    right = torch.nn.Parameter(rotation(n2, generator))
+    scale0 = torch.ones(d) if init_scale is None else init_scale.detach().float()
+    log_scale = torch.nn.Parameter(scale0.log())
     act_logit = torch.nn.Parameter(
         _logit(torch.full((2 if k else 1,), _INIT_ACT_CLIP, dtype=torch.float32))
     )
-    w_clip0 = search_weight_clip(transform_weight(w, torch.ones(d), left.detach(),
+    w_clip0 = search_weight_clip(transform_weight(w, scale0, left.detach(),
                                                   right.detach()), weight_args)
     w_logit = torch.nn.Parameter(_logit(w_clip0.clamp(0.05, 0.995)))
     optimizer = torch.optim.AdamW(
@@ -326,7 +355,12 @@ def fit_sgat(
 
     history = [full_loss()]
     best = (history[0], snapshot())
+    setup_end = time.perf_counter()
     steps = math.ceil(max(x.shape[0] for x in xs.values()) / batch_tokens)
+    scheduler = None
+    if lr_schedule == "cosine" and epochs:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=epochs * steps, eta_min=lr * 1e-3)
     for _ in range(epochs):
         perms = {s: torch.randperm(x.shape[0], generator=generator) for s, x in xs.items()}
         for step in range(steps):
@@ -339,6 +373,8 @@ def fit_sgat(
             optimizer.zero_grad(set_to_none=True)
             state_losses(batches).backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
         history.append(full_loss())
         if history[-1] < best[0]:
             best = (history[-1], snapshot())
@@ -354,4 +390,5 @@ def fit_sgat(
         residual_masked=exactness_residual(xs[MASKED], exclusive, MASKED),
         residual_unmasked=exactness_residual(xs[UNMASKED], exclusive, UNMASKED),
         loss_history=history,
+        seconds={"setup": setup_end - start, "epochs": time.perf_counter() - setup_end},
     )

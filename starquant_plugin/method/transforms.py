@@ -19,6 +19,51 @@ def _sylvester_hadamard(d: int) -> torch.Tensor:
     return h
 
 
+def hadamard(d: int) -> torch.Tensor:
+    """The normalised Sylvester Hadamard ``H / sqrt(d): [d, d]`` (float32), symmetric and
+    orthogonal, for ``d`` a power of two. No random signs, so a runtime that applies it (the
+    per-head K rotation) needs no stored tensor: QuaRot's ``hadamard_transform`` of Q and K.
+
+    >>> h = hadamard(4)
+    >>> torch.equal(h, h.T), torch.allclose(h @ h, torch.eye(4))
+    (True, True)
+    """
+    if d < 1 or d & (d - 1):
+        raise ValueError(
+            f"Got d={d}; a Sylvester Hadamard exists for powers of two only. K/V rotation "
+            "needs a power-of-two head_dim (64 and 128 are); set kv_rotation=False otherwise."
+        )
+    return (_sylvester_hadamard(d) / d**0.5).float()
+
+
+def rotate_value_heads(
+    v_weight: torch.Tensor, v_bias: torch.Tensor | None, o_weight: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Fold a per-head Hadamard ``H`` into the value projection and the output projection
+    (QuaRot's V rotation): every value head becomes ``v H``, so 4-bit per-head quantization of
+    V sees outlier channels spread over the head, and the output projection reads
+    ``z H`` with ``W_o``'s columns rotated back. Exact in exact arithmetic.
+
+    ``v_weight: [kv_heads * head_dim, d]``, ``v_bias: [kv_heads * head_dim]`` or None,
+    ``o_weight: [d_out, heads * head_dim]`` with ``heads`` a multiple of ``kv_heads`` (query
+    head ``h`` reads KV head ``h // (heads / kv_heads)``, so every column block is rotated by
+    the same ``H``). Computed in float64, returned in the inputs' dtypes.
+    """
+    h = hadamard(head_dim).double()
+    rows, d = v_weight.shape
+    if rows % head_dim or o_weight.shape[1] % rows:
+        raise ValueError(
+            f"Got v_proj {tuple(v_weight.shape)} and o_proj {tuple(o_weight.shape)} for "
+            f"head_dim {head_dim}; expected v_proj rows = kv_heads x head_dim and o_proj "
+            "columns = heads x head_dim with heads a multiple of kv_heads."
+        )
+    v = (h.T @ v_weight.double().reshape(-1, head_dim, d)).reshape(rows, d)
+    bias = None if v_bias is None else (v_bias.double().reshape(-1, head_dim) @ h).reshape(-1)
+    o = (o_weight.double().reshape(o_weight.shape[0], -1, head_dim) @ h).reshape(o_weight.shape)
+    return (v.to(v_weight.dtype), None if bias is None else bias.to(v_bias.dtype),
+            o.to(o_weight.dtype))
+
+
 def random_hadamard(d: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random orthogonal ``[d, d]`` that spreads outlier channels over all coordinates.
 
@@ -32,6 +77,14 @@ def random_hadamard(d: int, generator: torch.Generator | None = None) -> torch.T
     if d & (d - 1) == 0:
         signs = torch.randint(0, 2, (d,), generator=generator, dtype=torch.float64) * 2 - 1
         return (signs.unsqueeze(1) * _sylvester_hadamard(d) / d**0.5).float()
+    return random_orthogonal(d, generator)
+
+
+def random_orthogonal(d: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Haar-random orthogonal ``[d, d]`` (float32): the Q of a Gaussian matrix's QR with the
+    signs fixed by R's diagonal, FlatQuant's and QuaRot's ``random_orthogonal_matrix``."""
+    if d < 1:
+        raise ValueError(f"Got d={d}; a rotation needs d >= 1. Pass the layer's input dim.")
     gaussian = torch.randn(d, d, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
     return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).float()

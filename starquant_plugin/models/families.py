@@ -23,6 +23,12 @@ class DLLMFamily:
         in forward order; linears in one group read the same input and share one transform.
     attention_output: the output projection, whose input TAC corrects.
     attention_module: the module that calls the attention function ("" = the block itself).
+    scale_pairs: (writer, readers) per channel-rescalable connection, in forward order: a
+        channel written by ``writer`` (an RMSNorm weight entry, or a linear's output row) is
+        read only by the ``readers``' input columns, so scaling it by ``a`` there and by
+        ``1 / a`` in the readers leaves the function unchanged (SmoothQuant's and QuaRot's
+        mappings: pre-attention norm -> q/k/v, v_proj -> output projection, pre-MLP norm ->
+        gate/up, up_proj -> down_proj).
     """
 
     name: str
@@ -34,6 +40,7 @@ class DLLMFamily:
     linear_groups: tuple[tuple[str, ...], ...]
     attention_output: str
     attention_module: str
+    scale_pairs: tuple[tuple[str, tuple[str, ...]], ...]
 
 
 FAMILIES: dict[str, DLLMFamily] = {
@@ -50,6 +57,10 @@ FAMILIES: dict[str, DLLMFamily] = {
                            ("ff_proj", "up_proj"), ("ff_out",)),
             attention_output="attn_out",
             attention_module="",
+            scale_pairs=(("attn_norm", ("q_proj", "k_proj", "v_proj")),
+                         ("v_proj", ("attn_out",)),
+                         ("ff_norm", ("ff_proj", "up_proj")),
+                         ("up_proj", ("ff_out",))),
         ),
         DLLMFamily(
             name="dream",
@@ -66,6 +77,13 @@ FAMILIES: dict[str, DLLMFamily] = {
             ),
             attention_output="self_attn.o_proj",
             attention_module="self_attn",
+            scale_pairs=(
+                ("input_layernorm",
+                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("self_attn.v_proj", ("self_attn.o_proj",)),
+                ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+                ("mlp.up_proj", ("mlp.down_proj",)),
+            ),
         ),
     )
 }

@@ -149,6 +149,12 @@ def test_config_has_explicit_format_groups_ignore_and_versioned_block(saved):
                                      "sgat_channel_scale", "sgat_act_clip", "tac_matrices",
                                      "tac_bias"}
     assert validate_config(config)[0].args == args
+    assert block["k_rotation"] is None
+    del block["k_rotation"]  # written before kv_rotation existed: loads as no rotation
+    assert validate_config(config)[0].k_rotation is None
+    block["k_rotation"] = "givens"
+    with pytest.raises(ValueError, match="k_rotation"):
+        validate_config(config)
     assert (path / "recipe.yaml").read_text().startswith("stage:")
     with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())

@@ -38,12 +38,12 @@ def calibration_rows(seed: int = 0) -> torch.LongTensor:
 _CACHE: dict[tuple[str, str], tuple] = {}
 
 
-def quantized(family: str, scheme: str, tmp_path_factory) -> tuple:
+def quantized(family: str, scheme: str, tmp_path_factory, **overrides) -> tuple:
     """(in-memory quantized model, its saved checkpoint dir), built once per test session."""
-    key = (family, scheme)
+    key = (family, scheme, *sorted(overrides))
     if key not in _CACHE:
         model = MODELS[family]()
-        args = StarQuantArgs(scheme=scheme, epochs=1)
+        args = StarQuantArgs(scheme=scheme, epochs=1, **overrides)
         quantize_dllm(model, calibration_rows(), args, progress=False)
         path = tmp_path_factory.mktemp(f"{family}-{scheme}") / "ckpt"
         save_starquant(model, path, args=args)
@@ -71,6 +71,10 @@ def fresh_reloads(tmp_path_factory) -> dict[tuple[str, str], dict]:
             entries.append({"checkpoint": str(path),
                             **record_expected(model, path.parent / "expected.safetensors")})
             keys.append((family, scheme))
+        model, path = quantized(family, "W4A4", tmp_path_factory, kv_rotation=True)
+        entries.append({"checkpoint": str(path),
+                        **record_expected(model, path.parent / "expected.safetensors")})
+        keys.append((family, "W4A4 kv_rotation"))
         model, _ = load_dllm(BUNDLED[family], dtype=torch.bfloat16)
         args = StarQuantArgs(scheme="W4A4", epochs=0)
         rows = torch.randint(3, 2000, (8, 64), generator=torch.Generator().manual_seed(0))
@@ -86,7 +90,7 @@ def fresh_reloads(tmp_path_factory) -> dict[tuple[str, str], dict]:
             for key, entry, outcome in zip(keys, entries, outcomes, strict=True)}
 
 
-@pytest.mark.parametrize("scheme", [*SCHEMES, "bundled W4A4 bf16"])
+@pytest.mark.parametrize("scheme", [*SCHEMES, "W4A4 kv_rotation", "bundled W4A4 bf16"])
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_fresh_process_reload_gives_the_in_memory_logits_and_generation(fresh_reloads, family,
                                                                         scheme):
@@ -113,6 +117,7 @@ def test_reloaded_model_keeps_kv_quantization_and_resaves(tmp_path, tmp_path_fac
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert loaded.config._attn_implementation == "starquant_sdpa"
     assert all(block.kv_bits == 4 for block in loaded.model.transformer.blocks)
+    assert not any(block.k_rotation for block in loaded.model.transformer.blocks)
     again = save_starquant(loaded, tmp_path / "again")  # args come from the loaded config
     reloaded = AutoModelForCausalLM.from_pretrained(again, dtype=torch.float32)
     ids = calibration_rows(4)
@@ -179,3 +184,16 @@ def test_unknown_or_missing_quant_method_is_refused_not_loaded_at_random(
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quantized tensor.*random init.*save_starquant"):
         AutoModelForCausalLM.from_pretrained(other)
+
+
+def test_k_rotation_is_recorded_and_applied_on_load(tmp_path_factory):
+    model, path = quantized("dream", "W4A4", tmp_path_factory, kv_rotation=True)
+    block = json.loads((path / "config.json").read_text())["quantization_config"]["starquant"]
+    assert block["k_rotation"] == "hadamard" and block["args"]["kv_rotation"]
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert all(layer.self_attn.k_rotation for layer in loaded.model.layers)
+    ids = calibration_rows(4)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    for layer in loaded.model.layers:  # without the K rotation the logits differ
+        layer.self_attn.k_rotation = False
+    assert not torch.equal(loaded(ids).logits, model(ids).logits)

@@ -195,3 +195,40 @@ def test_static_identity_keeps_the_weight_and_rotation_is_orthogonal():
     torch.testing.assert_close(
         x_s @ rotated.transformed_weight(weight).T, x_masked @ weight.T, atol=1e-4, rtol=1e-5
     )
+
+
+def test_smoothquant_initial_scale_starts_the_fit_lower_on_channel_outliers():
+    """A channel written 64x larger and read 64x smaller (the stress variants' outliers): the
+    SmoothQuant-balanced initial scale undoes it before the first step; 1 does not."""
+    from starquant_plugin.method.transforms import smoothquant_scales
+
+    x_masked, x_unmasked, weight = _state_data()
+    x_masked, x_unmasked, weight = x_masked.clone(), x_unmasked.clone(), weight.clone()
+    for x in (x_masked, x_unmasked):
+        x[:, 5] *= 64.0
+    weight[:, 5] /= 64.0
+    weight_args, act_args = scheme_args("W4A4")
+    absmax = torch.cat([x_masked, x_unmasked]).abs().amax(0)
+    init = 1.0 / smoothquant_scales(absmax, weight, 0.5)
+    ones = fit_sgat(weight, x_masked, x_unmasked, weight_args, act_args, k=K, epochs=0)
+    balanced = fit_sgat(weight, x_masked, x_unmasked, weight_args, act_args, k=K, epochs=0,
+                        init_scale=init)
+    assert torch.allclose(balanced.channel_scale, init, rtol=1e-6)
+    assert balanced.loss_history[0] < 0.5 * ones.loss_history[0]
+    with pytest.raises(ValueError, match="positive"):
+        fit_sgat(weight, x_masked, x_unmasked, weight_args, act_args, k=K, epochs=0,
+                 init_scale=-init)
+
+
+def test_random_orthogonal_init_and_cosine_schedule_are_deterministic():
+    x_masked, x_unmasked, weight = _state_data()
+    weight_args, act_args = scheme_args("W4A4")
+    runs = [fit_sgat(weight, x_masked, x_unmasked, weight_args, act_args, k=0, epochs=2,
+                     init_rotation="random", lr_schedule="cosine", seed=3) for _ in range(2)]
+    assert torch.equal(runs[0].left, runs[1].left)
+    assert runs[0].loss_history == runs[1].loss_history
+    left = runs[0].left
+    assert not torch.allclose(left.abs(), torch.full_like(left, left.shape[0] ** -0.5))
+    with pytest.raises(ValueError, match="init_rotation"):
+        fit_sgat(weight, x_masked, x_unmasked, weight_args, act_args, k=0, epochs=0,
+                 init_rotation="identity")

@@ -70,7 +70,8 @@ def test_groups_map_onto_vllm_fused_layers(llada_quantization_config):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda c: c["starquant"]["args"].update(kv_rotation=True), "does not implement"),
+    (lambda c: c["starquant"]["args"].update(future_knob=1), "does not implement"),
+    (lambda c: c["starquant"].update(k_rotation="hadamard"), "rotates K"),
     (lambda c: c["starquant"].update(version=3), "version is 3"),
     (lambda c: c["config_groups"]["group_0"]["input_activations"].update(strategy="tensor"),
      "per-token"),

@@ -25,10 +25,12 @@ IMPLEMENTED_ARGS = frozenset({
     "scheme", "transform", "transform_factors", "state_gating", "exclusive_fraction",
     "epochs", "lr", "lr_clip", "smoothquant_alpha", "weight_quantizer", "tac",
     "tac_group_size", "tac_damping", "tac_shrinkage", "tac_method", "kv_bits", "seed",
+    "init_scale", "init_scale_alpha", "init_rotation", "lr_schedule", "kv_rotation",
 })
 """``starquant.args`` keys whose runtime meaning this plugin implements (everything else only
-shapes calibration). A checkpoint carrying another key may need runtime behaviour we do not
-have (e.g. a K/V rotation), so it is refused instead of served with different numbers."""
+shapes calibration, or, like ``kv_rotation``, is refused below by its runtime field). A
+checkpoint carrying another key may need runtime behaviour we do not have, so it is refused
+instead of served with different numbers."""
 
 
 def _check_args(args: dict[str, Any]) -> None:
@@ -77,6 +79,12 @@ class StarQuantVllmConfig(QuantizationConfig):
         _check_args(block.get("args") or {})
         parsed, ct_config = validate_config(quantization_config)  # errors name the field
         self.args = parsed.args
+        if parsed.k_rotation is not None:
+            raise ValueError(
+                f"The checkpoint rotates K before its quantizer (starquant.k_rotation = "
+                f"{parsed.k_rotation!r}), which this vLLM integration does not implement; serve "
+                "it with transformers, or re-quantize with kv_rotation: false."
+            )
         (scheme,) = ct_config.config_groups.values()
         self.weight_args, self.act_args = scheme.weights, scheme.input_activations
         _check_quantizers(self.weight_args, self.act_args)

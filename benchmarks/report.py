@@ -1,0 +1,249 @@
+"""Regenerate the measured tables of ``docs/results.md`` from the benchmark JSON.
+
+    python benchmarks/report.py            # rewrites the generated sections in place
+    python benchmarks/report.py --check    # exit 1 if docs/results.md is out of date
+
+Reads ``benchmarks/results/quality-*.json`` (rows of ``benchmarks/quality.py``) and
+``benchmarks/results/calibration-cost.json`` (``benchmarks/calibration_cost.py``). Every
+quality number is a mean ± sample standard deviation over the seeds a row was run with
+(``n`` in the tables). Gap closed is computed per seed against that seed's RTN and FP rows of
+the same model, variant and scheme, ``(CE_RTN - CE) / (CE_RTN - CE_FP)``, then averaged.
+Each section is written between ``<!-- BEGIN <name> -->`` and ``<!-- END <name> -->`` markers;
+the text around them is hand-written reading of the numbers.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAGE = ROOT / "docs" / "results.md"
+RATIOS = ("0.15", "0.5")
+METHOD_ORDER = ("fp", "rtn", "smoothquant", "quarot", "quarot_gptq", "flatquant", "tac",
+                "sgat", "starquant")
+
+
+def mean_std(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def percent(values: list[float]) -> str:
+    return mean_std([100 * v for v in values], 1) + " %" if values else ""
+
+
+def label(row: dict) -> str:
+    """Method name with its non-default overrides, e.g. ``starquant (kv_rotation=true)``."""
+    if not row["overrides"]:
+        return row["method"]
+    extra = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(row["overrides"].items()))
+    return f"{row['method']} ({extra})"
+
+
+def load_rows(results: Path, pattern: str = "quality-*.json") -> list[dict]:
+    rows = []
+    for path in sorted(results.glob(pattern)):
+        for row in json.loads(path.read_text()):
+            rows.append(row | {"source": path.name})
+    return rows
+
+
+def grouped(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """(model, variant, scheme, label) -> the rows of its seeds."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["model"], row["variant"], row["scheme"], label(row))].append(row)
+    return groups
+
+
+def reference(rows: list[dict], model: str, variant: str, method: str, scheme: str,
+              seed: int) -> dict | None:
+    for row in rows:
+        if (row["model"], row["variant"], row["method"], row["seed"]) == (
+                model, variant, method, seed) and not row["overrides"] and (
+                method == "fp" or row["scheme"] == scheme):
+            return row
+    return None
+
+
+def gap_closed(rows: list[dict], group: list[dict], ratio: str) -> list[float]:
+    values = []
+    for row in group:
+        fp = reference(rows, row["model"], row["variant"], "fp", row["scheme"], row["seed"])
+        rtn = reference(rows, row["model"], row["variant"], "rtn", row["scheme"], row["seed"])
+        key = f"ce@{ratio}"
+        if fp and rtn and rtn[key] != fp[key]:
+            values.append((rtn[key] - row[key]) / (rtn[key] - fp[key]))
+    return values
+
+
+def excess(rows: list[dict], group: list[dict], ratio: str) -> list[float]:
+    values = []
+    for row in group:
+        fp = reference(rows, row["model"], row["variant"], "fp", row["scheme"], row["seed"])
+        if fp:
+            values.append(row[f"ce@{ratio}"] - fp[f"ce@{ratio}"])
+    return values
+
+
+def order(key: tuple) -> tuple:
+    model, variant, scheme, name = key
+    method = name.split(" ")[0]
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return model, variant, scheme != "FP", scheme, rank, name
+
+
+def quality_table(rows: list[dict], select) -> str:
+    """Markdown table of every group whose key passes ``select(model, variant, scheme, name)``."""
+    header = ["model", "variant", "scheme", "method", "n", "CE@0.15", "CE@0.5",
+              "CE@0.15 - FP", "gap closed @0.15", "gap closed @0.5", "ELBO/token",
+              "gen. agreement", "calib. s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups = grouped(rows)
+    for key in sorted(groups, key=order):
+        if not select(*key):
+            continue
+        group = groups[key]
+        model, variant, scheme, name = key
+        is_ref = name in ("fp", "rtn")
+        seconds = statistics.mean(r["calib_seconds"] for r in group)
+        cells = [model, variant, scheme, name, str(len(group)),
+                 mean_std([r["ce@0.15"] for r in group]), mean_std([r["ce@0.5"] for r in group]),
+                 "" if name == "fp" else mean_std(excess(rows, group, "0.15")),
+                 "" if is_ref else percent(gap_closed(rows, group, "0.15")),
+                 "" if is_ref else percent(gap_closed(rows, group, "0.5")),
+                 mean_std([r["elbo"] for r in group]),
+                 mean_std([r["gen_agreement"] for r in group]),
+                 "" if name == "fp" else f"{seconds:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(rows: list[dict], pairs: list[tuple[str, tuple[str, ...]]]) -> str:
+    """For each ``(target, others)`` of ``pairs``: ``target`` minus each of ``others`` per seed
+    (same calibration rows and evaluation masks), W4A4, by model and variant: negative CE
+    differences favour ``target``."""
+    header = ["model", "variant", "comparison", "n", "ΔCE@0.15", "ΔCE@0.5", "Δ gen. agreement",
+              "std of excess CE@0.15 (target / other)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups = grouped(rows)
+    for model, variant in sorted({(k[0], k[1]) for k in groups}):
+        for target, others in pairs:
+            mine = {r["seed"]: r for r in groups.get((model, variant, "W4A4", target), [])}
+            for other in others:
+                theirs = {r["seed"]: r for r in groups.get((model, variant, "W4A4", other), [])}
+                seeds = sorted(set(mine) & set(theirs))
+                if not seeds:
+                    continue
+                diff = {key: [mine[s][key] - theirs[s][key] for s in seeds]
+                        for key in ("ce@0.15", "ce@0.5", "gen_agreement")}
+                spread = [mean_std(excess(rows, [g[s] for s in seeds], "0.15")).split(" ± ")[-1]
+                          if len(seeds) > 1 else "" for g in (mine, theirs)]
+                lines.append("| " + " | ".join([
+                    model, variant, f"{target} − {other}", str(len(seeds)),
+                    mean_std(diff["ce@0.15"]), mean_std(diff["ce@0.5"]),
+                    mean_std(diff["gen_agreement"]), " / ".join(spread)]) + " |")
+    return "\n".join(lines)
+
+
+def variants_table(results: Path) -> str:
+    """Per model and site: the outlier ratio of the clean and the stress variant, and the
+    stress target (the 8B ratio scaled to the tiny width)."""
+    path = results / "variants.json"
+    if not path.exists():
+        return "_No variants.json yet: run `benchmarks/quality.py --variant stress`._"
+    variants = {(v["model"], v["variant"]): v for v in json.loads(path.read_text())}
+    lines = ["| model | block.reader input | clean | stress | stress target | rescaled channels "
+             "(factor, chosen by) |", "|---|---|---|---|---|---|"]
+    for (model, variant), stress in sorted(variants.items()):
+        if variant != "stress":
+            continue
+        clean = variants.get((model, "clean"), {"ratios": {}})
+        for site, ratio in stress["ratios"].items():
+            channels = [c for c in stress["channels"] if f"{c['block']}.{c['reader']}" == site]
+            described = ", ".join(f"{c['factor']:.0f}x {c['chosen_by']}" for c in channels)
+            lines.append(f"| {model} | {site} | {clean['ratios'].get(site, float('nan')):.1f} | "
+                         f"{ratio:.1f} | {stress['targets'][site]:.1f} | {described} |")
+    return "\n".join(lines)
+
+
+def setup_line(rows: list[dict]) -> str:
+    seeds = sorted({r["seed"] for r in rows})
+    samples = sorted({r.get("samples") for r in rows if r["method"] != "fp"} - {None})
+    epochs = sorted({r.get("epochs") for r in rows if r["method"] != "fp"} - {None})
+    files = sorted({r["source"] for r in rows})
+    return (f"Seeds {seeds}; calibration rows {samples} x 128 tokens; SGAT epochs {epochs}; "
+            f"source: {', '.join(f'`benchmarks/results/{f}`' for f in files)}.")
+
+
+def calibration_cost_section(results: Path) -> str:
+    path = results / "calibration-cost.json"
+    if not path.exists():
+        return "_Not measured yet: run `benchmarks/calibration_cost.py`._"
+    cost = json.loads(path.read_text())
+    lines = ["| quantity | value |", "|---|---|"]
+    for name, value in cost["table"]:
+        lines.append(f"| {name} | {value} |")
+    return "\n".join(lines) + "\n\n" + cost["setup"]
+
+
+MAIN = ("fp", "rtn", "smoothquant", "quarot", "quarot_gptq", "flatquant", "tac", "sgat",
+        "starquant")
+
+
+def sections(results: Path) -> dict[str, str]:
+    rows = load_rows(results)
+    w4a4 = [r for r in rows if r["scheme"] in ("FP", "W4A4")]
+    others = [r for r in rows if r["scheme"] in ("W4A8", "W8A8")]
+    return {
+        "stress-variants": variants_table(results),
+        "quality-w4a4": setup_line(w4a4) + "\n\n" + quality_table(
+            rows, lambda m, v, s, n: s in ("FP", "W4A4") and n in MAIN),
+        "quality-paired": paired_table(rows, [
+            ("starquant", tuple(m for m in MAIN[2:] if m != "starquant")),
+            *[(name, ("starquant", "flatquant", "quarot")) for name in sorted(
+                {label(r) for r in rows if r["method"] == "starquant" and r["overrides"]})]]),
+        "quality-ablation": quality_table(
+            rows, lambda m, v, s, n: s == "W4A4" and (n in ("tac", "sgat", "starquant")
+                                                      or n not in MAIN)),
+        "quality-w4a8-w8a8": (setup_line(others) + "\n\n" if others else "") + quality_table(
+            rows, lambda m, v, s, n: s in ("W4A8", "W8A8")),
+        "calibration-cost": calibration_cost_section(results),
+    }
+
+
+def render(page: str, generated: dict[str, str]) -> str:
+    for name, body in generated.items():
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n)(?:.*?\n)?(<!-- END {name} -->)", re.S)
+        if not pattern.search(page):
+            raise ValueError(f"docs/results.md has no <!-- BEGIN {name} --> ... <!-- END "
+                             f"{name} --> markers; add them where the table belongs.")
+        page = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), page)
+    return page
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="do not write; exit 1 if the page differs from the JSON")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--page", type=Path, default=PAGE)
+    args = parser.parse_args()
+    page = args.page.read_text()
+    new = render(page, sections(args.results))
+    if args.check:
+        sys.exit(0 if new == page else 1)
+    args.page.write_text(new)
+    print(f"wrote {args.page}")
+
+
+if __name__ == "__main__":
+    main()

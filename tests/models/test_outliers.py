@@ -1,0 +1,79 @@
+"""Stress variants keep the model's function bit for bit and reach their outlier targets."""
+
+import math
+
+import pytest
+import torch
+
+from starquant_plugin.assets import TINY_MODELS, evaluation_text
+from starquant_plugin.models.evaluation import text_rows
+from starquant_plugin.models.loading import load_dllm
+from starquant_plugin.models.outliers import (
+    OutlierProfile,
+    _reader_columns,
+    add_stress_outliers_,
+    outlier_ratios,
+)
+from tests.models.tiny import MASK_ID, tiny_dream, tiny_llada
+
+
+def denoising_rows(vocab: int, mask_id: int, seed: int = 0, n: int = 8, seq: int = 32
+                   ) -> torch.LongTensor:
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(3, vocab, (n, seq), generator=generator)
+    return rows.masked_fill(torch.rand(rows.shape, generator=generator) < 0.4, mask_id)
+
+
+@pytest.mark.parametrize("make_model", [tiny_llada, tiny_dream])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stress_variant_has_identical_logits(make_model, dtype):
+    model, reference = make_model().to(dtype), make_model().to(dtype)
+    rows = denoising_rows(60, MASK_ID)
+    report = add_stress_outliers_(model, rows)
+    assert report.channels, "nothing was rescaled"
+    assert all(math.log2(c.factor).is_integer() and c.factor > 1 for c in report.channels)
+    assert {c.chosen_by for c in report.channels} == {"state", "magnitude"}
+    ids = denoising_rows(60, MASK_ID, seed=1)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    changed = [name for name, p in model.state_dict().items()
+               if not torch.equal(p, reference.state_dict()[name])]
+    assert changed  # the weights did change
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_bundled_stress_variant_reaches_its_targets_in_bf16(family):
+    model, tokenizer = load_dllm(TINY_MODELS[family], dtype=torch.bfloat16)
+    reference, _ = load_dllm(TINY_MODELS[family], dtype=torch.bfloat16)
+    text = text_rows(tokenizer, evaluation_text(), max_rows=16)
+    generator = torch.Generator().manual_seed(0)
+    rows = text.masked_fill(torch.rand(text.shape, generator=generator) < 0.5,
+                            model.config.mask_token_id)
+    report = add_stress_outliers_(model, rows)
+    with torch.no_grad():
+        assert torch.equal(model(rows[:4]).logits, reference(rows[:4]).logits)
+    measured = outlier_ratios(model, rows)
+    for site, ratio in report.ratios.items():
+        # power-of-two factors land within sqrt(2) of the target, unless already past it
+        assert ratio["after"] >= min(ratio["target"] / 2**0.5, ratio["before"])
+        assert ratio["after"] <= max(ratio["target"] * 2**0.5, ratio["before"])
+        assert measured[site] == pytest.approx(ratio["after"], rel=1e-2)
+    massive = [r for site, r in report.ratios.items() if site.startswith(("0.", "3."))
+               and site.endswith(("ff_out", "down_proj"))]
+    assert all(r["target"] > 100 for r in massive)
+
+
+def test_a_profile_without_state_channels_picks_by_magnitude_only():
+    model = tiny_llada()
+    report = add_stress_outliers_(model, denoising_rows(60, MASK_ID),
+                                  OutlierProfile(channels_by_state=0, channels_by_magnitude=2))
+    assert {c.chosen_by for c in report.channels} == {"magnitude"}
+
+
+def test_grouped_query_columns_follow_the_kv_head():
+    # 4 query heads of 2 channels read 2 KV heads: query heads 0, 1 read KV head 0
+    assert _reader_columns(1, writer_width=4, reader_width=8, head_dim=2) == [1, 3]
+    assert _reader_columns(2, writer_width=4, reader_width=8, head_dim=2) == [4, 6]
+    assert _reader_columns(5, writer_width=8, reader_width=8, head_dim=2) == [5]
+    with pytest.raises(ValueError, match="grouped-query attention"):
+        _reader_columns(0, writer_width=4, reader_width=6, head_dim=2)
