@@ -1,7 +1,8 @@
-"""Regenerate the measured tables of ``docs/results.md`` from the benchmark JSON.
+"""Regenerate the measured tables of ``docs/results.md`` (and the README's summary) from the
+benchmark JSON.
 
     python benchmarks/report.py            # rewrites the generated sections in place
-    python benchmarks/report.py --check    # exit 1 if docs/results.md is out of date
+    python benchmarks/report.py --check    # exit 1 if a page is out of date
 
 Reads ``benchmarks/results/quality-*.json`` (rows of ``benchmarks/quality.py``) and
 ``benchmarks/results/calibration-cost.json`` (``benchmarks/calibration_cost.py``). Every
@@ -23,6 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
+README_METHODS = ("fp", "rtn", "quarot", "flatquant", "starquant",
+                  'starquant (init_scale="smoothquant")')
 RATIOS = ("0.15", "0.5")
 METHOD_ORDER = ("fp", "rtn", "smoothquant", "quarot", "quarot_gptq", "flatquant", "tac",
                 "sgat", "starquant")
@@ -220,12 +224,30 @@ def sections(results: Path) -> dict[str, str]:
     }
 
 
+def readme_table(rows: list[dict]) -> str:
+    """The README's summary: W4A4 on the outlier-stressed tiny models, 3 seeds."""
+    header = ["model", "method", "CE@0.15", "gap closed @0.15", "gap closed @0.5"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups = grouped([r for r in rows if r["variant"] == "stress"])
+    for key in sorted(groups, key=order):
+        model, _, scheme, name = key
+        if scheme in ("FP", "W4A4") and name in README_METHODS:
+            group = groups[key]
+            is_ref = name in ("fp", "rtn")
+            lines.append(f"| {model} | {name} | {mean_std([r['ce@0.15'] for r in group])} | "
+                         + ("" if is_ref else percent(gap_closed(rows, group, "0.15")))
+                         + " | "
+                         + ("" if is_ref else percent(gap_closed(rows, group, "0.5")))
+                         + " |")
+    return "\n".join(lines)
+
+
 def render(page: str, generated: dict[str, str]) -> str:
     for name, body in generated.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n)(?:.*?\n)?(<!-- END {name} -->)", re.S)
         if not pattern.search(page):
-            raise ValueError(f"docs/results.md has no <!-- BEGIN {name} --> ... <!-- END "
-                             f"{name} --> markers; add them where the table belongs.")
+            raise ValueError(f"The page has no <!-- BEGIN {name} --> ... <!-- END {name} --> "
+                             "markers; add them where the table belongs.")
         page = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), page)
     return page
 
@@ -233,16 +255,22 @@ def render(page: str, generated: dict[str, str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true",
-                        help="do not write; exit 1 if the page differs from the JSON")
+                        help="do not write; exit 1 if a page differs from the JSON")
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--page", type=Path, default=PAGE)
     args = parser.parse_args()
-    page = args.page.read_text()
-    new = render(page, sections(args.results))
-    if args.check:
-        sys.exit(0 if new == page else 1)
-    args.page.write_text(new)
-    print(f"wrote {args.page}")
+    pages = {PAGE: sections(args.results),
+             README: {"readme-results": readme_table(load_rows(args.results))}}
+    stale = []
+    for path, generated in pages.items():
+        page = path.read_text()
+        new = render(page, generated)
+        if new != page:
+            stale.append(path.name)
+            if not args.check:
+                path.write_text(new)
+                print(f"wrote {path}")
+    if args.check and stale:
+        sys.exit(f"{', '.join(stale)} out of date: run python benchmarks/report.py")
 
 
 if __name__ == "__main__":

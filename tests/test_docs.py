@@ -4,6 +4,8 @@ option, every lm-eval model argument, and links that resolve."""
 import inspect
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,10 @@ def test_relative_links_resolve(page):
     text = (DOCS / page).read_text()
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
         assert (DOCS / target).exists(), f"{page} links to missing {target}"
+
+
+def test_results_pages_are_generated_from_the_benchmark_json():
+    report = DOCS.parent / "benchmarks" / "report.py"
+    result = subprocess.run([sys.executable, str(report), "--check"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
