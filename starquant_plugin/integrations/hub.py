@@ -122,12 +122,13 @@ model = AutoModelForCausalLM.from_pretrained("{repo_id}")
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 ```
 
-vLLM: not yet. starquant does not register a vLLM quantization method for `starquant`
-checkpoints today, and vLLM refuses a `quant_method` it does not know.
+vLLM: install `starquant-plugin[serve]` (CPU) or `vllm` plus `starquant-plugin` (GPU) in the
+serving environment; vLLM loads the plugin through its entry point, and the checkpoint serves
+with `LLM("{repo_id}", runner="pooling", enforce_eager=True)` and the plugin's denoising driver
+(`starquant_plugin.integrations.vllm.driver.denoise`).
 
-A loader without the plugin does not know `quant_method: starquant`; plain transformers then
-only warns and loads the float skeleton with uninitialised quantized layers, so always
-`import starquant_plugin` first.
+Without the plugin, transformers does not know `model_type` LLaDA/Dream nor `quant_method:
+starquant` and stops with an error, so always `import starquant_plugin` first.
 
 ## Method and recipe
 

@@ -42,7 +42,7 @@ def test_dry_run_writes_exactly_the_upload_with_a_card(checkpoint, tmp_path):
     assert staged == {p.name for p in checkpoint.iterdir()} | {"README.md"}
     card = (Path(out) / "README.md").read_text()
     for expected in ("base_model: me/tiny-llada", "2606.04945", "STaR-Quant: State-Time",
-                     "| W4A4 starquant | 11.5 |", "import starquant_plugin", "vLLM: not yet",
+                     "| W4A4 starquant | 11.5 |", "import starquant_plugin", "runner=\"pooling\"",
                      "STaRQuantModifier", "pack-quantized", "MiB"):
         assert expected in card, expected
 
