@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from starquant_plugin.cli.errors import non_negative_int, positive_int
+from starquant_plugin.cli.errors import add_command, non_negative_int, positive_int
 from starquant_plugin.cli.logs import route_llmcompressor_logs, status
 from starquant_plugin.cli.quantize import scheme_recipe
 from starquant_plugin.cli.table import markdown_table
@@ -36,10 +36,9 @@ CHECKPOINT_NAMES = {"RTN": "rtn", "STaR-Quant": "starquant"}
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "demo", help="quantize the bundled tiny LLaDA and compare FP, RTN and STaR-Quant",
-        description=__doc__.splitlines()[0].replace("``", ""), epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(
+        commands, "demo", "quantize the bundled tiny LLaDA and compare FP, RTN and STaR-Quant",
+        __doc__, EXAMPLE)
     parser.add_argument("--scheme", default="W4A4", choices=["W4A4", "W4A8", "W8A8"],
                         help="scheme of both quantized models (W4A4)")
     parser.add_argument("--samples", type=positive_int, metavar="N", default=32,

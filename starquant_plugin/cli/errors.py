@@ -27,6 +27,14 @@ class UserError(Exception):
     """A problem with the command's input; the message says what was wrong and the fix."""
 
 
+def add_command(commands: argparse._SubParsersAction, name: str, help: str, doc: str,
+                example: str) -> argparse.ArgumentParser:
+    """A subcommand whose description is the first line of its module docstring ``doc`` and
+    whose epilog is its ``example`` text, kept as written."""
+    return commands.add_parser(name, help=help, description=doc.splitlines()[0].replace("``", ""),
+                               epilog=example, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def positive_int(text: str) -> int:
     """argparse type: a count of rows, tokens, draws or steps."""
     value = int(text) if text.lstrip("-").isdigit() else None

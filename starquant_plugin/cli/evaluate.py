@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from starquant_plugin.cli.errors import UserError, positive_int
+from starquant_plugin.cli.errors import UserError, add_command, positive_int
 from starquant_plugin.cli.loading import DTYPES, load_model, resolve_model
 from starquant_plugin.cli.logs import status
 from starquant_plugin.cli.table import markdown_table
@@ -32,10 +32,10 @@ tokens equal to the reference model's (needs --reference).
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "eval", help="masked-token CE/accuracy, ELBO and generation agreement on held-out text",
-        description=__doc__.splitlines()[0].replace("``", ""), epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(
+        commands, "eval",
+        "masked-token CE/accuracy, ELBO and generation agreement on held-out text",
+        __doc__, EXAMPLE)
     parser.add_argument("model", metavar="MODEL", help="model folder, Hub id or tiny-llada/dream")
     parser.add_argument("--reference", metavar="MODEL",
                         help="FP model to compare against (adds gen_agreement)")

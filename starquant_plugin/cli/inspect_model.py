@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from starquant_plugin.cli.errors import UserError, non_negative_int, positive_int
+from starquant_plugin.cli.errors import UserError, add_command, non_negative_int, positive_int
 from starquant_plugin.cli.loading import load_model
 from starquant_plugin.cli.logs import status
 
@@ -41,10 +41,10 @@ Needs matplotlib (the eval or dev extra).
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "inspect", help="plots of state disparity, error across denoising steps and "
-        "per-layer error", description=__doc__.splitlines()[0].replace("``", ""), epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(
+        commands, "inspect", "plots of state disparity, error across denoising steps and "
+        "per-layer error",
+        __doc__, EXAMPLE)
     parser.add_argument("model", metavar="MODEL", help="FP model folder, Hub id or tiny-llada")
     parser.add_argument("--quantized", metavar="DIR",
                         help="a STaR-Quant checkpoint of MODEL to add to the comparison")

@@ -11,7 +11,7 @@ import argparse
 import re
 from pathlib import Path
 
-from starquant_plugin.cli.errors import UserError
+from starquant_plugin.cli.errors import UserError, add_command
 
 EXAMPLE = """examples:
   starquant push tiny-llada-w4a4 me/tiny-llada-w4a4 --dry-run   # look at the card first
@@ -26,10 +26,9 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "push", help="upload a checkpoint to the Hugging Face Hub with a model card",
-        description=__doc__.splitlines()[0].replace("``", ""), epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(
+        commands, "push", "upload a checkpoint to the Hugging Face Hub with a model card",
+        __doc__, EXAMPLE)
     parser.add_argument("directory", metavar="DIR", help="checkpoint folder")
     parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repository, owner/name")
     parser.add_argument("--dry-run", action="store_true",

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from starquant_plugin.assets import calibration_text
-from starquant_plugin.cli.errors import UserError, non_negative_int, positive_int
+from starquant_plugin.cli.errors import UserError, add_command, non_negative_int, positive_int
 from starquant_plugin.cli.loading import DTYPES, load_model, resolve_model
 from starquant_plugin.cli.logs import route_llmcompressor_logs, status
 from starquant_plugin.cli.table import markdown_table
@@ -43,10 +43,9 @@ needs allenai/winogrande in the local Hugging Face cache when offline.
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "quantize", help="quantize a LLaDA/Dream model into a STaR-Quant checkpoint",
-        description=__doc__.splitlines()[0].replace("``", ""), epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(
+        commands, "quantize", "quantize a LLaDA/Dream model into a STaR-Quant checkpoint",
+        __doc__, EXAMPLE)
     parser.add_argument("model", metavar="MODEL", help="model folder, Hub id or tiny-llada/dream")
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--recipe", metavar="FILE", help="llm-compressor recipe YAML")
