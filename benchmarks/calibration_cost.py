@@ -4,8 +4,8 @@ for 32 blocks on this CPU and, by FLOPs, on one GPU.
     OMP_NUM_THREADS=1 python benchmarks/calibration_cost.py --epochs 1 \\
         --json benchmarks/results/calibration-cost.json
 
-The block is ``LLaDALlamaBlock`` at LLaDA-8B's shape (d 4096, 32 heads x 128, MLP 12288) in
-bf16, random weights (std 0.02), given stress-level outlier channels at the 8B reference
+The block is ``LLaDALlamaBlock`` at LLaDA-8B's shape (d 4096, 32 heads x 128, MLP 12288),
+random weights (std 0.02), given stress-level outlier channels at the 8B reference
 ratios (``models.outliers``, no width scaling) on synthetic hidden states: masked tokens share
 one embedding direction plus noise, unmasked tokens are random, half of the tokens masked.
 Calibration: ``--rows`` x ``--seq`` tokens (128 x 256 by default), through
@@ -14,6 +14,9 @@ One epoch on one shared core takes hours at this width, so the default is ``--ep
 fit reports its setup and epoch time per linear group and the 15-epoch figure is extrapolated
 per epoch (setup + 15 x epoch + the non-fit work). Peak memory is resident-set size above the
 level before calibration (the block, its FP copy and the captured inputs are already there).
+The block runs in float32 by default (``--dtype``): this CPU has no native bf16 (AVX2), so its
+bf16 GEMMs are emulated about 4.7x slower than float32 and would measure the emulation, not
+the method; the fit itself is float32 either way.
 """
 
 import argparse
@@ -46,9 +49,9 @@ GPU_UTILISATION = 0.5
 
 
 def synthetic_inputs(rows: int, seq: int, batch: int, d: int, head_dim: int,
-                     generator: torch.Generator):
-    """Per batch the block's (args, kwargs) with hidden states ``[batch, seq, d]`` (bf16), and
-    the token states ``[batch, seq]``."""
+                     generator: torch.Generator, dtype: torch.dtype):
+    """Per batch the block's (args, kwargs) with hidden states ``[batch, seq, d]``, and the
+    token states ``[batch, seq]``."""
     mask_direction = torch.randn(d, generator=generator)
     rotary = RotaryEmbedding(head_dim, 5e5)
     hidden, states = [], []
@@ -56,7 +59,7 @@ def synthetic_inputs(rows: int, seq: int, batch: int, d: int, head_dim: int,
         state = torch.rand(batch, seq, generator=generator) < 0.5
         x = torch.randn(batch, seq, d, generator=generator)
         x[state] = 0.3 * x[state] + 3.0 * mask_direction
-        hidden.append(x.bfloat16())
+        hidden.append(x.to(dtype))
         states.append(state)
     position = rotary(hidden[0])
     return [((h, position, None), {}) for h in hidden], states
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=D)
     parser.add_argument("--heads", type=int, default=HEADS)
     parser.add_argument("--mlp", type=int, default=MLP)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", type=Path, default=Path("results/calibration-cost.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -110,9 +114,10 @@ def main() -> None:
     for linear in block.modules():
         if isinstance(linear, torch.nn.Linear):
             torch.nn.init.normal_(linear.weight, std=0.02)
-    block = block.bfloat16().eval()
+    dtype = getattr(torch, args.dtype)
+    block = block.to(dtype).eval()
     inputs, states = synthetic_inputs(args.rows, args.seq, args.batch, args.d,
-                                      args.d // args.heads, generator)
+                                      args.d // args.heads, generator, dtype)
     ratios = add_block_outliers(block, inputs, states, family)
     fp_block = copy.deepcopy(block)
     quant_args = method_args(args.method, epochs=args.epochs)
@@ -136,7 +141,7 @@ def main() -> None:
     result = {
         "setup": (
             f"One LLaDA-8B-shaped block (d {args.d}, {args.heads} heads x "
-            f"{args.d // args.heads}, MLP {args.mlp}, bf16, "
+            f"{args.d // args.heads}, MLP {args.mlp}, {args.dtype}, "
             f"random weights, stress outliers at the 8B ratios), {args.rows} x {args.seq} "
             f"calibration tokens, `{args.method}` W4A4 through `quantize_block`, measured with "
             f"{args.epochs} SGAT epoch(s) on one core of a shared 2-core CPU "

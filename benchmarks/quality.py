@@ -34,7 +34,12 @@ import torch
 from starquant_plugin.assets import TINY_MODELS, calibration_text, evaluation_text
 from starquant_plugin.config import METHODS, method_args
 from starquant_plugin.models.calibration import build_calibration_states
-from starquant_plugin.models.evaluation import MASK_RATIOS, quality_summary, text_rows
+from starquant_plugin.models.evaluation import (
+    MASK_RATIOS,
+    greedy_generate,
+    quality_summary,
+    text_rows,
+)
 from starquant_plugin.models.loading import load_dllm
 from starquant_plugin.models.outliers import add_stress_outliers_, outlier_ratios
 from starquant_plugin.pipeline import quantize_dllm
@@ -102,7 +107,8 @@ def main() -> None:
     parser.add_argument("--elbo-rows", type=int, default=16)
     parser.add_argument("--mc-num", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=64,
-                        help="generation-agreement prompts (x 32 generated tokens)")
+                        help="generation-agreement prompts (x 32 generated tokens; at most 216, "
+                             "one per held-out row)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="override a StarQuantArgs field for every method; the value is "
                              "JSON, e.g. --set exclusive_fraction=0.03125")
@@ -135,7 +141,9 @@ def main() -> None:
             ratios = description["ratios"]
             fp_model = copy.deepcopy(base).float()  # exact upcast
             rows = text_rows(tokenizer, evaluation_text(), max_rows=args.eval_rows)
-            prompts = rows[: args.prompts, :16]
+            # Prompts: the first 16 tokens of each held-out row, up to every row of the text.
+            prompts = text_rows(tokenizer, evaluation_text(), max_rows=args.prompts)[:, :16]
+            fp_generation = greedy_generate(fp_model, prompts)  # once, for every run
             for seed in args.seeds:
                 torch.manual_seed(seed)
                 calibration = build_calibration_states(
@@ -149,8 +157,8 @@ def main() -> None:
                                "method": method, "seed": seed, "overrides": overrides}
                         if row_key(key) in done:
                             continue
-                        row = key | run(base, fp_model, calibration, rows, prompts, method,
-                                        scheme, seed, overrides, args)
+                        row = key | run(base, fp_generation, calibration, rows, prompts,
+                                        method, scheme, seed, overrides, args)
                         row["outlier_ratio_max"] = max(ratios.values())
                         results.append(row)
                         args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -158,7 +166,7 @@ def main() -> None:
     print(f"wrote {variants_file}" if args.describe_only else f"wrote {args.json}")
 
 
-def run(base, fp_model, calibration, rows, prompts, method, scheme, seed, overrides,
+def run(base, fp_generation, calibration, rows, prompts, method, scheme, seed, overrides,
         args) -> dict:
     """Quantize a copy of ``base`` with ``method`` (unless "fp") and score it against FP."""
     model = copy.deepcopy(base)
@@ -174,9 +182,10 @@ def run(base, fp_model, calibration, rows, prompts, method, scheme, seed, overri
                      for key in ("residual_masked", "residual_unmasked")}
     model.float()  # exact upcast of the stored tensors
     row = {"dtype": args.dtype, "samples": args.samples, "epochs": args.epochs,
+           "prompts": len(prompts),
            "calib_seconds": seconds, "calib_peak_mb": peak / 2**20, **residuals}
-    return row | quality_summary(model, fp_model, rows, prompts, args.elbo_rows, args.mc_num,
-                                 seed)
+    return row | quality_summary(model, fp_generation, rows, prompts, args.elbo_rows,
+                                 args.mc_num, seed)
 
 
 def print_row(row: dict, header: bool) -> None:

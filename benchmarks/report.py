@@ -183,8 +183,10 @@ def setup_line(rows: list[dict]) -> str:
     seeds = sorted({r["seed"] for r in rows})
     samples = sorted({r.get("samples") for r in rows if r["method"] != "fp"} - {None})
     epochs = sorted({r.get("epochs") for r in rows if r["method"] != "fp"} - {None})
+    prompts = sorted({r.get("prompts", 32) for r in rows})  # rows before the field: 32
     files = sorted({r["source"] for r in rows})
     return (f"Seeds {seeds}; calibration rows {samples} x 128 tokens; SGAT epochs {epochs}; "
+            f"generation-agreement prompts {prompts}; "
             f"source: {', '.join(f'`benchmarks/results/{f}`' for f in files)}.")
 
 
@@ -220,8 +222,19 @@ def sections(results: Path) -> dict[str, str]:
                                                       or n not in MAIN)),
         "quality-w4a8-w8a8": (setup_line(others) + "\n\n" if others else "") + quality_table(
             rows, lambda m, v, s, n: s in ("W4A8", "W8A8")),
+        "quality-agreement": agreement_section(results),
         "calibration-cost": calibration_cost_section(results),
     }
+
+
+def agreement_section(results: Path) -> str:
+    """The learned methods and QuaRot-style again with every held-out row as a generation
+    prompt (``agreement-*.json``), for an agreement whose seed spread can rank them."""
+    rows = load_rows(results, "agreement-*.json")
+    if not rows:
+        return "_Not measured yet: run `benchmarks/quality.py --prompts 216`._"
+    return (setup_line(rows) + "\n\n" + quality_table(rows, lambda *key: True) + "\n\n"
+            + paired_table(rows, [("starquant", ("flatquant", "quarot"))]))
 
 
 def readme_table(rows: list[dict]) -> str:

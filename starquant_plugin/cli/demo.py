@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> None:
         status("scoring ...")
         columns = [*(f"ce@{t}" for t in MASK_RATIOS), *(f"acc@{t}" for t in MASK_RATIOS),
                    "elbo", "gen_agreement"]
-        quality = {name: quality_summary(model, fp_model, rows, prompts)
+        fp_generation = greedy_generate(fp_model, prompts)  # once, for every model
+        quality = {name: quality_summary(model, fp_generation, rows, prompts)
                    for name, (model, _) in models.items()}
         if args.out:
             for name, path in paths.items():  # the Hub card's quality table

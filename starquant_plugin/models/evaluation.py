@@ -142,16 +142,20 @@ def heldout_elbo(
 
 def generation_agreement(
     generate: Callable[[PreTrainedModel, torch.LongTensor], torch.LongTensor],
-    reference: PreTrainedModel,
+    reference: PreTrainedModel | torch.LongTensor,
     candidate: PreTrainedModel,
     prompts: torch.LongTensor,
 ) -> float:
     """Fraction of generated positions where two models' greedy generations agree.
 
     generate(model, prompts) -> [batch, prompt + gen] token ids (a sampler with fixed settings).
+    reference: the reference model, or its ``generate(reference, prompts)`` computed once when
+    several candidates are compared with it.
     """
     prompt_len = prompts.shape[1]
-    a = generate(reference, prompts)[:, prompt_len:]
+    if not isinstance(reference, torch.Tensor):
+        reference = generate(reference, prompts)
+    a = reference[:, prompt_len:]
     b = generate(candidate, prompts)[:, prompt_len:]
     return (a == b).float().mean().item()
 
@@ -169,7 +173,7 @@ def greedy_generate(model: PreTrainedModel, prompts: torch.LongTensor,
 
 def quality_summary(
     model: PreTrainedModel,
-    reference: PreTrainedModel,
+    reference: PreTrainedModel | torch.LongTensor,
     rows: torch.LongTensor,
     prompts: torch.LongTensor,
     elbo_rows: int = 16,
@@ -178,7 +182,7 @@ def quality_summary(
 ) -> dict[str, float]:
     """One flat row of quality numbers for ``model``: masked CE/accuracy per mask ratio,
     held-out ELBO per token, and greedy-generation agreement with ``reference`` (the FP
-    model)."""
+    model, or its ``greedy_generate`` output for ``prompts``)."""
     metrics = masked_token_metrics(model, rows, seed=seed, progress=False)
     row = {f"ce@{t}": metrics[t]["ce"] for t in MASK_RATIOS}
     row |= {f"acc@{t}": metrics[t]["acc"] for t in MASK_RATIOS}
