@@ -25,8 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "results.md"
 README = ROOT / "README.md"
-README_METHODS = ("fp", "rtn", "quarot", "flatquant", "starquant",
-                  'starquant (init_scale="smoothquant")')
+README_METHODS = ("fp", "rtn", "quarot", "flatquant", "starquant")
 RATIOS = ("0.15", "0.5")
 METHOD_ORDER = ("fp", "rtn", "smoothquant", "quarot", "quarot_gptq", "flatquant", "tac",
                 "sgat", "starquant")
@@ -206,17 +205,22 @@ MAIN = ("fp", "rtn", "smoothquant", "quarot", "quarot_gptq", "flatquant", "tac",
 
 
 def sections(results: Path) -> dict[str, str]:
-    rows = load_rows(results)
+    all_rows = load_rows(results)
+    clean = [r for r in all_rows if r["variant"] == "clean"]
+    rows = [r for r in all_rows if r["variant"] == "stress"]
     w4a4 = [r for r in rows if r["scheme"] in ("FP", "W4A4")]
     others = [r for r in rows if r["scheme"] in ("W4A8", "W8A8")]
     return {
+        "quality-clean": (setup_line(clean) + "\n\n" + quality_table(clean, lambda *key: True)
+                          + "\n\n" + paired_table(clean, default_pairs(clean))
+                          if clean else "_Not measured yet._"),
         "stress-variants": variants_table(results),
         "quality-w4a4": setup_line(w4a4) + "\n\n" + quality_table(
             rows, lambda m, v, s, n: s in ("FP", "W4A4") and n in MAIN),
         "quality-paired": paired_table(rows, [
             ("starquant", tuple(m for m in MAIN[2:] if m != "starquant")),
-            *[(name, ("starquant", "flatquant", "quarot")) for name in sorted(
-                {label(r) for r in rows if r["method"] == "starquant" and r["overrides"]})]]),
+            ("sgat", ("flatquant", "quarot")),
+            *default_pairs(rows)]),
         "quality-ablation": quality_table(
             rows, lambda m, v, s, n: s == "W4A4" and (n in ("tac", "sgat", "starquant")
                                                       or n not in MAIN)),
@@ -225,6 +229,12 @@ def sections(results: Path) -> dict[str, str]:
         "quality-agreement": agreement_section(results),
         "calibration-cost": calibration_cost_section(results),
     }
+
+
+def default_pairs(rows: list[dict]) -> list[tuple[str, tuple[str, ...]]]:
+    """STaR-Quant with each of its measured overrides against the default and the baselines."""
+    return [(name, ("starquant", "flatquant", "quarot")) for name in sorted(
+        {label(r) for r in rows if r["method"] == "starquant" and r["overrides"]})]
 
 
 def agreement_section(results: Path) -> str:

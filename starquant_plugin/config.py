@@ -26,8 +26,8 @@ class StarQuantArgs(BaseModel):
     exclusive_fraction: float = Field(
         1 / 64, ge=0.0, lt=0.5, description="width of each state's exclusive subspace / d")
     init_scale: Literal["ones", "smoothquant"] = Field(
-        "ones", description="initial channel scale c of a learned M: 1, or SmoothQuant's "
-        "1 / s with s = max|x|^alpha / max|W|^(1 - alpha) (FlatQuant's 'sq_style')")
+        "smoothquant", description="initial channel scale c of a learned M: SmoothQuant's "
+        "1 / s with s = max|x|^alpha / max|W|^(1 - alpha) (FlatQuant's 'sq_style'), or 1")
     init_scale_alpha: float = Field(0.5, ge=0.0, le=1.0)
     init_rotation: Literal["hadamard", "random"] = Field(
         "hadamard", description="initial Kronecker factors of a learned M: random Hadamard "
