@@ -153,7 +153,8 @@ def paired_table(rows: list[dict], pairs: list[tuple[str, tuple[str, ...]]]) -> 
                 lines.append("| " + " | ".join([
                     model, variant, f"{target} − {other}", str(len(seeds)),
                     mean_std(diff["ce@0.15"]), mean_std(diff["ce@0.5"]),
-                    mean_std(diff["gen_agreement"]), " / ".join(spread)]) + " |")
+                    mean_std(diff["gen_agreement"]),
+                    " / ".join(spread) if any(spread) else ""]) + " |")
     return "\n".join(lines)
 
 
