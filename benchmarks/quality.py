@@ -140,9 +140,9 @@ def main() -> None:
                 continue
             ratios = description["ratios"]
             fp_model = copy.deepcopy(base).float()  # exact upcast
-            rows = text_rows(tokenizer, evaluation_text(), max_rows=args.eval_rows)
-            # Prompts: the first 16 tokens of each held-out row, up to every row of the text.
-            prompts = text_rows(tokenizer, evaluation_text(), max_rows=args.prompts)[:, :16]
+            held_out = text_rows(tokenizer, evaluation_text())
+            rows = held_out[: args.eval_rows]
+            prompts = held_out[: args.prompts, :16]  # first 16 tokens, up to every held-out row
             fp_generation = greedy_generate(fp_model, prompts)  # once, for every run
             for seed in args.seeds:
                 torch.manual_seed(seed)

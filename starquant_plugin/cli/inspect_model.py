@@ -42,8 +42,8 @@ Needs matplotlib (the eval or dev extra).
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = add_command(
-        commands, "inspect", "plots of state disparity, error across denoising steps and "
-        "per-layer error",
+        commands, "inspect",
+        "plots of state disparity, error across denoising steps and per-layer error",
         __doc__, EXAMPLE)
     parser.add_argument("model", metavar="MODEL", help="FP model folder, Hub id or tiny-llada")
     parser.add_argument("--quantized", metavar="DIR",
