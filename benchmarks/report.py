@@ -4,8 +4,10 @@ benchmark JSON.
     python benchmarks/report.py            # rewrites the generated sections in place
     python benchmarks/report.py --check    # exit 1 if a page is out of date
 
-Reads ``benchmarks/results/quality-*.json`` (rows of ``benchmarks/quality.py``) and
-``benchmarks/results/calibration-cost.json`` (``benchmarks/calibration_cost.py``). Every
+Reads ``benchmarks/results/quality-*.json`` (rows of ``benchmarks/quality.py``), the focused
+same-code re-runs beside them (``agreement-stress.json``, ``epochs15-stress.json``,
+``agreement-clean.json``), ``variants.json`` and ``calibration-cost.json``
+(``benchmarks/calibration_cost.py``). Every
 quality number is a mean ± sample standard deviation over the seeds a row was run with
 (``n`` in the tables). Gap closed is computed per seed against that seed's RTN and FP rows of
 the same model, variant and scheme, ``(CE_RTN - CE) / (CE_RTN - CE_FP)``, then averaged.
@@ -227,7 +229,11 @@ def sections(results: Path) -> dict[str, str]:
                                                       or n not in MAIN)),
         "quality-w4a8-w8a8": (setup_line(others) + "\n\n" if others else "") + quality_table(
             rows, lambda m, v, s, n: s in ("W4A8", "W8A8")),
-        "quality-agreement": agreement_section(results),
+        "quality-agreement": same_code_section(results, "agreement-stress.json",
+                                               [("starquant", ("flatquant", "quarot"))]),
+        "quality-epochs15": same_code_section(results, "epochs15-stress.json",
+                                              [("starquant", ("flatquant",))]),
+        "quality-clean-agreement": same_code_section(results, "agreement-clean.json"),
         "calibration-cost": calibration_cost_section(results),
     }
 
@@ -238,14 +244,17 @@ def default_pairs(rows: list[dict]) -> list[tuple[str, tuple[str, ...]]]:
         {label(r) for r in rows if r["method"] == "starquant" and r["overrides"]})]
 
 
-def agreement_section(results: Path) -> str:
-    """The learned methods and QuaRot-style again with every held-out row as a generation
-    prompt (``agreement-*.json``), for an agreement whose seed spread can rank them."""
-    rows = load_rows(results, "agreement-*.json")
+def same_code_section(results: Path, name: str,
+                      pairs: list[tuple[str, tuple[str, ...]]] | None = None) -> str:
+    """The rows of one file of focused re-runs (every method in it on the same code and
+    settings), with ``pairs``' paired differences (default: each STaR-Quant override against
+    the default): ``agreement-stress.json`` (216 generation prompts), ``epochs15-stress.json``
+    (the default 15 SGAT epochs), ``agreement-clean.json`` (the clean models, 216 prompts)."""
+    rows = load_rows(results, name)
     if not rows:
-        return "_Not measured yet: run `benchmarks/quality.py --prompts 216`._"
+        return f"_Not measured yet: no `benchmarks/results/{name}`._"
     return (setup_line(rows) + "\n\n" + quality_table(rows, lambda *key: True) + "\n\n"
-            + paired_table(rows, [("starquant", ("flatquant", "quarot"))]))
+            + paired_table(rows, pairs or default_pairs(rows)))
 
 
 def readme_table(rows: list[dict]) -> str:

@@ -31,6 +31,11 @@ EXAMPLE = """examples:
   starquant demo --scheme W8A8 --samples 64
 """
 
+AGREEMENT_PROMPTS = 16
+"""Generation-agreement prompts (16 held-out rows x 32 tokens). With 4, one early divergence
+could put STaR-Quant's agreement below RTN's; more cost about 2 s of generation per prompt
+and model on this CPU."""
+
 CHECKPOINT_NAMES = {"RTN": "rtn", "STaR-Quant": "starquant"}
 """Sub-folders of ``--out``, one per quantized model."""
 
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     fp_model, tokenizer = load_dllm(TINY_LLADA)
     rows = text_rows(tokenizer, evaluation_text(), max_rows=args.rows)
-    prompts = rows[:4, :16]
+    prompts = rows[:AGREEMENT_PROMPTS, :16]  # the first 16 tokens as prompt
     recipe_path = bundled_recipe("llada", args.scheme)
     print(f"tiny LLaDA ({sum(p.numel() for p in fp_model.parameters()) / 1e6:.1f} M params), "
           f"{args.scheme}, recipe {Path(recipe_path).name}, {args.samples} calibration rows",
