@@ -33,8 +33,8 @@ EXAMPLE = """examples:
 
 AGREEMENT_PROMPTS = 16
 """Generation-agreement prompts (16 held-out rows x 32 tokens). With 4, one early divergence
-could put STaR-Quant's agreement below RTN's; more cost about 2 s of generation per prompt
-and model on this CPU."""
+could put STaR-Quant's agreement below RTN's; more would lengthen a command meant to take
+about 2 minutes (64 prompts take ~30 s per model to generate on this CPU)."""
 
 CHECKPOINT_NAMES = {"RTN": "rtn", "STaR-Quant": "starquant"}
 """Sub-folders of ``--out``, one per quantized model."""
