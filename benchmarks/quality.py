@@ -103,7 +103,11 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--samples", type=int, default=64, help="calibration rows")
     parser.add_argument("--epochs", type=int, default=15, help="SGAT epochs (learned methods)")
-    parser.add_argument("--eval-rows", type=int, default=128)
+    parser.add_argument("--eval-rows", type=int, default=128,
+                        help="held-out rows for masked CE (at most 216)")
+    parser.add_argument("--mask-draws", type=int, default=1,
+                        help="stratified masks per row and ratio for masked CE (8 scores "
+                             "every position at t = 0.15 once or more)")
     parser.add_argument("--elbo-rows", type=int, default=16)
     parser.add_argument("--mc-num", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=64,
@@ -182,10 +186,10 @@ def run(base, fp_generation, calibration, rows, prompts, method, scheme, seed, o
                      for key in ("residual_masked", "residual_unmasked")}
     model.float()  # exact upcast of the stored tensors
     row = {"dtype": args.dtype, "samples": args.samples, "epochs": args.epochs,
-           "prompts": len(prompts),
+           "prompts": len(prompts), "eval_rows": len(rows), "mask_draws": args.mask_draws,
            "calib_seconds": seconds, "calib_peak_mb": peak / 2**20, **residuals}
     return row | quality_summary(model, fp_generation, rows, prompts, args.elbo_rows,
-                                 args.mc_num, seed)
+                                 args.mc_num, seed, args.mask_draws)
 
 
 def print_row(row: dict, header: bool) -> None:

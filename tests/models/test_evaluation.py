@@ -3,13 +3,14 @@
 import torch
 
 from starquant_plugin.models.evaluation import (
+    _fixed_count_masks,
     elbo_log_likelihood,
     generation_agreement,
     masked_token_metrics,
     unigram_cross_entropy,
 )
 from starquant_plugin.models.sampling import llada_generate
-from tests.models.tiny import tiny_dream, tiny_llada
+from tests.models.tiny import MASK_ID, tiny_dream, tiny_llada
 
 
 def test_masked_metrics_are_deterministic_and_model_sensitive():
@@ -19,6 +20,29 @@ def test_masked_metrics_are_deterministic_and_model_sensitive():
     b = masked_token_metrics(tiny_llada(1), rows, progress=False)
     assert a[0.5]["ce"] != b[0.5]["ce"]
     assert set(a) == {0.15, 0.5, 0.85} and all(0 <= v["acc"] <= 1 for v in a.values())
+
+
+def test_mask_draws_cover_every_position_before_repeating_one():
+    masks = _fixed_count_masks((5, 128), 0.15, torch.Generator().manual_seed(3), draws=7)
+    assert masks.shape == (7, 5, 128) and (masks.sum(-1) == 19).all()
+    assert (masks[:6].sum(0) <= 1).all()  # 6 x 19 = 114 distinct positions per row
+    assert (masks.sum(0) >= 1).all()  # 7 x 19 >= 128: every position scored
+    single = _fixed_count_masks((5, 128), 0.15, torch.Generator().manual_seed(3))
+    assert torch.equal(single[0], masks[0])
+
+
+def test_more_mask_draws_pool_the_single_draws():
+    model, rows = tiny_llada(0), torch.randint(0, 60, (4, 32))
+    pooled = masked_token_metrics(model, rows, (0.25,), progress=False, draws=4)[0.25]["ce"]
+    assert pooled != masked_token_metrics(model, rows, (0.25,), progress=False)[0.25]["ce"]
+    # equal-size draws: the pooled CE is the mean of the per-draw CEs
+    masks = _fixed_count_masks(tuple(rows.shape), 0.25, torch.Generator().manual_seed(0), 4)
+    per_draw = []
+    for mask in masks:
+        with torch.no_grad():
+            logits = model(rows.masked_fill(mask, MASK_ID)).logits[mask]
+        per_draw.append(torch.nn.functional.cross_entropy(logits.float(), rows[mask]).item())
+    assert abs(pooled - sum(per_draw) / 4) < 1e-5
 
 
 def test_unigram_baseline_matches_entropy_of_uniform_tokens():
