@@ -151,13 +151,14 @@ def heldout_elbo(
     return total / (len(rows) * (rows.shape[1] - prompt_len))
 
 
-def generation_agreement(
+def agreement_per_prompt(
     generate: Callable[[PreTrainedModel, torch.LongTensor], torch.LongTensor],
     reference: PreTrainedModel | torch.LongTensor,
     candidate: PreTrainedModel,
     prompts: torch.LongTensor,
-) -> float:
-    """Fraction of generated positions where two models' greedy generations agree.
+) -> torch.Tensor:
+    """``[prompts]``: per prompt, the fraction of generated positions where two models'
+    greedy generations agree.
 
     generate(model, prompts) -> [batch, prompt + gen] token ids (a sampler with fixed settings).
     reference: the reference model, or its ``generate(reference, prompts)`` computed once when
@@ -168,7 +169,18 @@ def generation_agreement(
         reference = generate(reference, prompts)
     a = reference[:, prompt_len:]
     b = generate(candidate, prompts)[:, prompt_len:]
-    return (a == b).float().mean().item()
+    return (a == b).float().mean(dim=1)
+
+
+def generation_agreement(
+    generate: Callable[[PreTrainedModel, torch.LongTensor], torch.LongTensor],
+    reference: PreTrainedModel | torch.LongTensor,
+    candidate: PreTrainedModel,
+    prompts: torch.LongTensor,
+) -> float:
+    """Fraction of generated positions where two models' greedy generations agree, over all
+    prompts (the mean of ``agreement_per_prompt``, same arguments)."""
+    return agreement_per_prompt(generate, reference, candidate, prompts).mean().item()
 
 
 def greedy_generate(model: PreTrainedModel, prompts: torch.LongTensor,
@@ -195,11 +207,15 @@ def quality_summary(
     """One flat row of quality numbers for ``model``: masked CE/accuracy per mask ratio
     (``mask_draws`` stratified masks per row), held-out ELBO per token, and greedy-generation
     agreement with ``reference`` (the FP model, or its ``greedy_generate`` output for
-    ``prompts``)."""
+    ``prompts``) with its standard error over prompts (``gen_agreement_se``)."""
     metrics = masked_token_metrics(model, rows, seed=seed, progress=False, draws=mask_draws)
     row = {f"ce@{t}": metrics[t]["ce"] for t in MASK_RATIOS}
     row |= {f"acc@{t}": metrics[t]["acc"] for t in MASK_RATIOS}
     row["elbo"] = heldout_elbo(model, rows[:elbo_rows], mc_num=mc_num, seed=seed,
                                progress=False)
-    row["gen_agreement"] = generation_agreement(greedy_generate, reference, model, prompts)
+    per_prompt = agreement_per_prompt(greedy_generate, reference, model, prompts)
+    row["gen_agreement"] = per_prompt.mean().item()
+    # what sampling the prompts alone contributes to it: std over prompts / sqrt(prompts)
+    row["gen_agreement_se"] = (per_prompt.std() / len(per_prompt) ** 0.5).item() \
+        if len(per_prompt) > 1 else 0.0
     return row

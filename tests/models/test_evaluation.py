@@ -4,6 +4,7 @@ import torch
 
 from starquant_plugin.models.evaluation import (
     _fixed_count_masks,
+    agreement_per_prompt,
     elbo_log_likelihood,
     generation_agreement,
     masked_token_metrics,
@@ -69,6 +70,8 @@ def test_generation_agreement_is_one_for_identical_models_and_lower_otherwise():
     # The reference's generations computed once give the same number as the reference model.
     reference = generate(tiny_llada(0), prompts)
     assert generation_agreement(generate, reference, tiny_llada(5), prompts) == lower
+    per_prompt = agreement_per_prompt(generate, reference, tiny_llada(5), prompts)
+    assert per_prompt.shape == (2,) and abs(per_prompt.mean().item() - lower) < 1e-7
 
 
 def test_elbo_with_guidance_needs_a_prompt_to_change_anything():
