@@ -138,6 +138,9 @@ def paired_table(rows: list[dict], pairs: list[tuple[str, tuple[str, ...]]]) -> 
     differences favour ``target``."""
     header = ["model", "variant", "comparison", "n", "ΔCE@0.15", "ΔCE@0.5", "Δ gen. agreement",
               "std of excess CE@0.15 (target / other)"]
+    with_se = any("gen_agreement_se" in row for row in rows)
+    if with_se:  # how much of the agreement spread sampling the prompts alone explains
+        header.append("prompt s.e. of Δ agreement")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups = grouped(rows)
     for model, variant in sorted({(k[0], k[1]) for k in groups}):
@@ -152,11 +155,17 @@ def paired_table(rows: list[dict], pairs: list[tuple[str, tuple[str, ...]]]) -> 
                         for key in ("ce@0.15", "ce@0.5", "gen_agreement")}
                 spread = [mean_std(excess(rows, [g[s] for s in seeds], "0.15")).split(" ± ")[-1]
                           if len(seeds) > 1 else "" for g in (mine, theirs)]
-                lines.append("| " + " | ".join([
-                    model, variant, f"{target} − {other}", str(len(seeds)),
-                    mean_std(diff["ce@0.15"]), mean_std(diff["ce@0.5"]),
-                    mean_std(diff["gen_agreement"]),
-                    " / ".join(spread) if any(spread) else ""]) + " |")
+                cells = [model, variant, f"{target} − {other}", str(len(seeds)),
+                         mean_std(diff["ce@0.15"]), mean_std(diff["ce@0.5"]),
+                         mean_std(diff["gen_agreement"]),
+                         " / ".join(spread) if any(spread) else ""]
+                if with_se:  # sqrt(se_a^2 + se_b^2) per seed: no smaller than the paired s.e.
+                    # when the two models' per-prompt agreements correlate positively
+                    se = [(mine[s].get("gen_agreement_se", float("nan")) ** 2
+                           + theirs[s].get("gen_agreement_se", float("nan")) ** 2) ** 0.5
+                          for s in seeds]
+                    cells.append(f"{statistics.mean(se):.3f}")
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
