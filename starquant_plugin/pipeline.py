@@ -192,7 +192,7 @@ def rotate_value_heads_(block: nn.Module, family: DLLMFamily) -> torch.Tensor:
         o_proj.weight.copy_(o_weight)
         if v_bias is not None:
             v_proj.bias.copy_(v_bias)
-    return hadamard(head_dim)
+    return hadamard(head_dim).to(v_proj.weight.device)
 
 
 def _capture_input(
@@ -380,6 +380,7 @@ def quantize_dllm(
     mask_id = mask_token_id(model)
     validate_for_model(model, args, family)
     check_calibration_rows(calibration_rows, model)
+    calibration_rows = calibration_rows.to(model.get_input_embeddings().weight.device)
     model.eval()
     blocks = decoder_blocks(model, family)
     report = QuantizationReport(args=args)

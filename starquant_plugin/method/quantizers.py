@@ -167,8 +167,9 @@ def search_weight_clip(
     ``weight: [out, in]`` -> ``[out]``. Vectorised over rows; one pass per grid value.
     """
     _check_weight(weight)
-    best_err = torch.full((weight.shape[0],), float("inf"), dtype=weight.dtype)
-    best_ratio = torch.ones(weight.shape[0], dtype=weight.dtype)
+    best_err = torch.full((weight.shape[0],), float("inf"), dtype=weight.dtype,
+                          device=weight.device)
+    best_ratio = torch.ones(weight.shape[0], dtype=weight.dtype, device=weight.device)
     for ratio in grid:
         candidate = torch.full_like(best_ratio, ratio)
         err = (fake_quantize_weight(weight, args, candidate) - weight).pow(2).sum(dim=1)
@@ -234,7 +235,7 @@ def gptq_quantize_weight(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diag(h).mean() * torch.eye(in_features, dtype=h.dtype)
+    h += damp * torch.diag(h).mean() * torch.eye(in_features, dtype=h.dtype, device=h.device)
     chol, info = torch.linalg.cholesky_ex(h)
     if info.item() != 0:
         raise ValueError(

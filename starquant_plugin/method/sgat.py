@@ -54,7 +54,7 @@ _INIT_ACT_CLIP = 0.99
 _EVAL_CHUNK_TOKENS = 8192
 
 
-def dropped_directions(k: int) -> torch.Tensor:
+def dropped_directions(k: int, device: torch.device | str | None = None) -> torch.Tensor:
     """0/1 ``drop: [2, 2k]`` over the columns ``[U_m | U_u]`` of ``V``: which part each state
     removes (unmasked tokens drop ``U_m``, masked tokens drop ``U_u``).
 
@@ -62,7 +62,7 @@ def dropped_directions(k: int) -> torch.Tensor:
     tensor([[1., 1., 0., 0.],
             [0., 0., 1., 1.]])
     """
-    drop = torch.zeros(2, 2 * k)
+    drop = torch.zeros(2, 2 * k, device=device)
     drop[UNMASKED, :k] = 1.0
     drop[MASKED, k:] = 1.0
     return drop
@@ -95,13 +95,13 @@ def exclusive_subspaces(
         )
     _check_width(d, k)
     if k == 0:
-        return torch.zeros(d, 0)
+        return torch.zeros(d, 0, device=cov_masked.device)
     cov_m = 0.5 * (cov_masked + cov_masked.T).double()
     cov_u = 0.5 * (cov_unmasked + cov_unmasked.T).double()
     u_u = torch.linalg.eigh(cov_m).eigenvectors[:, :k]
     # Least unmasked energy among directions orthogonal to U_u: lift U_u above the spectrum.
     projector_u = u_u @ u_u.T
-    outside_u = torch.eye(d, dtype=torch.float64) - projector_u
+    outside_u = torch.eye(d, dtype=torch.float64, device=cov_m.device) - projector_u
     shift = torch.trace(cov_u).abs() + 1.0
     restricted = outside_u @ cov_u @ outside_u + shift * projector_u
     u_m = torch.linalg.eigh(restricted).eigenvectors[:, :k]
@@ -117,7 +117,7 @@ def transform_input(
     ``state: [...]`` (``mask_state.long()``); ``exclusive`` is ``V: [d, 2k]``."""
     k = exclusive.shape[1] // 2
     if k:
-        drop = dropped_directions(k).to(x)[state]
+        drop = dropped_directions(k, x.device).to(x.dtype)[state]
         x = x - ((x @ exclusive) * drop) @ exclusive.T
     return kronecker_apply(x * channel_scale, left, right)
 
@@ -138,7 +138,7 @@ def exactness_residual(x: torch.Tensor, exclusive: torch.Tensor, state: int) -> 
     if k == 0:
         return 0.0
     x64 = x.double()
-    dropped = (x64 @ exclusive.double()) * dropped_directions(k).double()[state]
+    dropped = (x64 @ exclusive.double()) * dropped_directions(k, x.device).double()[state]
     return dropped.norm().item() / max(x64.norm().item(), 1e-30)
 
 
@@ -194,16 +194,18 @@ def static_sgat(
     """A fixed (not fitted), ungated transform for the baselines: ``M = diag(c) (L (x) R)``
     with identity factors, or random Hadamard ones (``rotate``, QuaRot-style), and the weight
     clip from ``search_weight_clip``. No gating, so residuals are 0."""
-    d = weight.shape[1]
+    d, device = weight.shape[1], weight.device
     n1, n2 = factors or kronecker_factors(d)
     if rotate:
-        left, right = random_hadamard(n1, generator), random_hadamard(n2, generator)
+        left = random_hadamard(n1, generator).to(device)
+        right = random_hadamard(n2, generator).to(device)
     else:
-        left, right = torch.eye(n1), torch.eye(n2)
-    result = SGATResult(exclusive=torch.zeros(d, 0),
-                        channel_scale=torch.ones(d) if channel_scale is None else channel_scale,
-                        left=left, right=right, act_clip=torch.ones(2),
-                        weight_clip=torch.ones(weight.shape[0]))
+        left, right = torch.eye(n1, device=device), torch.eye(n2, device=device)
+    ones = torch.ones(d, device=device)
+    result = SGATResult(exclusive=torch.zeros(d, 0, device=device),
+                        channel_scale=ones if channel_scale is None else channel_scale,
+                        left=left, right=right, act_clip=torch.ones(2, device=device),
+                        weight_clip=torch.ones(weight.shape[0], device=device))
     result.weight_clip = search_weight_clip(result.transformed_weight(weight.float()),
                                             weight_args)
     return result
@@ -225,7 +227,7 @@ def _state_error(
     """(squared error, squared FP norm) of one state's tokens ``x: [n, d]``; ``transform`` is
     ``(V, c, L, R)``."""
     y_fp = x @ weight.T
-    states = torch.full(x.shape[:1], state, dtype=torch.long)
+    states = torch.full(x.shape[:1], state, dtype=torch.long, device=x.device)
     x_q = fake_quantize_activation(transform_input(x, states, *transform), act_args, act_clip)
     return (y_fp - x_q @ weight_q.T).pow(2).sum(), y_fp.pow(2).sum()
 
@@ -285,7 +287,7 @@ def fit_sgat(
     _check_fit_inputs(weight, x_masked, x_unmasked, batch_tokens)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    w = weight.detach().float()
+    w, device = weight.detach().float(), weight.device
     xs = {MASKED: x_masked.detach().float(), UNMASKED: x_unmasked.detach().float()}
     d = w.shape[1]
     _check_width(d, k)
@@ -305,13 +307,13 @@ def fit_sgat(
             "channel scale (e.g. 1 / smoothquant_scales(...))."
         )
     rotation = random_hadamard if init_rotation == "hadamard" else random_orthogonal
-    left = torch.nn.Parameter(rotation(n1, generator))
-    right = torch.nn.Parameter(rotation(n2, generator))
-    scale0 = torch.ones(d) if init_scale is None else init_scale.detach().float()
+    # random draws on the CPU generator, then moved: the same start on every device
+    left = torch.nn.Parameter(rotation(n1, generator).to(device))
+    right = torch.nn.Parameter(rotation(n2, generator).to(device))
+    scale0 = torch.ones(d, device=device) if init_scale is None else init_scale.detach().float()
     log_scale = torch.nn.Parameter(scale0.log())
-    act_logit = torch.nn.Parameter(
-        _logit(torch.full((2 if k else 1,), _INIT_ACT_CLIP, dtype=torch.float32))
-    )
+    act_logit = torch.nn.Parameter(_logit(
+        torch.full((2 if k else 1,), _INIT_ACT_CLIP, dtype=torch.float32, device=device)))
     w_clip0 = search_weight_clip(transform_weight(w, scale0, left.detach(),
                                                   right.detach()), weight_args)
     w_logit = torch.nn.Parameter(_logit(w_clip0.clamp(0.05, 0.995)))
@@ -329,7 +331,7 @@ def fit_sgat(
     def state_losses(batches: dict[int, torch.Tensor]) -> torch.Tensor:
         weight_q, transform = quantized_weight()
         act_clip = torch.sigmoid(act_logit).expand(2)
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for s, x in batches.items():
             err, ref = _state_error(x, s, w, weight_q, transform, act_clip[s], act_args)
             total = total + err / ref.clamp_min(1e-30)
@@ -341,7 +343,7 @@ def fit_sgat(
         act_clip = torch.sigmoid(act_logit).expand(2)
         total = 0.0
         for s, x in xs.items():
-            err, ref = torch.zeros(()), torch.zeros(())
+            err, ref = torch.zeros((), device=device), torch.zeros((), device=device)
             for chunk in x.split(_EVAL_CHUNK_TOKENS):
                 e, r = _state_error(chunk, s, w, weight_q, transform, act_clip[s], act_args)
                 err, ref = err + e, ref + r
@@ -362,7 +364,8 @@ def fit_sgat(
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=epochs * steps, eta_min=lr * 1e-3)
     for _ in range(epochs):
-        perms = {s: torch.randperm(x.shape[0], generator=generator) for s, x in xs.items()}
+        perms = {s: torch.randperm(x.shape[0], generator=generator, device="cpu").to(device)
+                 for s, x in xs.items()}
         for step in range(steps):
             batches = {}
             for s, x in xs.items():

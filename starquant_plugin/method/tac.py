@@ -121,7 +121,7 @@ def fit_tac(
     cf, cq = zf - mu_f.unsqueeze(1), zq - mu_q.unsqueeze(1)
     cov_f = cf.transpose(1, 2) @ cf / (n - 1)
     cov_q = cq.transpose(1, 2) @ cq / (n - 1)
-    eye = torch.eye(group_size, dtype=torch.float64)
+    eye = torch.eye(group_size, dtype=torch.float64, device=zq.device)
     lam = damping * torch.diagonal(cov_q, dim1=-2, dim2=-1).sum(-1) / group_size
     s_q = cov_q + lam.reshape(-1, 1, 1) * eye
 

@@ -13,7 +13,7 @@ import torch
 
 def _sylvester_hadamard(d: int) -> torch.Tensor:
     """Unnormalised +-1 Hadamard matrix ``[d, d]`` for ``d`` a power of two."""
-    h = torch.ones(1, 1, dtype=torch.float64)
+    h = torch.ones(1, 1, dtype=torch.float64, device="cpu")
     while h.shape[0] < d:
         h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
     return h
@@ -23,6 +23,8 @@ def hadamard(d: int) -> torch.Tensor:
     """The normalised Sylvester Hadamard ``H / sqrt(d): [d, d]`` (float32), symmetric and
     orthogonal, for ``d`` a power of two. No random signs, so a runtime that applies it (the
     per-head K rotation) needs no stored tensor: QuaRot's ``hadamard_transform`` of Q and K.
+    Built on the CPU, like the random rotations below, so every device gets the same numbers;
+    callers move it where they compute.
 
     >>> h = hadamard(4)
     >>> torch.equal(h, h.T), torch.allclose(h @ h, torch.eye(4))
@@ -49,7 +51,7 @@ def rotate_value_heads(
     head ``h`` reads KV head ``h // (heads / kv_heads)``, so every column block is rotated by
     the same ``H``). Computed in float64, returned in the inputs' dtypes.
     """
-    h = hadamard(head_dim).double()
+    h = hadamard(head_dim).double().to(v_weight.device)
     rows, d = v_weight.shape
     if rows % head_dim or o_weight.shape[1] % rows:
         raise ValueError(
@@ -75,7 +77,8 @@ def random_hadamard(d: int, generator: torch.Generator | None = None) -> torch.T
     if d < 1:
         raise ValueError(f"Got d={d}; a rotation needs d >= 1. Pass the layer's input dim.")
     if d & (d - 1) == 0:
-        signs = torch.randint(0, 2, (d,), generator=generator, dtype=torch.float64) * 2 - 1
+        signs = torch.randint(0, 2, (d,), generator=generator, dtype=torch.float64,
+                              device="cpu") * 2 - 1
         return (signs.unsqueeze(1) * _sylvester_hadamard(d) / d**0.5).float()
     return random_orthogonal(d, generator)
 
@@ -85,7 +88,7 @@ def random_orthogonal(d: int, generator: torch.Generator | None = None) -> torch
     signs fixed by R's diagonal, FlatQuant's and QuaRot's ``random_orthogonal_matrix``."""
     if d < 1:
         raise ValueError(f"Got d={d}; a rotation needs d >= 1. Pass the layer's input dim.")
-    gaussian = torch.randn(d, d, generator=generator, dtype=torch.float64)
+    gaussian = torch.randn(d, d, generator=generator, dtype=torch.float64, device="cpu")
     q, r = torch.linalg.qr(gaussian)
     return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).float()
 

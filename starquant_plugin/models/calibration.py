@@ -83,7 +83,7 @@ def trajectory_states(
     n, seq = rows.shape
     gen_length = seq - mix.prompt_length
     steps = mix.trajectory_steps
-    prompts = rows[:, : mix.prompt_length]
+    prompts = rows[:, : mix.prompt_length].to(model.device)  # sampled where the model is
     if family_of(model).name == "dream":
         canvases = dream_generate(model, prompts, steps=steps, gen_length=gen_length,
                                   alg="entropy", return_canvases=True).canvases
@@ -97,7 +97,7 @@ def trajectory_states(
     bin_width = len(canvases) / len(bins)
     offset = torch.rand(n, generator=generator)
     step = ((chosen_bin + offset) * bin_width).long().clamp(max=len(canvases) - 1)
-    stacked = torch.stack(canvases)  # [steps, n, seq]
+    stacked = torch.stack(canvases).to(rows.device)  # [steps, n, seq], back with the rows
     return stacked[step, torch.arange(n)]
 
 
