@@ -25,7 +25,7 @@ EXAMPLE = """examples:
 
 Scores the bundled held-out prose (assets.evaluation_text) unless --text is given. Columns:
 ce@t / acc@t: masked-token cross-entropy (nats) and accuracy with round(t * seq-len) random
-positions masked; elbo: Monte-Carlo ELBO per target token of each row's continuation after
+positions masked (--mask-draws times per row; 8 covers every position at t = 0.15); elbo: Monte-Carlo ELBO per target token of each row's continuation after
 its first --prompt-len tokens (higher is better); gen_agreement: share of greedy-generated
 tokens equal to the reference model's (needs --reference).
 """
@@ -44,6 +44,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="rows of text to score (64)")
     parser.add_argument("--seq-len", type=positive_int, metavar="N", default=128,
                         help="tokens per row (128)")
+    parser.add_argument("--mask-draws", type=positive_int, metavar="N", default=1,
+                        help="masks per row and ratio, covering every position before "
+                             "repeating one (1)")
     parser.add_argument("--elbo-rows", type=positive_int, metavar="N", default=16,
                         help="rows for the ELBO (16)")
     parser.add_argument("--prompt-len", type=positive_int, metavar="N", default=32,
@@ -98,7 +101,7 @@ def score(model, rows, prompts, reference, args: argparse.Namespace) -> dict[str
         masked_token_metrics,
     )
 
-    metrics = masked_token_metrics(model, rows, seed=args.seed)
+    metrics = masked_token_metrics(model, rows, seed=args.seed, draws=args.mask_draws)
     row = {f"ce@{t}": metrics[t]["ce"] for t in MASK_RATIOS}
     row |= {f"acc@{t}": metrics[t]["acc"] for t in MASK_RATIOS}
     row["elbo"] = heldout_elbo(model, rows[:args.elbo_rows], prompt_len=args.prompt_len,
@@ -140,13 +143,14 @@ def run(args: argparse.Namespace) -> None:
     columns = [*(f"ce@{t}" for t in MASK_RATIOS), *(f"acc@{t}" for t in MASK_RATIOS), "elbo"]
     columns += ["gen_agreement"] if reference is not None else []
     print(markdown_table(results, columns))
-    print(f"\n{len(rows)} rows x {args.seq_len} tokens of {source}; ELBO on "
+    print(f"\n{len(rows)} rows x {args.seq_len} tokens of {source}, {args.mask_draws} "
+          f"mask draw(s) per row and ratio; ELBO on "
           f"{min(args.elbo_rows, len(rows))} rows ({args.prompt_len}-token prompt, "
           f"{args.mc_num} draws); seed {args.seed}; {time.time() - start:.0f} s.")
     if args.json:
         setup = {k: getattr(args, k) for k in ("model", "reference", "rows", "seq_len",
-                                               "elbo_rows", "prompt_len", "mc_num",
-                                               "prompts", "seed", "dtype")}
+                                               "mask_draws", "elbo_rows", "prompt_len",
+                                               "mc_num", "prompts", "seed", "dtype")}
         setup |= {"text": source, "scored_rows": len(rows)}
         write_text_atomic(args.json, json.dumps({"setup": setup, "results": results},
                                                 indent=2) + "\n")

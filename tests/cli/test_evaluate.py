@@ -12,7 +12,7 @@ SMALL = ("--rows", 8, "--seq-len", 64, "--elbo-rows", 2, "--mc-num", 4, "--promp
 
 def test_eval_prints_a_table_and_writes_json(rtn_checkpoint, tmp_path):
     result = starquant("eval", rtn_checkpoint, "--reference", "tiny-llada", *SMALL,
-                       "--json", "scores.json", cwd=tmp_path)
+                       "--mask-draws", 2, "--json", "scores.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     header, rule, reference_row, model_row = result.stdout.splitlines()[:4]
     assert header.startswith("| model | ce@0.15 | ce@0.5 | ce@0.85 | acc@0.15")
@@ -24,6 +24,7 @@ def test_eval_prints_a_table_and_writes_json(rtn_checkpoint, tmp_path):
     assert rtn["ce@0.15"] != fp["ce@0.15"] and rtn["elbo"] != fp["elbo"]
     assert 0 <= rtn["gen_agreement"] < 1
     assert scores["setup"]["scored_rows"] == 8 and scores["setup"]["mc_num"] == 4
+    assert scores["setup"]["mask_draws"] == 2
 
 
 @pytest.mark.parametrize(("argv", "phrase"), [
