@@ -25,9 +25,10 @@ EXAMPLE = """examples:
 
 Scores the bundled held-out prose (assets.evaluation_text) unless --text is given. Columns:
 ce@t / acc@t: masked-token cross-entropy (nats) and accuracy with round(t * seq-len) random
-positions masked (--mask-draws times per row; 8 covers every position at t = 0.15); elbo: Monte-Carlo ELBO per target token of each row's continuation after
-its first --prompt-len tokens (higher is better); gen_agreement: share of greedy-generated
-tokens equal to the reference model's (needs --reference).
+positions masked (--mask-draws masks per row; 8 cover every position at t = 0.15); elbo:
+Monte-Carlo ELBO per target token of each row's continuation after its first --prompt-len
+tokens (higher is better); gen_agreement: share of greedy-generated tokens equal to the
+reference model's (needs --reference).
 """
 
 
