@@ -136,7 +136,8 @@ def paired_table(rows: list[dict], pairs: list[tuple[str, tuple[str, ...]]]) -> 
     """For each ``(target, others)`` of ``pairs``: ``target`` minus each of ``others`` per seed
     (same calibration rows and evaluation masks), W4A4, by model and variant: negative CE
     differences favour ``target``."""
-    header = ["model", "variant", "comparison", "n", "ΔCE@0.15", "ΔCE@0.5", "Δ gen. agreement",
+    header = ["model", "variant", "comparison", "n", "ΔCE@0.15", "ΔCE@0.5",
+              "seeds lower @0.15 / @0.5", "Δ gen. agreement",
               "std of excess CE@0.15 (target / other)"]
     with_se = any("gen_agreement_se" in row for row in rows)
     if with_se:  # how much of the agreement spread sampling the prompts alone explains
@@ -155,8 +156,10 @@ def paired_table(rows: list[dict], pairs: list[tuple[str, tuple[str, ...]]]) -> 
                         for key in ("ce@0.15", "ce@0.5", "gen_agreement")}
                 spread = [mean_std(excess(rows, [g[s] for s in seeds], "0.15")).split(" ± ")[-1]
                           if len(seeds) > 1 else "" for g in (mine, theirs)]
+                lower = [sum(d < 0 for d in diff[key]) for key in ("ce@0.15", "ce@0.5")]
                 cells = [model, variant, f"{target} − {other}", str(len(seeds)),
                          mean_std(diff["ce@0.15"]), mean_std(diff["ce@0.5"]),
+                         f"{lower[0]} / {lower[1]} of {len(seeds)}",
                          mean_std(diff["gen_agreement"]),
                          " / ".join(spread) if any(spread) else ""]
                 if with_se:  # sqrt(se_a^2 + se_b^2) per seed: no smaller than the paired s.e.
@@ -195,9 +198,11 @@ def setup_line(rows: list[dict]) -> str:
     samples = sorted({r.get("samples") for r in rows if r["method"] != "fp"} - {None})
     epochs = sorted({r.get("epochs") for r in rows if r["method"] != "fp"} - {None})
     prompts = sorted({r.get("prompts", 32) for r in rows})  # rows before the field: 32
+    masks = sorted({(r["eval_rows"], r["mask_draws"]) for r in rows if "mask_draws" in r})
     files = sorted({r["source"] for r in rows})
+    scored = "".join(f"masked CE on {n} held-out rows x {k} mask draws; " for n, k in masks)
     return (f"Seeds {seeds}; calibration rows {samples} x 128 tokens; SGAT epochs {epochs}; "
-            f"generation-agreement prompts {prompts}; "
+            f"{scored}generation-agreement prompts {prompts}; "
             f"source: {', '.join(f'`benchmarks/results/{f}`' for f in files)}.")
 
 
@@ -211,6 +216,12 @@ def calibration_cost_section(results: Path) -> str:
         lines.append(f"| {name} | {value} |")
     return "\n".join(lines) + "\n\n" + cost["setup"]
 
+
+UNGATED = "starquant (state_gating=false, tac=false)"
+"""The learned transform without gates or TAC, started and fitted as STaR-Quant is: the
+control that separates gating + TAC from the initialisation and schedule."""
+FINAL = "stress-w4a4-*.json"
+"""The headline runs: every method on the same code, 15 epochs, 5 seeds, low-noise CE."""
 
 MAIN = ("fp", "rtn", "smoothquant", "quarot", "quarot_gptq", "flatquant", "tac", "sgat",
         "starquant")
@@ -244,6 +255,11 @@ def sections(results: Path) -> dict[str, str]:
                                               [("starquant", ("flatquant",))]),
         "quality-clean-agreement": same_code_section(results, "agreement-clean.json"),
         "calibration-cost": calibration_cost_section(results),
+        "quality-final": same_code_section(results, FINAL, [
+            ("starquant", ("flatquant", "quarot", "quarot_gptq", "smoothquant", UNGATED, "sgat",
+                           "tac")),
+            ("sgat", ("flatquant", UNGATED)),
+            (UNGATED, ("flatquant",))]),
     }
 
 
@@ -257,8 +273,10 @@ def same_code_section(results: Path, name: str,
                       pairs: list[tuple[str, tuple[str, ...]]] | None = None) -> str:
     """The rows of one file of focused re-runs (every method in it on the same code and
     settings), with ``pairs``' paired differences (default: each STaR-Quant override against
-    the default): ``agreement-stress.json`` (216 generation prompts), ``epochs15-stress.json``
-    (the default 15 SGAT epochs), ``agreement-clean.json`` (the clean models, 216 prompts)."""
+    the default): ``stress-w4a4-*.json`` (the headline: every W4A4 method at the defaults, 5
+    seeds, low-noise CE), ``agreement-stress.json`` (216 generation prompts),
+    ``epochs15-stress.json`` (15 SGAT epochs), ``agreement-clean.json`` (the clean models, 216
+    prompts)."""
     rows = load_rows(results, name)
     if not rows:
         return f"_Not measured yet: no `benchmarks/results/{name}`._"
@@ -267,8 +285,9 @@ def same_code_section(results: Path, name: str,
 
 
 def readme_table(rows: list[dict]) -> str:
-    """The README's summary: W4A4 on the outlier-stressed tiny models, 3 seeds."""
-    header = ["model", "method", "CE@0.15", "gap closed @0.15", "gap closed @0.5"]
+    """The README's summary: W4A4 on the outlier-stressed tiny models (the headline runs)."""
+    header = ["model", "method", "CE@0.15", "CE@0.15 - FP", "gap closed @0.15",
+              "gap closed @0.5"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups = grouped([r for r in rows if r["variant"] == "stress"])
     for key in sorted(groups, key=order):
@@ -277,6 +296,8 @@ def readme_table(rows: list[dict]) -> str:
             group = groups[key]
             is_ref = name in ("fp", "rtn")
             lines.append(f"| {model} | {name} | {mean_std([r['ce@0.15'] for r in group])} | "
+                         + ("" if name == "fp" else mean_std(excess(rows, group, "0.15")))
+                         + " | "
                          + ("" if is_ref else percent(gap_closed(rows, group, "0.15")))
                          + " | "
                          + ("" if is_ref else percent(gap_closed(rows, group, "0.5")))
@@ -301,7 +322,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     pages = {PAGE: sections(args.results),
-             README: {"readme-results": readme_table(load_rows(args.results))}}
+             README: {"readme-results": readme_table(load_rows(args.results, FINAL))}}
     stale = []
     for path, generated in pages.items():
         page = path.read_text()
