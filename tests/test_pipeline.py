@@ -2,17 +2,14 @@
 and its forward is the runtime modules' formula."""
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
-import starquant_plugin
 from starquant_plugin.config import METHODS, StarQuantArgs, method_args
 from starquant_plugin.method import StarQuantLinear
 from starquant_plugin.pipeline import quantize_dllm
+from tests.devices import DevicelessTensors
 from tests.models.tiny import MASK_ID, tiny_dream, tiny_llada
 
 
@@ -20,37 +17,6 @@ def calibration_rows(seed: int = 0) -> torch.LongTensor:
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, 60, (8, 32), generator=generator)
     return rows.masked_fill(torch.rand(rows.shape, generator=generator) < 0.5, MASK_ID)
-
-
-PACKAGE = str(Path(starquant_plugin.__file__).parent)
-TORCH = str(Path(torch.__file__).parent)
-FACTORIES = {torch.zeros, torch.ones, torch.eye, torch.full, torch.empty, torch.rand,
-             torch.randn, torch.randint, torch.randperm, torch.arange, torch.tensor,
-             torch.linspace}
-
-
-class DevicelessTensors(TorchFunctionMode):
-    """Records where the package creates a tensor without naming its device.
-
-    A GPU cannot be tested here, but this is how calibration breaks on one: a tensor made on
-    the default device (the CPU) meets the block's CUDA tensors. Every factory call in the
-    package states ``device=`` (``"cpu"`` for seeded draws that are then moved, so every
-    device starts from the same numbers)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: set[str] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in FACTORIES and "device" not in kwargs:
-            frame = sys._getframe(1)
-            while frame is not None and frame.f_code.co_filename.startswith(TORCH):
-                frame = frame.f_back
-            if frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
-                where = frame.f_code.co_filename[len(PACKAGE) + 1:]
-                self.found.add(f"{where}:{frame.f_lineno} torch.{func.__name__}")
-        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("make_model", [tiny_llada, tiny_dream])

@@ -40,7 +40,7 @@ def _fixed_count_masks(
     cover every position before any is masked twice. Draw 0 is the single-draw mask."""
     rows, seq = shape
     count = max(1, round(ratio * seq))
-    ranks = torch.rand(shape, generator=generator).argsort(dim=1).argsort(dim=1)
+    ranks = torch.rand(shape, generator=generator, device="cpu").argsort(dim=1).argsort(dim=1)
     return torch.stack([(ranks - j * count) % seq < count for j in range(draws)])
 
 
@@ -67,7 +67,9 @@ def masked_token_metrics(
     results = {}
     for ratio in mask_ratios:
         generator = torch.Generator().manual_seed(seed)
+        # drawn on the CPU generator (the same masks on every device), then moved to the rows
         masks = _fixed_count_masks(tuple(rows.shape), ratio, generator, draws).flatten(0, 1)
+        masks = masks.to(rows.device)
         canvases = rows.repeat(draws, 1)
         total_ce, total_correct, total = 0.0, 0, 0
         for start in tqdm(range(0, len(canvases), batch_size), desc=f"masked CE t={ratio}",
@@ -119,10 +121,12 @@ def elbo_log_likelihood(
         sequence)
     losses = []
     for _ in range(mc_num // batch_size):
-        k = torch.randint(1, target_len + 1, (), generator=generator).item()
-        counts = torch.linspace(k, k + (batch_size - 1) * target_len / batch_size, batch_size)
+        k = torch.randint(1, target_len + 1, (), generator=generator, device="cpu").item()
+        counts = torch.linspace(k, k + (batch_size - 1) * target_len / batch_size, batch_size,
+                                device="cpu")
         counts = ((counts.round().long() - 1) % target_len + 1).to(device)
-        ranks = torch.rand(batch_size, target_len, generator=generator).argsort(1).argsort(1)
+        ranks = torch.rand(batch_size, target_len, generator=generator,
+                           device="cpu").argsort(1).argsort(1)
         target_mask = ranks.to(device) < counts[:, None]
         mask = torch.cat([torch.zeros(batch_size, prompt_len, dtype=torch.bool, device=device),
                           target_mask], 1)

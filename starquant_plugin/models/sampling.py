@@ -28,8 +28,9 @@ class SamplerOutput:
 def _canvas(prompt_ids: torch.LongTensor, gen_length: int, mask_id: int) -> torch.LongTensor:
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids[None]
-    masks = torch.full((prompt_ids.shape[0], gen_length), mask_id, dtype=torch.long)
-    return torch.cat([prompt_ids.long().cpu(), masks], dim=1).to(prompt_ids.device)
+    masks = torch.full((prompt_ids.shape[0], gen_length), mask_id, dtype=torch.long,
+                       device=prompt_ids.device)
+    return torch.cat([prompt_ids.long(), masks], dim=1)
 
 
 def _check_positive(**values: int) -> None:
@@ -173,7 +174,7 @@ def dream_generate(
         raise ValueError(f"alg must be one of {algorithms}, got {alg!r}.")
     mask_id = mask_token_id(model)
     x = _canvas(prompt_ids, gen_length, mask_id)
-    timesteps = torch.linspace(1, eps, steps + 1)
+    timesteps = torch.linspace(1, eps, steps + 1, device="cpu")  # read as Python floats
     output = SamplerOutput(sequences=x)
     for i in range(steps):
         if return_canvases:

@@ -1,5 +1,6 @@
 """Evaluation measures: fixed masks, ELBO stratification, agreement."""
 
+import pytest
 import torch
 
 from starquant_plugin.models.evaluation import (
@@ -8,9 +9,11 @@ from starquant_plugin.models.evaluation import (
     elbo_log_likelihood,
     generation_agreement,
     masked_token_metrics,
+    quality_summary,
     unigram_cross_entropy,
 )
 from starquant_plugin.models.sampling import llada_generate
+from tests.devices import DevicelessTensors
 from tests.models.tiny import MASK_ID, tiny_dream, tiny_llada
 
 
@@ -83,3 +86,16 @@ def test_elbo_with_guidance_needs_a_prompt_to_change_anything():
     empty = torch.zeros(0, dtype=torch.long)  # unconditional == conditional without a prompt
     assert elbo_log_likelihood(model, empty, target, mc_num=8, batch_size=4, cfg_scale=1.0) \
         == elbo_log_likelihood(model, empty, target, mc_num=8, batch_size=4)
+
+
+@pytest.mark.parametrize("make_model", [tiny_llada, tiny_dream])
+def test_evaluation_creates_every_tensor_on_a_named_device(make_model):
+    """Masked CE, ELBO and both families' samplers under ``quality_summary``: no tensor made
+    on the default device (on a GPU it would meet the model's CUDA tensors)."""
+    model = make_model(0)
+    rows = torch.randint(0, 60, (4, 48), generator=torch.Generator().manual_seed(0))
+    with DevicelessTensors() as deviceless:
+        row = quality_summary(model, model, rows, rows[:, :8], elbo_rows=2, mc_num=4,
+                              mask_draws=2)
+    assert not deviceless.found, "tensors created off the model's device (fails on a GPU)"
+    assert row["gen_agreement"] == 1.0  # the model against itself
