@@ -132,10 +132,11 @@ def quality_table(rows: list[dict], select) -> str:
     return "\n".join(lines)
 
 
-def paired_table(rows: list[dict], pairs: list[tuple[str, tuple[str, ...]]]) -> str:
+def paired_table(rows: list[dict], pairs: list[tuple[str, tuple[str, ...]]],
+                 scheme: str = "W4A4") -> str:
     """For each ``(target, others)`` of ``pairs``: ``target`` minus each of ``others`` per seed
-    (same calibration rows and evaluation masks), W4A4, by model and variant: negative CE
-    differences favour ``target``."""
+    (same calibration rows and evaluation masks), at ``scheme``, by model and variant:
+    negative CE differences favour ``target``."""
     header = ["model", "variant", "comparison", "n", "ΔCE@0.15", "ΔCE@0.5",
               "seeds lower @0.15 / @0.5", "Δ gen. agreement",
               "std of excess CE@0.15 (target / other)"]
@@ -146,9 +147,9 @@ def paired_table(rows: list[dict], pairs: list[tuple[str, tuple[str, ...]]]) -> 
     groups = grouped(rows)
     for model, variant in sorted({(k[0], k[1]) for k in groups}):
         for target, others in pairs:
-            mine = {r["seed"]: r for r in groups.get((model, variant, "W4A4", target), [])}
+            mine = {r["seed"]: r for r in groups.get((model, variant, scheme, target), [])}
             for other in others:
-                theirs = {r["seed"]: r for r in groups.get((model, variant, "W4A4", other), [])}
+                theirs = {r["seed"]: r for r in groups.get((model, variant, scheme, other), [])}
                 seeds = sorted(set(mine) & set(theirs))
                 if not seeds:
                     continue
@@ -222,6 +223,8 @@ UNGATED = "starquant (state_gating=false, tac=false)"
 control that separates gating + TAC from the initialisation and schedule."""
 FINAL = "stress-w4a4-*.json"
 """The headline runs: every method on the same code, 15 epochs, 5 seeds, low-noise CE."""
+FINAL_8BIT = "stress-w4a8-w8a8-*.json"
+"""The headline settings at W4A8 and W8A8: RTN, FlatQuant-style and STaR-Quant, 3 seeds."""
 
 MAIN = ("fp", "rtn", "smoothquant", "quarot", "quarot_gptq", "flatquant", "tac", "sgat",
         "starquant")
@@ -260,6 +263,9 @@ def sections(results: Path) -> dict[str, str]:
                            "tac")),
             ("sgat", ("flatquant", UNGATED)),
             (UNGATED, ("flatquant",))]),
+        "quality-final-w4a8-w8a8": same_code_section(
+            results, FINAL_8BIT, [("starquant", ("flatquant", "rtn"))],
+            schemes=("W4A8", "W8A8")),
     }
 
 
@@ -270,18 +276,22 @@ def default_pairs(rows: list[dict]) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def same_code_section(results: Path, name: str,
-                      pairs: list[tuple[str, tuple[str, ...]]] | None = None) -> str:
+                      pairs: list[tuple[str, tuple[str, ...]]] | None = None,
+                      schemes: tuple[str, ...] = ("W4A4",)) -> str:
     """The rows of one file of focused re-runs (every method in it on the same code and
     settings), with ``pairs``' paired differences (default: each STaR-Quant override against
-    the default): ``stress-w4a4-*.json`` (the headline: every W4A4 method at the defaults, 5
-    seeds, low-noise CE), ``agreement-stress.json`` (216 generation prompts),
+    the default), paired within each of ``schemes``: ``stress-w4a4-*.json`` (the headline:
+    every W4A4 method at the defaults, 5 seeds, low-noise CE), ``stress-w4a8-w8a8-*.json``
+    (the same settings at 8-bit activations), ``agreement-stress.json`` (216 generation prompts),
     ``epochs15-stress.json`` (15 SGAT epochs), ``agreement-clean.json`` (the clean models, 216
     prompts)."""
     rows = load_rows(results, name)
     if not rows:
         return f"_Not measured yet: no `benchmarks/results/{name}`._"
+    paired = [(f"Paired by seed, {scheme}:\n\n" if len(schemes) > 1 else "")
+              + paired_table(rows, pairs or default_pairs(rows), scheme) for scheme in schemes]
     return (setup_line(rows) + "\n\n" + quality_table(rows, lambda *key: True) + "\n\n"
-            + paired_table(rows, pairs or default_pairs(rows)))
+            + "\n\n".join(paired))
 
 
 def readme_table(rows: list[dict]) -> str:
