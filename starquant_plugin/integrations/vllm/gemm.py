@@ -235,8 +235,9 @@ def _int8_kernel_fits(row_parallel_shard: bool) -> tuple[bool, str]:
 
 def _int4_kernel_fits(input_size_per_partition: int, output_partition_sizes: list[int],
                       params_dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether vLLM has an int4-weight kernel for this layer on this platform (asked the way
-    ``CompressedTensorsWNA16.create_weights`` asks, before any parameter is created)."""
+    """Whether vLLM has an int4-weight kernel for this layer on this platform that computes
+    the checkpoint's numbers (asked the way ``CompressedTensorsWNA16.create_weights`` asks,
+    before any parameter is created)."""
     from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
     from vllm.scalar_type import scalar_types
 
