@@ -32,7 +32,7 @@ def main() -> None:
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from starquant_plugin.integrations.vllm.driver import denoise
+    from starquant_plugin.integrations.vllm.driver import denoise, shutdown
     from starquant_plugin.models.families import family_of
 
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
@@ -45,7 +45,10 @@ def main() -> None:
     else:
         kwargs["alg"] = "maskgit_plus"
     prompt = tokenizer(args.prompt)["input_ids"]
-    output = denoise(llm, [prompt], **kwargs)
+    try:
+        output = denoise(llm, [prompt], **kwargs)
+    finally:
+        shutdown(llm)  # vLLM 0.32 would otherwise stop its engine at exit, and may abort
     generated = output.sequences[0, len(prompt):].tolist()
     print(f"{args.prompt!r} -> {tokenizer.decode(generated)!r}")
     print(f"({output.engine_calls} engine calls, one per denoising step)")

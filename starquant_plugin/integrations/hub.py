@@ -125,7 +125,7 @@ tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 vLLM: install `starquant-plugin[serve]` (CPU) or `vllm` plus `starquant-plugin` (GPU) in the
 serving environment; vLLM loads the plugin through its entry point, and the checkpoint serves
 with `LLM("{repo_id}", runner="pooling", enforce_eager=True)` and the plugin's denoising driver
-(`starquant_plugin.integrations.vllm.driver.denoise`).
+(`starquant_plugin.integrations.vllm.driver.denoise`; call its `shutdown(llm)` when done).
 
 Without the plugin, transformers does not know `model_type` LLaDA/Dream nor `quant_method:
 starquant` and stops with an error, so always `import starquant_plugin` first.

@@ -29,7 +29,7 @@ def main() -> None:
     checkpoint, inputs_path, out_path, sampler_json = sys.argv[1:5]
     from vllm import LLM
 
-    from starquant_plugin.integrations.vllm.driver import denoise
+    from starquant_plugin.integrations.vllm.driver import denoise, shutdown
 
     inputs = load_file(inputs_path)
     start = time.time()
@@ -45,6 +45,7 @@ def main() -> None:
     save_file({"stats": stats.contiguous(), "sequences": generated.sequences.contiguous(),
                "engine_calls": torch.tensor(generated.engine_calls),
                "load_seconds": torch.tensor(load_seconds)}, out_path)
+    shutdown(llm)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""``examples/serve_vllm.py`` runs as its docstring shows and prints the transformers sampler's
-text (the bundled FP LLaDA, 8 greedy steps)."""
+"""``examples/serve_vllm.py`` runs as its docstring shows, with vLLM's default multiprocess
+engine, prints the transformers sampler's text (the bundled FP LLaDA, 8 greedy steps) and
+exits cleanly (without ``driver.shutdown`` it aborted at exit in 2 of 6 runs)."""
 
 import os
 import subprocess
@@ -24,7 +25,8 @@ def test_serve_example_prints_the_transformers_samplers_text(tmp_path):
         [sys.executable, str(EXAMPLE), str(TINY_LLADA), "--prompt", PROMPT, "--steps", "8",
          "--gen-length", "8"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path,
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+        env={key: value for key, value in os.environ.items()
+             if key != "VLLM_ENABLE_V1_MULTIPROCESSING"})
     assert result.returncode == 0, result.stderr[-4000:]
     model, _ = load_dllm(TINY_LLADA)
     tokenizer = AutoTokenizer.from_pretrained(TINY_LLADA)
