@@ -138,7 +138,7 @@ def shutdown(llm: Any) -> None:
     vLLM 0.32's ``LLM`` has no shutdown method of its own. Left to the exit-time finalizers,
     the multiprocess engine's monitor thread races the interpreter's teardown and the process
     aborts after its work is done ("terminate called without an active exception", exit code
-    134): 7 of 12 runs of the bundled LLaDA on a 2-core CPU, 0 of 16 with this call. With the
+    134): 9 of 18 runs with the bundled LLaDA on a 2-core CPU, 0 of 26 with this call. With the
     in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) it only releases the engine.
     """
     llm.llm_engine.engine_core.shutdown()
