@@ -1,6 +1,6 @@
 """``examples/serve_vllm.py`` runs as its docstring shows, with vLLM's default multiprocess
 engine, prints the transformers sampler's text (the bundled FP LLaDA, 8 greedy steps) and
-exits cleanly (without ``driver.shutdown`` it aborted at exit in 2 of 6 runs, 0 of 10 with)."""
+exits cleanly (without ``driver.shutdown`` it aborted at exit in 2 of 6 runs)."""
 
 import os
 import subprocess

@@ -132,13 +132,19 @@ def denoise(llm: Any, prompts: list[list[int]] | torch.Tensor, **sampler_kwargs:
 
 
 
-def shutdown(llm: Any) -> None:
+def shutdown(llm: Any, timeout: float = 30.0) -> None:
     """Stop ``llm``'s engine now rather than at interpreter exit; call it when done serving.
 
-    vLLM 0.32's ``LLM`` has no shutdown method of its own. Left to the exit-time finalizers,
-    the multiprocess engine's monitor thread races the interpreter's teardown and the process
-    aborts after its work is done ("terminate called without an active exception", exit code
-    134): 9 of 18 runs with the bundled LLaDA on a 2-core CPU, 0 of 26 with this call. With the
-    in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) it only releases the engine.
+    vLLM 0.32's ``LLM`` has no shutdown method of its own. With the multiprocess engine (vLLM's
+    default), the client's output thread (a daemon) still holds the last outputs it decoded,
+    tensors among them, when it is told to stop. If the interpreter is already finalizing when
+    that thread frees them, torch's tensor destructor cannot take the GIL, the thread is
+    unwound through a ``noexcept`` destructor and the process aborts after its work is done
+    ("terminate called without an active exception", exit code 134; core dump read on
+    2026-12-03). Stopping the engine and joining that thread here closes the race.
     """
-    llm.llm_engine.engine_core.shutdown()
+    client = llm.llm_engine.engine_core
+    client.shutdown()
+    output_thread = getattr(client, "output_queue_thread", None)  # multiprocess client only
+    if output_thread is not None:
+        output_thread.join(timeout)
