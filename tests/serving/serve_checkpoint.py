@@ -5,7 +5,9 @@ Run by ``test_engine.py`` with the serving environment's Python::
     python serve_checkpoint.py CHECKPOINT INPUTS.safetensors OUT.safetensors '{"steps": 4}'
 
 INPUTS holds ``canvases: [n, seq]`` and ``prompts: [b, p]``; OUT gets the pooler's
-``stats: [n, seq, 2k]`` and the denoising driver's ``sequences: [b, p + gen_length]``.
+``stats: [n, seq, 2k]`` and the denoising driver's ``sequences: [b, p + gen_length]``, and
+in its metadata (in-process engines only) the GEMM routes the STaR-Quant layers took and the
+oneDNN probe's verdict.
 Nothing here registers the plugin by hand: vLLM loads it through the entry point (in every
 process when ``STARQUANT_TEST_MULTIPROCESSING=1`` starts the engine and worker separately).
 ``STARQUANT_TEST_TP=2`` serves with tensor parallelism (one worker per core).
@@ -25,11 +27,17 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 
+def gemm_routes(model: torch.nn.Module) -> list[str]:
+    """The GEMM routes the STaR-Quant linears of ``model`` took at load (``linear_method.py``)."""
+    return sorted({module.star_gemm for module in model.modules() if hasattr(module, "star_gemm")})
+
+
 def main() -> None:
     checkpoint, inputs_path, out_path, sampler_json = sys.argv[1:5]
     from vllm import LLM
 
     from starquant_plugin.integrations.vllm.driver import denoise, shutdown
+    from starquant_plugin.integrations.vllm.gemm import cpu_onednn_int8_is_exact
 
     inputs = load_file(inputs_path)
     start = time.time()
@@ -42,9 +50,12 @@ def main() -> None:
                          pooling_task="token_classify", use_tqdm=False)
     stats = torch.stack([output.outputs.data for output in outputs]).float()
     generated = denoise(llm, inputs["prompts"], **json.loads(sampler_json))
+    metadata = {} if MULTIPROCESSING else {  # the model lives in this process
+        "gemm_routes": json.dumps(llm.apply_model(gemm_routes)[0]),
+        "onednn_int8_exact": json.dumps(cpu_onednn_int8_is_exact())}
     save_file({"stats": stats.contiguous(), "sequences": generated.sequences.contiguous(),
                "engine_calls": torch.tensor(generated.engine_calls),
-               "load_seconds": torch.tensor(load_seconds)}, out_path)
+               "load_seconds": torch.tensor(load_seconds)}, out_path, metadata=metadata)
     shutdown(llm)
 
 

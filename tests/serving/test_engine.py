@@ -14,6 +14,7 @@ this process. Tolerances (float32 on both sides):
   the one-code change over its canvas (measured: tiny Dream W4A4, 5% of positions moved by
   up to 0.16 in log-prob, every top-1 id equal; LLaDA W4A4 3e-6).
 * Generation (4 steps, 8 tokens, greedy): the driver's tokens equal the sampler's.
+* The GEMM route of the quantized layers is the one ``gemm.py`` documents for the CPU.
 
 The median bound for quantized checkpoints is 1e-3: float rounding alone moves 8-bit codes
 enough to shift the median by a few 1e-4 at W8A8. Measured on the W8A8 LLaDA: the transformers
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -110,7 +112,9 @@ def _serve(checkpoint: Path, inputs: Path, out: Path, family: str,
         capture_output=True, text=True, timeout=900, env=env, cwd=str(out.parent))
     TIMINGS[f"{out.parent.name}/{out.stem}"] = round(time.time() - start, 1)
     assert result.returncode == 0, (result.stdout[-2000:] + result.stderr[-6000:])
-    return load_file(out)
+    with safe_open(out, "pt") as saved:
+        metadata = {key: json.loads(value) for key, value in (saved.metadata() or {}).items()}
+    return {**load_file(out), **metadata}
 
 
 CASES = [*(("fp", family) for family in BUNDLED),
@@ -171,6 +175,15 @@ def test_denoising_driver_generates_the_samplers_tokens(served, scheme, name):
     assert torch.equal(result["engine"]["sequences"], result["reference"]["sequences"])
     assert result["engine"]["engine_calls"].item() == SAMPLER_KWARGS[
         "llada" if name.startswith("llada") else name]["steps"]
+
+
+@pytest.mark.parametrize(("scheme", "name"), [case for case in CASES if case[0] != "fp"])
+def test_each_scheme_serves_through_its_cpu_gemm_route(served, scheme, name):
+    """W8A8 runs vLLM's oneDNN kernel on our int8 codes where the probe finds it exact, the
+    torch route elsewhere; int4 weights take the torch route on every CPU (``gemm.py``)."""
+    engine = served[(scheme, name)]["engine"]
+    exact_int8 = scheme == "W8A8" and engine["onednn_int8_exact"]
+    assert engine["gemm_routes"] == ["oneDNN int8 (our codes)" if exact_int8 else "torch"]
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor_parallel_size=2 needs 2 cores")

@@ -59,19 +59,32 @@ def test_torch_route_is_the_dequantize_and_matmul_reference(scheme):
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_the_onednn_probe_agrees_with_a_direct_measurement():
+def test_the_onednn_probe_agrees_with_direct_measurements():
+    """The probe's verdict holds for other shapes, with the allocator reusing freed memory
+    between building the handler and calling it (the handler reads the weight scales then:
+    a probe that let them go reported this exact kernel as inexact)."""
     from vllm import _custom_ops as ops
 
+    def exact(tokens: int, width: int, out_features: int, seed: int) -> bool:
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.randint(-127, 128, (out_features, width), generator=generator,
+                               dtype=torch.int8)
+        x = torch.randint(-127, 128, (tokens, width), generator=generator, dtype=torch.int8)
+        weight_scale = torch.ones(out_features, 1)
+        handler = ops.create_onednn_scaled_mm(weight.t(), weight_scale, torch.float32, True,
+                                              False, 32)
+        churn = [torch.randn(out_features, 1) for _ in range(16)]  # noqa: F841
+        out = torch.empty(tokens, out_features)
+        ops.onednn_scaled_mm(handler, x, out, torch.ones(tokens, 1), None, None, None)
+        return torch.equal(out.double(), x.double() @ weight.double().t())
+
+    shapes = [(32, 192, 96), (5, 512, 256), (128, 128, 32)]
+    measured = [exact(*shape, seed) for seed in range(3) for shape in shapes]
+    assert all(measured) == cpu_onednn_int8_is_exact(), measured
+    # whatever the CPU, torch's int8 GEMM (the integer route of issue 13) is exact
     generator = torch.Generator().manual_seed(5)
     weight = torch.randint(-127, 128, (96, 192), generator=generator, dtype=torch.int8)
     x = torch.randint(-127, 128, (32, 192), generator=generator, dtype=torch.int8)
-    handler = ops.create_onednn_scaled_mm(weight.t(), torch.ones(96, 1), torch.float32,
-                                          True, False, 32)
-    out = torch.empty(32, 96)
-    ops.onednn_scaled_mm(handler, x, out, torch.ones(32, 1), None, None, None)
-    exact = torch.equal(out.double(), x.double() @ weight.double().t())
-    assert cpu_onednn_int8_is_exact() == exact
-    # whatever the CPU, torch's int8 GEMM (the integer route of issue 13) is exact
     assert torch.equal(torch._int_mm(x, weight.t().contiguous()).double(),
                        x.double() @ weight.double().t())
 

