@@ -131,7 +131,6 @@ def denoise(llm: Any, prompts: list[list[int]] | torch.Tensor, **sampler_kwargs:
     return output
 
 
-
 def shutdown(llm: Any, timeout: float = 30.0) -> None:
     """Stop ``llm``'s engine now rather than at interpreter exit; call it when done serving.
 
