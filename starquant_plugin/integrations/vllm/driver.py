@@ -131,7 +131,7 @@ def denoise(llm: Any, prompts: list[list[int]] | torch.Tensor, **sampler_kwargs:
     return output
 
 
-def shutdown(llm: Any, timeout: float = 30.0) -> None:
+def shutdown(llm: Any) -> None:
     """Stop ``llm``'s engine now rather than at interpreter exit; call it when done serving.
 
     vLLM 0.32's ``LLM`` has no shutdown method of its own. With the multiprocess engine (vLLM's
@@ -146,4 +146,4 @@ def shutdown(llm: Any, timeout: float = 30.0) -> None:
     client.shutdown()
     output_thread = getattr(client, "output_queue_thread", None)  # multiprocess client only
     if output_thread is not None:
-        output_thread.join(timeout)
+        output_thread.join(timeout=30)

