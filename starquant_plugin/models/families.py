@@ -29,6 +29,9 @@ class DLLMFamily:
         ``1 / a`` in the readers leaves the function unchanged (SmoothQuant's and QuaRot's
         mappings: pre-attention norm -> q/k/v, v_proj -> output projection, pre-MLP norm ->
         gate/up, up_proj -> down_proj).
+    query_key: the query and key projections: a RoPE channel pair of K scaled by ``a`` and
+        the same pair of every query head that reads it scaled by ``1 / a`` leaves ``Q K^T``
+        unchanged (the stress variants' K outliers).
     """
 
     name: str
@@ -41,6 +44,7 @@ class DLLMFamily:
     attention_output: str
     attention_module: str
     scale_pairs: tuple[tuple[str, tuple[str, ...]], ...]
+    query_key: tuple[str, str]
 
 
 FAMILIES: dict[str, DLLMFamily] = {
@@ -61,6 +65,7 @@ FAMILIES: dict[str, DLLMFamily] = {
                          ("v_proj", ("attn_out",)),
                          ("ff_norm", ("ff_proj", "up_proj")),
                          ("up_proj", ("ff_out",))),
+            query_key=("q_proj", "k_proj"),
         ),
         DLLMFamily(
             name="dream",
@@ -84,6 +89,7 @@ FAMILIES: dict[str, DLLMFamily] = {
                 ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
                 ("mlp.up_proj", ("mlp.down_proj",)),
             ),
+            query_key=("self_attn.q_proj", "self_attn.k_proj"),
         ),
     )
 }

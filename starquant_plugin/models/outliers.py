@@ -22,13 +22,19 @@ small ``d``.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from starquant_plugin.models.families import DLLMFamily, family_of, mask_token_id
+from starquant_plugin.models.families import (
+    DLLMFamily,
+    decoder_blocks,
+    family_of,
+    mask_token_id,
+)
 
 REFERENCE_WIDTHS: dict[str, tuple[int, int]] = {"llada": (4096, 12288), "dream": (3584, 18944)}
 """(hidden, MLP) width of the 7-8B model of each family (LLaDA-8B, Dream-v0-7B)."""
@@ -93,21 +99,23 @@ class StressReport:
     ratios: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _blocks(model: PreTrainedModel, family: DLLMFamily) -> list[nn.Module]:
-    return [m for m in model.modules() if type(m).__name__ == family.block_class]
-
-
 @torch.no_grad()
-def _reader_inputs(model: PreTrainedModel, rows: torch.LongTensor, family: DLLMFamily
-                   ) -> dict[tuple[int, int], torch.Tensor]:
-    """Input ``[tokens, d]`` (float32) of each pair's first reader, keyed (block, pair)."""
-    captured: dict[tuple[int, int], list[torch.Tensor]] = {}
+def capture_activations(model: PreTrainedModel, rows: torch.LongTensor,
+                        points: dict[Hashable, tuple[nn.Module, str]]
+                        ) -> dict[Hashable, torch.Tensor]:
+    """float32 ``[tokens, d]`` at each of ``points``: ``key -> (module, "input" | "output")``,
+    over ``rows: [n, seq]`` run through ``model`` in batches of 8."""
+    captured: dict[Hashable, list[torch.Tensor]] = {}
     handles = []
-    for b, block in enumerate(_blocks(model, family)):
-        for p, (_writer, readers) in enumerate(family.scale_pairs):
-            def hook(_module, args, key=(b, p)):
-                captured.setdefault(key, []).append(args[0].detach().float().flatten(0, -2))
-            handles.append(block.get_submodule(readers[0]).register_forward_pre_hook(hook))
+    for key, (module, where) in points.items():
+        def keep(value: torch.Tensor, key=key) -> None:
+            captured.setdefault(key, []).append(value.detach().float().flatten(0, -2))
+        if where == "input":
+            handles.append(module.register_forward_pre_hook(
+                lambda _module, args, keep=keep: keep(args[0])))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda _module, _args, output, keep=keep: keep(output)))
     try:
         for start in range(0, len(rows), 8):
             model(rows[start : start + 8])
@@ -117,7 +125,16 @@ def _reader_inputs(model: PreTrainedModel, rows: torch.LongTensor, family: DLLMF
     return {key: torch.cat(parts) for key, parts in captured.items()}
 
 
-def _channel_ratio(x: torch.Tensor) -> torch.Tensor:
+def reader_inputs(model: PreTrainedModel, rows: torch.LongTensor, family: DLLMFamily
+                  ) -> dict[tuple[int, int], torch.Tensor]:
+    """Input ``[tokens, d]`` (float32) of each pair's first reader, keyed (block, pair)."""
+    return capture_activations(model, rows, {
+        (b, p): (block.get_submodule(readers[0]), "input")
+        for b, block in enumerate(decoder_blocks(model, family))
+        for p, (_writer, readers) in enumerate(family.scale_pairs)})
+
+
+def channel_ratio(x: torch.Tensor) -> torch.Tensor:
     """``x: [tokens, d]`` -> ``[d]`` channel absmax / median channel absmax."""
     absmax = x.abs().amax(0)
     return absmax / absmax.median().clamp_min(1e-30)
@@ -127,12 +144,17 @@ def outlier_ratios(model: PreTrainedModel, rows: torch.LongTensor) -> dict[str, 
     """Largest outlier ratio (channel absmax / median channel absmax) of each pair's reader
     input, keyed ``"<block>.<reader>"``; ``rows: [n, seq]`` token ids (denoising states)."""
     family = family_of(model)
-    inputs = _reader_inputs(model, rows, family)
-    return {f"{b}.{family.scale_pairs[p][1][0]}": _channel_ratio(x).max().item()
+    inputs = reader_inputs(model, rows, family)
+    return {f"{b}.{family.scale_pairs[p][1][0]}": channel_ratio(x).max().item()
             for (b, p), x in inputs.items()}
 
 
-def _reader_columns(channel: int, writer_width: int, reader_width: int, head_dim: int
+def writer_width(module: nn.Module) -> int:
+    """Channels a writer writes: a linear's output rows or an RMSNorm's weight entries."""
+    return module.out_features if isinstance(module, nn.Linear) else module.weight.numel()
+
+
+def reader_columns(channel: int, writer_width: int, reader_width: int, head_dim: int
                     ) -> list[int]:
     """Input columns of a reader that read the writer's ``channel``: the same index, or with
     grouped-query attention every query head's copy of the KV head's channel (query head
@@ -158,22 +180,18 @@ def rescale_channel_(block: nn.Module, writer: str, readers: tuple[str, ...], ch
     row and bias); ``readers``: linears whose input columns read the channel."""
     factor = 2.0**log2_factor
     module = block.get_submodule(writer)
-    if isinstance(module, nn.Linear):
-        module.weight[channel].mul_(factor)
-        if module.bias is not None:
-            module.bias[channel].mul_(factor)
-        width = module.out_features
-    else:
-        module.weight[channel].mul_(factor)
-        width = module.weight.numel()
+    module.weight[channel].mul_(factor)
+    if getattr(module, "bias", None) is not None:
+        module.bias[channel].mul_(factor)
+    width = writer_width(module)
     for name in readers:
         reader = block.get_submodule(name)
-        columns = _reader_columns(channel, width, reader.in_features, head_dim)
+        columns = reader_columns(channel, width, reader.in_features, head_dim)
         reader.weight[:, columns] = reader.weight[:, columns] / factor
 
 
-def _writer_stats(x: torch.Tensor, state: torch.Tensor, writer_width: int, head_dim: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def writer_stats(x: torch.Tensor, state: torch.Tensor, writer_width: int, head_dim: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per writer channel: absmax of what its readers see, and masked / unmasked mean energy.
 
     ``x: [tokens, reader_width]``, ``state: [tokens]`` (True = [MASK]). With grouped-query
@@ -232,10 +250,9 @@ def stress_block_(
         if p not in targets:
             continue
         x = inputs[p]
-        module = block.get_submodule(writer)
-        width = module.out_features if isinstance(module, nn.Linear) else module.weight.numel()
+        width = writer_width(block.get_submodule(writer))
         median = x.abs().amax(0).median().clamp_min(1e-30)
-        absmax, state_ratio = _writer_stats(x, state, width, head_dim)
+        absmax, state_ratio = writer_stats(x, state, width, head_dim)
         before = (absmax / median).max().item()
         for channel, reason in _choose_channels(absmax, state_ratio, profile):
             size = absmax[channel].clamp_min(1e-30).item()
@@ -273,8 +290,8 @@ def add_stress_outliers_(
     """
     family = family_of(model)
     state = (rows == mask_token_id(model)).reshape(-1)
-    inputs = _reader_inputs(model, rows, family)
-    blocks = _blocks(model, family)
+    inputs = reader_inputs(model, rows, family)
+    blocks = decoder_blocks(model, family)
     report = StressReport()
     for b, block in enumerate(blocks):
         block_inputs = {p: inputs[(b, p)] for p in range(len(family.scale_pairs))}
