@@ -13,8 +13,11 @@ benchmark, not a test.
     python benchmarks/quality.py --model /path/to/LLaDA-8B-Base --schemes W4A4 --samples 128
 
 Variants: ``clean`` is the model as shipped; ``stress`` adds 8B-style outlier channels by an
-exactly function-preserving rescaling (``starquant_plugin.models.outliers``), chosen once per
-model from 32 calibration states of seed 0, so every seed and method sees the same model.
+exactly function-preserving rescaling (``starquant_plugin.models.outliers``); ``outliers-N``
+is variant ``N`` of the seeded stress family (``starquant_plugin.models.outlier_family``), and
+``tuning`` / ``held-out`` stand for all of its tuning / held-out variants. Channels are chosen
+once per model from 32 calibration states of seed 0, so every seed and method sees the same
+model.
 Evaluation text is the bundled held-out split, tokenized with the model's own tokenizer;
 calibration uses a disjoint slice of it (``assets.calibration_text``). The seed changes the
 calibration rows, the evaluation masks and the fit's initialisation.
@@ -41,11 +44,16 @@ from starquant_plugin.models.evaluation import (
     text_rows,
 )
 from starquant_plugin.models.loading import load_dllm
+from starquant_plugin.models.outlier_family import (
+    HELD_OUT_SEEDS,
+    TUNING_SEEDS,
+    add_family_outliers_,
+)
 from starquant_plugin.models.outliers import add_stress_outliers_, outlier_ratios
 from starquant_plugin.pipeline import quantize_dllm
 
 SCHEMES = ("W4A4", "W4A8", "W8A8")
-VARIANTS = ("clean", "stress")
+FAMILY_SETS = {"tuning": TUNING_SEEDS, "held-out": HELD_OUT_SEEDS}
 STRESS_ROWS, STRESS_SEED = 32, 0
 
 
@@ -80,10 +88,25 @@ def load_variant(path: Path, variant: str, dtype: torch.dtype):
     description: dict = {"model": path.name, "variant": variant}
     if variant == "stress":
         report = add_stress_outliers_(model, rows)
-        description |= {"targets": {site: r["target"] for site, r in report.ratios.items()},
-                        "channels": [asdict(c) for c in report.channels]}
+        description["targets"] = {site: r["target"] for site, r in report.ratios.items()}
+    elif variant.startswith("outliers-"):
+        report = add_family_outliers_(model, rows, int(variant.removeprefix("outliers-")))
+        description["family_ratios"] = report.ratios
+    if variant != "clean":
+        description["channels"] = [asdict(c) for c in report.channels]
     description["ratios"] = outlier_ratios(model, rows)
     return model, tokenizer, description
+
+
+def variant_names(name: str) -> list[str]:
+    """``--variant`` value -> the variants it stands for."""
+    if name in FAMILY_SETS:
+        return [f"outliers-{seed}" for seed in FAMILY_SETS[name]]
+    if name in ("clean", "stress") or (name.startswith("outliers-")
+                                       and name.removeprefix("outliers-").isdigit()):
+        return [name]
+    raise argparse.ArgumentTypeError(
+        f"unknown variant {name!r}: use clean, stress, outliers-N, tuning or held-out")
 
 
 def row_key(row: dict) -> tuple:
@@ -95,8 +118,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", type=Path,
                         help="hub-layout LLaDA or Dream directory (repeatable)")
-    parser.add_argument("--variant", action="append", choices=VARIANTS,
-                        help="clean (as shipped) and/or stress (repeatable; default clean)")
+    parser.add_argument("--variant", action="append", type=variant_names,
+                        help="clean (as shipped), stress, outliers-N, tuning or held-out "
+                             "(repeatable; default clean)")
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--methods", nargs="+", default=["fp", *METHODS],
                         choices=["fp", *METHODS])
@@ -108,6 +132,8 @@ def main() -> None:
     parser.add_argument("--mask-draws", type=int, default=1,
                         help="stratified masks per row and ratio for masked CE (8 scores "
                              "every position at t = 0.15 once or more)")
+    parser.add_argument("--mask-ratios", nargs="+", type=float, default=list(MASK_RATIOS),
+                        help="mask ratios t of masked CE (the tables use 0.15 and 0.5)")
     parser.add_argument("--elbo-rows", type=int, default=16)
     parser.add_argument("--mc-num", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=64,
@@ -135,7 +161,7 @@ def main() -> None:
     variants_file = args.json.with_name("variants.json")
     variants = json.loads(variants_file.read_text()) if variants_file.exists() else []
     for path in args.model or list(TINY_MODELS.values()):
-        for variant in args.variant or ["clean"]:
+        for variant in [v for names in args.variant or [["clean"]] for v in names]:
             base, tokenizer, description = load_variant(path, variant, dtype)
             variants = [v for v in variants
                         if (v["model"], v["variant"]) != (path.name, variant)] + [description]
@@ -189,11 +215,12 @@ def run(base, fp_generation, calibration, rows, prompts, method, scheme, seed, o
            "prompts": len(prompts), "eval_rows": len(rows), "mask_draws": args.mask_draws,
            "calib_seconds": seconds, "calib_peak_mb": peak / 2**20, **residuals}
     return row | quality_summary(model, fp_generation, rows, prompts, args.elbo_rows,
-                                 args.mc_num, seed, args.mask_draws)
+                                 args.mc_num, seed, args.mask_draws, tuple(args.mask_ratios))
 
 
 def print_row(row: dict, header: bool) -> None:
-    columns = ["variant", "scheme", "method", "seed", *[f"ce@{t}" for t in MASK_RATIOS],
+    columns = ["variant", "scheme", "method", "seed",
+               *[f"ce@{t}" for t in MASK_RATIOS if f"ce@{t}" in row],
                "elbo", "gen_agreement", "calib_seconds"]
     if header:
         print("| model | " + " | ".join(columns) + " |")

@@ -207,14 +207,16 @@ def quality_summary(
     mc_num: int = 16,
     seed: int = 0,
     mask_draws: int = 1,
+    mask_ratios: tuple[float, ...] = MASK_RATIOS,
 ) -> dict[str, float]:
-    """One flat row of quality numbers for ``model``: masked CE/accuracy per mask ratio
-    (``mask_draws`` stratified masks per row), held-out ELBO per token, and greedy-generation
-    agreement with ``reference`` (the FP model, or its ``greedy_generate`` output for
-    ``prompts``) with its standard error over prompts (``gen_agreement_se``)."""
-    metrics = masked_token_metrics(model, rows, seed=seed, progress=False, draws=mask_draws)
-    row = {f"ce@{t}": metrics[t]["ce"] for t in MASK_RATIOS}
-    row |= {f"acc@{t}": metrics[t]["acc"] for t in MASK_RATIOS}
+    """One flat row of quality numbers for ``model``: masked CE/accuracy per mask ratio of
+    ``mask_ratios`` (``mask_draws`` stratified masks per row), held-out ELBO per token, and
+    greedy-generation agreement with ``reference`` (the FP model, or its ``greedy_generate``
+    output for ``prompts``) with its standard error over prompts (``gen_agreement_se``)."""
+    metrics = masked_token_metrics(model, rows, mask_ratios, seed=seed, progress=False,
+                                   draws=mask_draws)
+    row = {f"ce@{t}": metrics[t]["ce"] for t in mask_ratios}
+    row |= {f"acc@{t}": metrics[t]["acc"] for t in mask_ratios}
     row["elbo"] = heldout_elbo(model, rows[:elbo_rows], mc_num=mc_num, seed=seed,
                                progress=False)
     per_prompt = agreement_per_prompt(greedy_generate, reference, model, prompts)
