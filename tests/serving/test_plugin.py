@@ -69,9 +69,17 @@ def test_groups_map_onto_vllm_fused_layers(llada_quantization_config):
     assert config.kv_bits == 4
 
 
+def test_k_rotation_reaches_the_attention_layers(llada_quantization_config):
+    config = copy.deepcopy(llada_quantization_config)
+    config["starquant"]["k_rotation"] = None
+    assert not StarQuantVllmConfig(config).k_rotation
+    config["starquant"]["k_rotation"] = "hadamard"
+    assert StarQuantVllmConfig(config).k_rotation
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda c: c["starquant"]["args"].update(future_knob=1), "does not implement"),
-    (lambda c: c["starquant"].update(k_rotation="hadamard"), "rotates K"),
+    (lambda c: c["starquant"].update(k_rotation="givens"), "k_rotation"),
     (lambda c: c["starquant"].update(version=3), "version is 3"),
     (lambda c: c["config_groups"]["group_0"]["input_activations"].update(strategy="tensor"),
      "per-token"),

@@ -9,7 +9,8 @@ a ``WeightsMapper``. What is written here by hand and why:
   (``d_model``, ``mlp_hidden_size``, ``include_bias``), Dream's q/k/v have a bias and its
   o_proj none; ``LlamaDecoderLayer`` reads exactly these attributes;
 * ``KVQuantLlamaAttention``: K and V fake-quantized per (token, head) after RoPE when the
-  checkpoint's ``kv_bits < 16`` (what ``models/attention.py`` does in transformers), since
+  checkpoint's ``kv_bits < 16``, queries and keys first rotated per head by a Hadamard when
+  it records ``k_rotation`` (what ``models/attention.py`` does in transformers), since
   vLLM's CPU attention has no 4-bit K/V path;
 * the ``[MASK]`` state (``token_state.set_mask_state``) recorded before the blocks run;
 * a replicated LM head (``ReplicatedLinear``): vLLM calls the pooler on TP rank 0 only, so
@@ -42,6 +43,7 @@ from starquant_plugin.integrations.vllm.pooler import (
 )
 from starquant_plugin.integrations.vllm.token_state import set_mask_state
 from starquant_plugin.method.quantizers import fake_quantize_kv
+from starquant_plugin.method.transforms import hadamard
 from starquant_plugin.models.families import FAMILIES, DLLMFamily, mask_token_id
 
 STAR_TENSOR_RENAME = {".input_transform.": "."}
@@ -53,20 +55,32 @@ class KVQuantLlamaAttention(LlamaAttention):
     """``LlamaAttention`` with K and V fake-quantized (``kv_bits`` < 16) before attention.
 
     ``k, v: [num_tokens, kv_heads * head_dim]`` (this rank's heads); asymmetric, one scale and
-    zero point per (token, head), keys after RoPE: ``models/attention.py``'s quantizer.
+    zero point per (token, head), keys after RoPE: ``models/attention.py``'s quantizer. With
+    ``k_hadamard: [head_dim, head_dim]`` set (the checkpoint's ``k_rotation``), every query
+    and key head is first multiplied by it in float32 (``(q H)(k H)^T = q k^T``), as there.
     """
 
     kv_bits: int = 16
+    k_hadamard: torch.Tensor | None = None
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
         if self.kv_bits < 16:
+            if self.k_hadamard is not None:
+                q, k = self._rotate_heads(q), self._rotate_heads(k)
             k, v = self._fake_quantize_kv(k), self._fake_quantize_kv(v)
         attn_output = self.attn(q, k, v)
         output, _ = self.o_proj(attn_output)
         return output
+
+    def _rotate_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [tokens, heads * head_dim]`` with every head multiplied by ``k_hadamard``."""
+        if self.k_hadamard.device != x.device:  # once, on the first forward
+            self.k_hadamard = self.k_hadamard.to(x.device)
+        heads = x.float().unflatten(-1, (-1, self.head_dim)) @ self.k_hadamard
+        return heads.flatten(-2).to(x.dtype)
 
     def _fake_quantize_kv(self, x: torch.Tensor) -> torch.Tensor:
         # fake_quantize_kv quantizes each slice of its last dim: viewing [tokens, heads * hd]
@@ -77,13 +91,16 @@ class KVQuantLlamaAttention(LlamaAttention):
 
 class DiffusionDecoderLayer(LlamaDecoderLayer):
     """``LlamaDecoderLayer`` built from a family's decoder config view, bidirectional, with
-    K/V fake quantization when ``kv_bits < 16``."""
+    K/V fake quantization when ``kv_bits < 16`` (K rotated first with ``k_rotation``)."""
 
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", *,
-                 decoder_config: SimpleNamespace, kv_bits: int = 16) -> None:
+                 decoder_config: SimpleNamespace, kv_bits: int = 16,
+                 k_rotation: bool = False) -> None:
         super().__init__(vllm_config, prefix, config=decoder_config,
                          attn_layer_type=KVQuantLlamaAttention)
         self.self_attn.kv_bits = kv_bits
+        if k_rotation:
+            self.self_attn.k_hadamard = hadamard(self.self_attn.head_dim)
 
 
 def _llada_decoder_config(config: Any) -> SimpleNamespace:
@@ -168,14 +185,14 @@ class MaskedDiffusionLM(nn.Module, SupportsQuant):
         self.config = config
         self.mask_token_id = mask_token_id(config)
         quant_config = vllm_config.quant_config
-        kv_bits = 16
+        kv_bits, k_rotation = 16, False
         if isinstance(quant_config, StarQuantVllmConfig):
             _check_eager(vllm_config)
             quant_config.check_model(self.family.name, self.mask_token_id)
-            kv_bits = quant_config.kv_bits
+            kv_bits, k_rotation = quant_config.kv_bits, quant_config.k_rotation
         decoder_config = self.decoder_config(config)
         layer_type = functools.partial(DiffusionDecoderLayer, decoder_config=decoder_config,
-                                       kv_bits=kv_bits)
+                                       kv_bits=kv_bits, k_rotation=k_rotation)
         self.model = LlamaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"),
                                 layer_type=layer_type)
         self.lm_head = ReplicatedLinear(decoder_config.hidden_size, config.vocab_size,

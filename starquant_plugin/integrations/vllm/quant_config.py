@@ -28,7 +28,7 @@ IMPLEMENTED_ARGS = frozenset({
     "init_scale", "init_scale_alpha", "init_rotation", "lr_schedule", "kv_rotation",
 })
 """``starquant.args`` keys whose runtime meaning this plugin implements (everything else only
-shapes calibration, or, like ``kv_rotation``, is refused below by its runtime field). A
+shapes calibration, or, like ``kv_rotation``, acts through a runtime field of its own). A
 checkpoint carrying another key may need runtime behaviour we do not have, so it is refused
 instead of served with different numbers."""
 
@@ -79,16 +79,11 @@ class StarQuantVllmConfig(QuantizationConfig):
         _check_args(block.get("args") or {})
         parsed, ct_config = validate_config(quantization_config)  # errors name the field
         self.args = parsed.args
-        if parsed.k_rotation is not None:
-            raise ValueError(
-                f"The checkpoint rotates K before its quantizer (starquant.k_rotation = "
-                f"{parsed.k_rotation!r}), which this vLLM integration does not implement; serve "
-                "it with transformers, or re-quantize with kv_rotation: false."
-            )
         (scheme,) = ct_config.config_groups.values()
         self.weight_args, self.act_args = scheme.weights, scheme.input_activations
         _check_quantizers(self.weight_args, self.act_args)
         self.kv_bits: int = parsed.kv_bits
+        self.k_rotation: bool = parsed.k_rotation is not None  # validated: "hadamard" or None
         self.mask_token_id: int = parsed.mask_token_id
         self.family: str = parsed.family
         self.groups: dict[str, dict[str, Any]] = {
