@@ -294,6 +294,102 @@ def same_code_section(results: Path, name: str,
             + "\n\n".join(paired))
 
 
+TUNING = "tuning-*.json"
+"""One-factor ablations of STaR-Quant on the tuning variants of the stress family."""
+HELD_OUT = "held-out-*.json"
+"""Every preset on the held-out variants of the stress family (never used to choose)."""
+BASELINES = ("smoothquant", "quarot", "quarot_gptq", "flatquant")
+
+
+def family_excess_table(rows: list[dict], scheme: str, names: tuple[str, ...]) -> str:
+    """Excess CE over FP at t = 0.15 and 0.5 (``a / b`` per cell) of each of ``names`` on every
+    variant, mean over seeds; per model a family-mean row (mean over variants, ± the std over
+    seeds of the per-seed family mean) and the share of RTN's gap STaR-Quant closes."""
+    groups = grouped(rows)
+    header = ["model", "variant", "n", "FP CE@0.15", *names, "starquant gap closed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cell(per_seed: dict[int, tuple[float, float]]) -> str:
+        if not per_seed:
+            return ""
+        values = list(per_seed.values())
+        return " / ".join(mean_std([v[i] for v in values]) for i in (0, 1))
+
+    for model in sorted({key[0] for key in groups}):
+        variants = sorted({key[1] for key in groups if key[0] == model},
+                          key=lambda v: (len(v), v))
+        family: dict[str, dict[int, list[tuple[float, float]]]] = defaultdict(
+            lambda: defaultdict(list))
+        closed_family: dict[int, list[float]] = defaultdict(list)
+        for variant in variants:
+            cells, seeds = [], set()
+            for name in names:
+                group = groups.get((model, variant, scheme, name), [])
+                per_seed = {}
+                for row in group:
+                    fp = reference(rows, model, variant, "fp", scheme, row["seed"])
+                    if fp:
+                        per_seed[row["seed"]] = tuple(row[f"ce@{r}"] - fp[f"ce@{r}"]
+                                                      for r in RATIOS)
+                        family[name][row["seed"]].append(per_seed[row["seed"]])
+                seeds |= set(per_seed)
+                cells.append(cell(per_seed))
+            star = groups.get((model, variant, scheme, "starquant"), [])
+            closed = {r: gap_closed(rows, star, r) for r in RATIOS}
+            for row, value in zip(star, closed["0.15"], strict=False):
+                closed_family[row["seed"]].append(value)
+            fp_rows = groups.get((model, variant, "FP", "fp"), [])
+            lines.append("| " + " | ".join(
+                [model, variant, str(len(seeds)), mean_std([r["ce@0.15"] for r in fp_rows]),
+                 *cells, " / ".join(percent(closed[r]) for r in RATIOS)]) + " |")
+        means = []
+        for name in names:
+            complete = {seed: tuple(statistics.mean(v[i] for v in values) for i in (0, 1))
+                        for seed, values in family[name].items()
+                        if len(values) == len(variants)}
+            means.append(cell(complete))
+        closed_mean = [statistics.mean(v) for v in closed_family.values()
+                       if len(v) == len(variants)]
+        lines.append("| " + " | ".join(
+            [model, f"**mean of {len(variants)}**", "", "", *means,
+             percent(closed_mean) + " @0.15"]) + " |")
+    return "\n".join(lines)
+
+
+def family_paired_table(rows: list[dict], scheme: str, target: str,
+                        others: tuple[str, ...]) -> str:
+    """``target`` minus each of ``others``, paired by variant and seed, over each model's
+    family: mean ± std over (variant, seed) pairs, how many are lower, and the worst
+    variant (largest mean difference) at t = 0.15 and 0.5."""
+    groups = grouped(rows)
+    header = ["model", "comparison", "pairs", "ΔCE@0.15", "ΔCE@0.5", "lower @0.15 / @0.5",
+              "worst variant @0.15", "worst variant @0.5"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model in sorted({key[0] for key in groups}):
+        variants = sorted({key[1] for key in groups if key[0] == model})
+        for other in others:
+            diffs: dict[str, list[float]] = {r: [] for r in RATIOS}
+            worst: dict[str, tuple[float, str]] = {}
+            for variant in variants:
+                mine = {r["seed"]: r for r in groups.get((model, variant, scheme, target), [])}
+                theirs = {r["seed"]: r for r in groups.get((model, variant, scheme, other), [])}
+                seeds = sorted(set(mine) & set(theirs))
+                for ratio in RATIOS:
+                    d = [mine[s][f"ce@{ratio}"] - theirs[s][f"ce@{ratio}"] for s in seeds]
+                    diffs[ratio] += d
+                    if d and (ratio not in worst or statistics.mean(d) > worst[ratio][0]):
+                        worst[ratio] = (statistics.mean(d), variant)
+            if not diffs["0.15"]:
+                continue
+            lower = [sum(d < 0 for d in diffs[r]) for r in RATIOS]
+            lines.append("| " + " | ".join(
+                [model, f"{target} − {other}", str(len(diffs["0.15"])),
+                 mean_std(diffs["0.15"]), mean_std(diffs["0.5"]),
+                 f"{lower[0]} / {lower[1]} of {len(diffs['0.15'])}",
+                 *(f"{worst[r][0]:+.3f} ({worst[r][1]})" for r in RATIOS)]) + " |")
+    return "\n".join(lines)
+
+
 def readme_table(rows: list[dict]) -> str:
     """The README's summary: W4A4 on the outlier-stressed tiny models (the headline runs)."""
     header = ["model", "method", "CE@0.15", "CE@0.15 - FP", "gap closed @0.15",
