@@ -4,7 +4,7 @@ Read by the core pipeline and the llm-compressor modifier, written into the chec
 Baselines are presets of the same schema (``METHODS``), so every method runs in one harness.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,15 +43,19 @@ class StarQuantArgs(BaseModel):
     tac: bool = True
     tac_group_size: int = Field(16, ge=1)
     tac_damping: float = Field(1e-2, ge=0.0)
-    tac_shrinkage: float = Field(0.2, ge=0.0, le=1.0)
+    tac_shrinkage: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = Field(
+        "auto", description="shrinkage rho of TAC's map toward the identity; auto: chosen per "
+        "layer among 0.1-1.0 or no TAC, on every fourth calibration row held out from the fit "
+        "(by the error at the output projection's output), then refitted on all rows")
     tac_method: Literal["ot", "whiten", "lstsq"] = "ot"
     kv_bits: Literal[4, 8, 16] | None = Field(
         None, description="K/V cache bits; None = 4 at W4A4, 16 otherwise"
     )
     kv_rotation: bool = Field(
-        False, description="rotate K and V per head by a Hadamard before the K/V quantizer "
+        True, description="rotate K and V per head by a Hadamard before the K/V quantizer "
         "(QuaRot): V's folded into v_proj rows and output-projection columns, K's applied to "
-        "Q and K after RoPE at run time; only with kv_bits < 16")
+        "Q and K after RoPE at run time; only with kv_bits < 16 (needs a power-of-two "
+        "head_dim)")
     seed: int = 0
 
     @property
@@ -84,15 +88,18 @@ random orthogonal factors, cosine annealing); its learned per-head K/V transform
 approximated by the fixed Hadamard of ``kv_rotation``."""
 
 METHODS: dict[str, dict] = {
-    "rtn": {"transform": "identity", "state_gating": False, "tac": False},
-    "smoothquant": {"transform": "smoothquant", "state_gating": False, "tac": False},
+    "rtn": {"transform": "identity", "state_gating": False, "tac": False,
+            "kv_rotation": False},
+    "smoothquant": {"transform": "smoothquant", "state_gating": False, "tac": False,
+                    "kv_rotation": False},
     "quarot": {"transform": "hadamard", "state_gating": False, "tac": False,
                "kv_rotation": True},
     "quarot_gptq": {"transform": "hadamard", "state_gating": False, "tac": False,
                     "kv_rotation": True, "weight_quantizer": "gptq"},
     "flatquant": {"transform": "learned", "state_gating": False, "tac": False, **_FLATQUANT},
     "sgat": {"transform": "learned", "state_gating": True, "tac": False},
-    "tac": {"transform": "identity", "state_gating": False, "tac": True},
+    "tac": {"transform": "identity", "state_gating": False, "tac": True,
+            "kv_rotation": False},
     "starquant": {"transform": "learned", "state_gating": True, "tac": True},
 }
 

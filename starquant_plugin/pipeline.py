@@ -31,10 +31,12 @@ from starquant_plugin.method import (
     TACParams,
     apply_tac,
     attach_mask_state,
+    choose_tac_shrinkage,
     fit_sgat,
     fit_tac,
     gptq_quantize_weight,
     hadamard,
+    identity_tac,
     rotate_value_heads,
     scheme_args,
     smoothquant_scales,
@@ -62,10 +64,11 @@ from starquant_plugin.safeguards import (
 
 @dataclass
 class QuantizationReport:
-    """What the run did: per linear group its FP exactness residuals and final fit loss."""
+    """What the run did: per linear group its FP exactness residuals and final fit loss, and
+    for the attention output the TAC shrinkage used (``None``: no TAC for that layer)."""
 
     args: StarQuantArgs
-    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    groups: dict[str, dict[str, float | None]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -152,13 +155,33 @@ def quantize_linear_group(
     return replacements, sgat
 
 
-def fit_attention_tac(z_fp: torch.Tensor, z_quant: torch.Tensor, args: StarQuantArgs
-                      ) -> TACParams:
-    """TAC from paired attention outputs [batch, seq, d] pooled over tokens and states."""
-    return fit_tac(z_fp.reshape(-1, z_fp.shape[-1]).float(),
-                   z_quant.reshape(-1, z_quant.shape[-1]).float(),
-                   group_size=args.tac_group_size, damping=args.tac_damping,
-                   shrinkage=args.tac_shrinkage, method=args.tac_method)
+TAC_HOLD_OUT_EVERY = 4
+"""``tac_shrinkage: auto`` scores its candidates on every fourth calibration row."""
+FALLBACK_TAC_SHRINKAGE = 0.2
+"""``tac_shrinkage: auto`` with fewer than ``TAC_HOLD_OUT_EVERY`` rows (the paper's range)."""
+
+
+def fit_attention_tac(z_fp: torch.Tensor, z_quant: torch.Tensor, out_weight: torch.Tensor,
+                      args: StarQuantArgs) -> tuple[TACParams, float | None]:
+    """TAC from paired attention outputs ``[rows, seq, d]`` pooled over tokens and states, and
+    the shrinkage it used (``None``: no TAC, the identity). ``out_weight: [out, d]`` is the
+    output projection that reads them, by which ``tac_shrinkage: auto`` scores candidates."""
+    d = z_fp.shape[-1]
+    zf, zq = z_fp.reshape(-1, d).float(), z_quant.reshape(-1, d).float()
+    fit = {"group_size": args.tac_group_size, "damping": args.tac_damping,
+           "method": args.tac_method}
+    shrinkage = args.tac_shrinkage
+    if shrinkage == "auto":
+        rows = torch.arange(z_fp.shape[0], device=z_fp.device)
+        held_rows = rows % TAC_HOLD_OUT_EVERY == TAC_HOLD_OUT_EVERY - 1
+        if held_rows.any():
+            held_out = held_rows[:, None].expand(z_fp.shape[:-1]).reshape(-1)
+            shrinkage, _ = choose_tac_shrinkage(zf, zq, out_weight.float(), held_out, **fit)
+        else:  # fewer rows than one held-out share: nothing to choose on
+            shrinkage = FALLBACK_TAC_SHRINKAGE
+    if shrinkage is None:
+        return identity_tac(d, args.tac_group_size, z_quant.device), None
+    return fit_tac(zf, zq, shrinkage=shrinkage, **fit), shrinkage
 
 
 def _value_rotation_params(block: nn.Module, family: DLLMFamily) -> list[torch.Tensor]:
@@ -313,7 +336,7 @@ def _quantize_groups(block, fp_block, q_inputs, fp_inputs, states, shared_state,
     block.get_submodule(family.attention_module).kv_bits = args.resolved_kv_bits
     for group in groups:
         where = group_location(index, group)
-        tac = None
+        tac, tac_report = None, {}
         if args.tac and group == (family.attention_output,):
             z_fp = _capture_input(fp_block, family.attention_output, fp_inputs, states,
                                   shared_state)
@@ -325,8 +348,10 @@ def _quantize_groups(block, fp_block, q_inputs, fp_inputs, states, shared_state,
             check_finite_activations(z_fp, "The FP attention output", where)
             check_finite_activations(z_quant, "The quantized attention output", where)
             dtype = block.get_submodule(group[0]).weight.dtype
+            out_weight = block.get_submodule(group[0]).weight.detach()
             try:
-                tac = fit_attention_tac(z_fp, z_quant, args).rounded_to(dtype)
+                tac, shrinkage = fit_attention_tac(z_fp, z_quant, out_weight, args)
+                tac, tac_report = tac.rounded_to(dtype), {"tac_shrinkage": shrinkage}
             except torch.linalg.LinAlgError as error:
                 raise CalibrationError(f"TAC's closed form failed for {where}: {error}. "
                                        "Raise tac_damping.") from error
@@ -356,6 +381,7 @@ def _quantize_groups(block, fp_block, q_inputs, fp_inputs, states, shared_state,
             "residual_unmasked": sgat.residual_unmasked,
             "final_loss": sgat.loss_history[-1] if sgat.loss_history else float("nan"),
             **{f"fit_{stage}_seconds": seconds for stage, seconds in sgat.seconds.items()},
+            **tac_report,
         }
 
 

@@ -26,7 +26,13 @@ from starquant_plugin.method.sgat import (
     fit_sgat,
     static_sgat,
 )
-from starquant_plugin.method.tac import TACParams, apply_tac, fit_tac
+from starquant_plugin.method.tac import (
+    TACParams,
+    apply_tac,
+    choose_tac_shrinkage,
+    fit_tac,
+    identity_tac,
+)
 from starquant_plugin.method.transforms import (
     hadamard,
     kronecker_apply,
@@ -47,6 +53,7 @@ __all__ = [
     "StarQuantLinear",
     "TACParams",
     "apply_tac",
+    "choose_tac_shrinkage",
     "attach_mask_state",
     "exactness_residual",
     "exclusive_subspaces",
@@ -55,6 +62,7 @@ __all__ = [
     "fake_quantize_weight",
     "fit_sgat",
     "fit_tac",
+    "identity_tac",
     "gptq_quantize_weight",
     "hadamard",
     "int_gemm",

@@ -142,6 +142,55 @@ def fit_tac(
     return TACParams(matrices=m.to(dtype), bias=bias.reshape(-1).to(dtype))
 
 
+SHRINKAGE_CANDIDATES = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+"""The shrinkages ``choose_tac_shrinkage`` tries (1.0: only the mean is corrected), besides
+no TAC at all."""
+
+
+def identity_tac(d: int, group_size: int, device: torch.device | str | None = None
+                 ) -> TACParams:
+    """The map that changes nothing (identity blocks, zero bias): TAC off for one layer."""
+    eye = torch.eye(group_size, device=device)
+    return TACParams(eye.expand(d // group_size, -1, -1).clone(), torch.zeros(d, device=device))
+
+
+@torch.no_grad()
+def choose_tac_shrinkage(
+    z_fp: torch.Tensor,
+    z_quant: torch.Tensor,
+    out_weight: torch.Tensor,
+    held_out: torch.Tensor,
+    candidates: tuple[float, ...] = SHRINKAGE_CANDIDATES,
+    **fit_kwargs,
+) -> tuple[float | None, dict[str, float]]:
+    """TAC's shrinkage for one layer, chosen on tokens held out from the fit.
+
+    ``z_fp, z_quant: [N, d]`` paired attention outputs, ``out_weight: [out, d]`` the output
+    projection that reads them, ``held_out: [N]`` True for the tokens scored (the rest fit
+    each candidate with ``fit_tac(..., shrinkage=rho, **fit_kwargs)``). The score is the
+    error TAC leaves where it matters, at the output projection's output:
+    ``||(Z_tac - Z_fp) W^T||^2`` over held-out tokens, relative to that of no TAC. Returns the
+    best candidate (``None`` if no TAC scores best) and every score, keyed ``str(rho)`` and
+    ``"off"``.
+    """
+    if held_out.all() or not held_out.any():
+        raise ValueError("Got a held-out split with no fit or no held-out tokens; hold out "
+                         "a proper subset of the calibration rows.")
+    w = out_weight.double()
+    target = z_fp[held_out].double() @ w.T
+
+    def error(z: torch.Tensor) -> float:
+        return (z.double() @ w.T - target).pow(2).sum().item()
+
+    baseline = max(error(z_quant[held_out]), 1e-30)
+    scores = {"off": 1.0}
+    for rho in candidates:
+        params = fit_tac(z_fp[~held_out], z_quant[~held_out], shrinkage=rho, **fit_kwargs)
+        scores[str(rho)] = error(apply_tac(z_quant[held_out], params)) / baseline
+    best = min(scores, key=scores.get)
+    return (None if best == "off" else float(best)), scores
+
+
 def apply_tac(z: torch.Tensor, params: TACParams) -> torch.Tensor:
     """``z: [..., d]`` -> ``[..., d]``, one batched ``g x g`` matmul per channel block."""
     n_blocks, g, _ = params.matrices.shape

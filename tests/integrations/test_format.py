@@ -149,7 +149,7 @@ def test_config_has_explicit_format_groups_ignore_and_versioned_block(saved):
                                      "sgat_channel_scale", "sgat_act_clip", "tac_matrices",
                                      "tac_bias"}
     assert validate_config(config)[0].args == args
-    assert block["k_rotation"] is None
+    assert block["k_rotation"] == "hadamard"  # the default at W4A4
     del block["k_rotation"]  # written before kv_rotation existed: loads as no rotation
     assert validate_config(config)[0].k_rotation is None
     block["k_rotation"] = "givens"

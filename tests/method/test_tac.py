@@ -1,9 +1,17 @@
-"""TAC: moment matching, exact recovery, stability on singular covariances, batched apply."""
+"""TAC: moment matching, exact recovery, stability on singular covariances, batched apply, and
+the shrinkage chosen on held-out tokens."""
 
 import pytest
 import torch
 
-from starquant_plugin.method.tac import TACParams, apply_tac, fit_tac
+from starquant_plugin.method.tac import (
+    SHRINKAGE_CANDIDATES,
+    TACParams,
+    apply_tac,
+    choose_tac_shrinkage,
+    fit_tac,
+    identity_tac,
+)
 
 N, D, G = 2000, 32, 16
 
@@ -117,3 +125,30 @@ def test_invalid_inputs_raise_value_errors():
     params = fit_tac(z, z)
     with pytest.raises(ValueError, match="last dim"):
         apply_tac(torch.randn(3, D + G), params)
+
+
+def test_held_out_choice_keeps_tac_where_it_lowers_the_output_error():
+    z_fp, z_quant = _paired_outputs()
+    weight = torch.randn(8, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    held_out = torch.arange(N) % 4 == 3
+    rho, scores = choose_tac_shrinkage(z_fp, z_quant, weight, held_out, group_size=G)
+    assert set(scores) == {"off", *map(str, SHRINKAGE_CANDIDATES)} and scores["off"] == 1.0
+    assert rho is not None and scores[str(rho)] == min(scores.values()) < 0.9
+
+
+def test_held_out_choice_turns_tac_off_where_the_fit_does_not_carry_over():
+    """Fit tokens are quantized at twice the scale, held-out ones exactly: any TAC fitted on
+    the former moves the latter away from FP, so no TAC scores best."""
+    z_fp, _ = _paired_outputs()
+    held_out = torch.arange(N) % 4 == 3
+    z_quant = torch.where(held_out[:, None], z_fp, 2 * z_fp + 0.1)
+    rho, scores = choose_tac_shrinkage(z_fp, z_quant, torch.eye(D, dtype=torch.float64),
+                                       held_out, group_size=G)
+    assert rho is None and all(score > 1.0 for name, score in scores.items() if name != "off")
+    with pytest.raises(ValueError, match="held-out split"):
+        choose_tac_shrinkage(z_fp, z_quant, torch.eye(D), torch.zeros(N, dtype=torch.bool))
+
+
+def test_identity_tac_changes_nothing():
+    z = torch.randn(5, D)
+    assert torch.equal(apply_tac(z, identity_tac(D, G)), z)

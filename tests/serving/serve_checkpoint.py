@@ -6,8 +6,8 @@ Run by ``test_engine.py`` with the serving environment's Python::
 
 INPUTS holds ``canvases: [n, seq]`` and ``prompts: [b, p]``; OUT gets the pooler's
 ``stats: [n, seq, 2k]`` and the denoising driver's ``sequences: [b, p + gen_length]``, and
-in its metadata (in-process engines only) the GEMM routes the STaR-Quant layers took and the
-oneDNN probe's verdict.
+in its metadata (in-process engines only) the GEMM routes the STaR-Quant layers took, how
+many attention layers rotate K, and the oneDNN probe's verdict.
 Nothing here registers the plugin by hand: vLLM loads it through the entry point (in every
 process when ``STARQUANT_TEST_MULTIPROCESSING=1`` starts the engine and worker separately).
 ``STARQUANT_TEST_TP=2`` serves with tensor parallelism (one worker per core).
@@ -32,6 +32,11 @@ def gemm_routes(model: torch.nn.Module) -> list[str]:
     return sorted({module.star_gemm for module in model.modules() if hasattr(module, "star_gemm")})
 
 
+def rotated_attention_layers(model: torch.nn.Module) -> int:
+    """How many attention layers of ``model`` rotate Q and K per head (``k_rotation``)."""
+    return sum(getattr(module, "k_hadamard", None) is not None for module in model.modules())
+
+
 def main() -> None:
     checkpoint, inputs_path, out_path, sampler_json = sys.argv[1:5]
     from vllm import LLM
@@ -52,6 +57,7 @@ def main() -> None:
     generated = denoise(llm, inputs["prompts"], **json.loads(sampler_json))
     metadata = {} if MULTIPROCESSING else {  # the model lives in this process
         "gemm_routes": json.dumps(llm.apply_model(gemm_routes)[0]),
+        "k_rotated_layers": json.dumps(llm.apply_model(rotated_attention_layers)[0]),
         "onednn_int8_exact": json.dumps(cpu_onednn_int8_is_exact())}
     save_file({"stats": stats.contiguous(), "sequences": generated.sequences.contiguous(),
                "engine_calls": torch.tensor(generated.engine_calls),

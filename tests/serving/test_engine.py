@@ -14,7 +14,8 @@ this process. Tolerances (float32 on both sides):
   the one-code change over its canvas (measured: tiny Dream W4A4, 5% of positions moved by
   up to 0.16 in log-prob, every top-1 id equal; LLaDA W4A4 3e-6).
 * Generation (4 steps, 8 tokens, greedy): the driver's tokens equal the sampler's.
-* The GEMM route of the quantized layers is the one ``gemm.py`` documents for the CPU.
+* The GEMM route of the quantized layers is the one ``gemm.py`` documents for the CPU, and
+  K is rotated in exactly the checkpoints that record ``k_rotation`` (W4A4 by default).
 
 The median bound for quantized checkpoints is 1e-3: float rounding alone moves 8-bit codes
 enough to shift the median by a few 1e-4 at W8A8. Measured on the W8A8 LLaDA: the transformers
@@ -71,8 +72,8 @@ def _calibration_rows(mask_id: int, vocab: int) -> torch.LongTensor:
     return rows.masked_fill(rows % 2 == 0, mask_id)
 
 
-def _quantize(model, scheme: str, path: Path) -> Path:
-    args = StarQuantArgs(scheme=scheme, epochs=0)
+def _quantize(model, scheme: str, path: Path, **overrides) -> Path:
+    args = StarQuantArgs(scheme=scheme, epochs=0, **overrides)
     rows = _calibration_rows(mask_token_id(model), model.config.vocab_size)
     quantize_dllm(model, rows, args, progress=False)
     return save_starquant(model, path, args=args)
@@ -132,10 +133,11 @@ def served(tmp_path_factory) -> dict[tuple[str, str], dict]:
         if scheme == "fp":
             checkpoint = BUNDLED[family]
             reference_model = load_dllm(checkpoint)[0]
-        else:
-            model = (odd_width_llada() if name == "llada-mlp200"
-                     else load_dllm(BUNDLED[family])[0])
-            checkpoint = _quantize(model, scheme, work / "ckpt")
+        elif name == "llada-mlp200":  # also the W4A4 path without K/V rotation
+            checkpoint = _quantize(odd_width_llada(), scheme, work / "ckpt", kv_rotation=False)
+        else:  # the defaults: K and V rotated at W4A4
+            checkpoint = _quantize(load_dllm(BUNDLED[family])[0], scheme, work / "ckpt")
+        if scheme != "fp":
             reference_model = AutoModelForCausalLM.from_pretrained(checkpoint,
                                                                    dtype=torch.float32)
         config = reference_model.config
@@ -186,6 +188,15 @@ def test_each_scheme_serves_through_its_cpu_gemm_route(served, scheme, name):
     exact_int8 = (scheme == "W8A8" and engine["onednn_int8_exact"]
                   and not torch.cpu._is_amx_tile_supported())
     assert engine["gemm_routes"] == ["oneDNN int8 (our codes)" if exact_int8 else "torch"]
+
+
+@pytest.mark.parametrize(("scheme", "name"), [case for case in CASES if case[0] != "fp"])
+def test_k_rotation_is_served_where_the_checkpoint_records_it(served, scheme, name):
+    """The default W4A4 checkpoints rotate K in every block; 8-bit K/V-free schemes and the
+    case quantized with kv_rotation=False do not."""
+    rotated = scheme == "W4A4" and name != "llada-mlp200"
+    blocks = 2 if name == "llada-mlp200" else 4
+    assert served[(scheme, name)]["engine"]["k_rotated_layers"] == (blocks if rotated else 0)
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor_parallel_size=2 needs 2 cores")
