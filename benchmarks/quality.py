@@ -210,6 +210,8 @@ def run(base, fp_generation, calibration, rows, prompts, method, scheme, seed, o
         seconds, peak = time.time() - start, memory.peak
         residuals = {f"max_{key}": max(g[key] for g in report.groups.values())
                      for key in ("residual_masked", "residual_unmasked")}
+        residuals["tac_shrinkage"] = {name: g["tac_shrinkage"] for name, g in
+                                      report.groups.items() if "tac_shrinkage" in g}
     model.float()  # exact upcast of the stored tensors
     row = {"dtype": args.dtype, "samples": args.samples, "epochs": args.epochs,
            "prompts": len(prompts), "eval_rows": len(rows), "mask_draws": args.mask_draws,
