@@ -38,6 +38,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from starquant_plugin.config import QUANT_METHOD, StarQuantArgs
+from starquant_plugin.integrations.checkpoint_tensors import check_finite_tensors
 from starquant_plugin.method.quantizers import scheme_args
 from starquant_plugin.method.runtime import (
     StarQuantInputTransform,
@@ -45,7 +46,7 @@ from starquant_plugin.method.runtime import (
     weight_format,
     weight_scheme,
 )
-from starquant_plugin.models.families import family_of, mask_token_id
+from starquant_plugin.models.families import FAMILIES, family_of, mask_token_id
 
 FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (2,)
@@ -219,7 +220,7 @@ def quantization_config_dict(model: PreTrainedModel, args: StarQuantArgs) -> dic
                 f"{linear.act_args}, but args.scheme={args.scheme!r} means {weight_args} and "
                 f"{act_args}; pass the StarQuantArgs the model was quantized with."
             )
-    check_finite(quantized_buffers(model), type(model).__name__)
+    check_finite_tensors(model, type(model).__name__)
     scheme = weight_scheme(weight_args, act_args)
     ignore = sorted(name for name, module in model.named_modules()
                     if isinstance(module, nn.Linear))
@@ -299,18 +300,25 @@ def validate_config(quantization_config: dict[str, Any]) -> tuple[StarQuantBlock
             "(pip install -U starquant-plugin) to load a newer one, or re-quantize the model "
             "to replace a version-1 checkpoint."
         )
+    block = {**block, "args": _with_historic_defaults(block.get("args"))}
     try:
         parsed = StarQuantBlock.model_validate(block)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                             for e in error.errors()[:5])
         raise ValueError(
-            f"quantization_config.starquant is incomplete or invalid ({problems}); the "
+            f"quantization_config.starquant is incomplete or invalid ({_problems(error)}); the "
             "checkpoint's config.json was edited or cut short. Restore it from the original "
             "save, or re-save the quantized model with save_starquant."
         ) from error
-    ct_config = QuantizationConfig.model_validate(
-        {k: v for k, v in quantization_config.items() if k not in ("quant_method", "starquant")})
+    try:
+        ct_config = QuantizationConfig.model_validate(
+            {k: v for k, v in quantization_config.items()
+             if k not in ("quant_method", "starquant")})
+    except ValidationError as error:
+        raise ValueError(
+            f"quantization_config's compressed-tensors part is invalid ({_problems(error)}); "
+            "the checkpoint's config.json was edited or cut short. Restore it from the "
+            "original save, or re-save the quantized model with save_starquant."
+        ) from error
     if len(ct_config.config_groups) != 1:
         raise ValueError(
             f"quantization_config has {len(ct_config.config_groups)} config groups; STaR-Quant "
@@ -326,7 +334,89 @@ def validate_config(quantization_config: dict[str, Any]) -> tuple[StarQuantBlock
                 f"{scheme.weights.num_bits}-bit weights are stored as "
                 f"{weight_format(scheme.weights)!r}."
             )
+    check_consistency(parsed, ct_config)
     return parsed, ct_config
+
+
+HISTORIC_DEFAULTS = {"kv_rotation": False, "tac_shrinkage": 0.2, "init_scale": "ones"}
+"""What a checkpoint meant by a ``starquant.args`` field it does not record: it was written
+before the field existed (or before its default changed), with these values."""
+
+
+def _with_historic_defaults(args: Any) -> Any:
+    return {**HISTORIC_DEFAULTS, **args} if isinstance(args, dict) else args
+
+
+def _problems(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:5])
+
+
+def _quantizer(args: Any) -> str:
+    """What a ``QuantizationArgs`` computes, in words (the fields that change the numbers)."""
+    group = f" of {args.group_size}" if args.group_size else ""
+    return (f"{args.num_bits}-bit {args.type} {'' if args.symmetric else 'a'}symmetric per "
+            f"{args.strategy}{group}{' dynamic' if args.dynamic else ''}")
+
+
+def check_consistency(block: StarQuantBlock, ct_config: QuantizationConfig) -> None:
+    """Refuse a config whose parts disagree: each part is valid on its own, but the runtime
+    reads some of them and the card others, so a disagreement computes or claims the wrong
+    thing. ``args`` is the reference; every error names the field and the fix."""
+    args = block.args
+    problems = []
+    if block.family not in {family.name for family in FAMILIES.values()}:
+        problems.append(f"family is {block.family!r}, not one of "
+                        f"{sorted(f.name for f in FAMILIES.values())}")
+    if block.kv_bits != args.resolved_kv_bits:
+        problems.append(f"kv_bits is {block.kv_bits} but args (scheme {args.scheme}, kv_bits "
+                        f"{args.kv_bits}) mean {args.resolved_kv_bits}")
+    k_rotation = K_ROTATION if args.resolved_kv_rotation else None
+    if block.k_rotation != k_rotation:
+        problems.append(f"k_rotation is {block.k_rotation!r} but args (kv_rotation "
+                        f"{args.kv_rotation}, K/V at {args.resolved_kv_bits} bit) mean "
+                        f"{k_rotation!r}")
+    (scheme,) = ct_config.config_groups.values()
+    weight_args, act_args = scheme_args(args.scheme)
+    for part, got, expected in (("weights", scheme.weights, weight_args),
+                                ("input_activations", scheme.input_activations, act_args)):
+        if _quantizer(got) != _quantizer(expected):
+            problems.append(f"config_groups {part} are {_quantizer(got)} but args.scheme "
+                            f"{args.scheme} quantizes them as {_quantizer(expected)}")
+    listed = [name for group in block.input_groups for name in group.linears]
+    if len(listed) != len(set(listed)):
+        problems.append("a linear is listed in two input_groups")
+    family = next((f for f in FAMILIES.values() if f.name == block.family), None)
+    foreign = [name for name in listed
+               if family is not None and not re.match(family.block_pattern, name)]
+    if foreign:
+        problems.append(f"family is {block.family!r} but input_groups list {foreign[0]}, "
+                        "which is not one of its decoder-block linears")
+    for group in block.input_groups:
+        d, first = group.in_features, group.linears[0]
+        reads_attention = family is not None and first.endswith(f".{family.attention_output}")
+        if not foreign and (group.tac_group_size is not None) != (args.tac and reads_attention):
+            problems.append(f"input group {first} has tac_group_size {group.tac_group_size}, "
+                            "but TAC sits on the attention output projection only, when args "
+                            f"have tac (tac is {args.tac})")
+        if group.exclusive_width != args.exclusive_width(d):
+            problems.append(f"input group {first} has exclusive_width {group.exclusive_width} "
+                            f"but args mean {args.exclusive_width(d)} for {d} inputs")
+        if tuple(group.factors) != args.factors(d):
+            problems.append(f"input group {first} has factors {list(group.factors)} but args "
+                            f"mean {list(args.factors(d))} for {d} inputs")
+        if group.tac_group_size is not None and (
+                not args.tac or group.tac_group_size != args.tac_group_size
+                or d % group.tac_group_size):
+            problems.append(f"input group {first} has tac_group_size {group.tac_group_size} "
+                            f"but args have tac {args.tac}, tac_group_size "
+                            f"{args.tac_group_size} (and it must divide {d})")
+    if problems:
+        raise ValueError(
+            f"quantization_config contradicts itself: {'; '.join(problems[:3])}"
+            + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            + ". The checkpoint's config.json was edited; restore it from the original save or "
+            "re-save the quantized model with save_starquant."
+        )
 
 
 def checkpoint_keys(files: list[str | os.PathLike]) -> set[str]:

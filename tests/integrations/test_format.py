@@ -150,8 +150,8 @@ def test_config_has_explicit_format_groups_ignore_and_versioned_block(saved):
                                      "tac_bias"}
     assert validate_config(config)[0].args == args
     assert block["k_rotation"] == "hadamard"  # the default at W4A4
-    del block["k_rotation"]  # written before kv_rotation existed: loads as no rotation
-    assert validate_config(config)[0].k_rotation is None
+    del block["k_rotation"], block["args"]["kv_rotation"]  # written before kv_rotation existed
+    assert validate_config(config)[0].k_rotation is None  # loads as no rotation
     block["k_rotation"] = "givens"
     with pytest.raises(ValueError, match="k_rotation"):
         validate_config(config)

@@ -218,3 +218,35 @@ def test_tensor_parallel_2_serves_the_tp1_numbers(tmp_path):
     assert diff.max().item() <= 0.5
     assert torch.equal(tp1["sequences"], tp2["sequences"])
     print("tensor-parallel launches (s):", json.dumps(TIMINGS))
+
+
+CORRUPTIONS = {
+    "LM head cut to half its rows": (
+        "model.transformer.ff_out.weight", lambda t: t[: len(t) // 2].clone(),
+        "model.transformer.ff_out.weight has shape [1024, 256], expected [2048, 256]"),
+    "NaN in the final norm": (
+        "model.transformer.ln_f.weight", lambda t: t.index_fill(0, torch.tensor([0]),
+                                                                 float("nan")),
+        "model.transformer.ln_f.weight holds NaN or inf"),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS, ids=list(CORRUPTIONS))
+def test_a_checkpoint_with_a_wrong_tensor_is_refused_by_the_engine(tmp_path, corruption):
+    """vLLM checks every tensor as it streams (``checkpoint_model.checkpoint_specs``), not
+    only the quantized ones: the same refusal as transformers', before anything is served."""
+    name, change, message = CORRUPTIONS[corruption]
+    checkpoint = _quantize(load_dllm(TINY_LLADA)[0], "W4A4", tmp_path / "ckpt")
+    tensors = load_file(checkpoint / "model.safetensors")
+    tensors[name] = change(tensors[name])
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    inputs = _inputs(mask_token_id(load_dllm(TINY_LLADA)[0].config), 2048,
+                     tmp_path / "inputs.safetensors")
+    result = subprocess.run(
+        [sys.executable, str(SERVE_SCRIPT), str(checkpoint), str(inputs),
+         str(tmp_path / "out.safetensors"), json.dumps(SAMPLER_KWARGS["llada"])],
+        capture_output=True, text=True, timeout=900, cwd=str(tmp_path),
+        env={**os.environ, "STARQUANT_TEST_MULTIPROCESSING": "0", "STARQUANT_TEST_TP": "1"})
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (tmp_path / "out.safetensors").exists()

@@ -71,10 +71,10 @@ def test_groups_map_onto_vllm_fused_layers(llada_quantization_config):
 
 def test_k_rotation_reaches_the_attention_layers(llada_quantization_config):
     config = copy.deepcopy(llada_quantization_config)
+    assert StarQuantVllmConfig(config).k_rotation  # the default at W4A4
     config["starquant"]["k_rotation"] = None
+    config["starquant"]["args"]["kv_rotation"] = False
     assert not StarQuantVllmConfig(config).k_rotation
-    config["starquant"]["k_rotation"] = "hadamard"
-    assert StarQuantVllmConfig(config).k_rotation
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -82,7 +82,7 @@ def test_k_rotation_reaches_the_attention_layers(llada_quantization_config):
     (lambda c: c["starquant"].update(k_rotation="givens"), "k_rotation"),
     (lambda c: c["starquant"].update(version=3), "version is 3"),
     (lambda c: c["config_groups"]["group_0"]["input_activations"].update(strategy="tensor"),
-     "per-token"),
+     "per tensor dynamic but args.scheme W4A4"),
 ])
 def test_unknown_runtime_behaviour_is_refused(llada_quantization_config, change, message):
     config = copy.deepcopy(llada_quantization_config)

@@ -36,6 +36,8 @@ from vllm.model_executor.models.interfaces import SupportsQuant
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaModel
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 
+from starquant_plugin.integrations.checkpoint_model import checkpoint_specs
+from starquant_plugin.integrations.checkpoint_tensors import TensorChecker
 from starquant_plugin.integrations.vllm.pooler import (
     DEFAULT_TOP_K,
     TOP_K_ATTRIBUTE,
@@ -186,10 +188,13 @@ class MaskedDiffusionLM(nn.Module, SupportsQuant):
         self.mask_token_id = mask_token_id(config)
         quant_config = vllm_config.quant_config
         kv_bits, k_rotation = 16, False
+        self.checkpoint_specs = None
         if isinstance(quant_config, StarQuantVllmConfig):
             _check_eager(vllm_config)
             quant_config.check_model(self.family.name, self.mask_token_id)
             kv_bits, k_rotation = quant_config.kv_bits, quant_config.k_rotation
+            self.checkpoint_specs = checkpoint_specs(config)
+            self.checkpoint_name = str(vllm_config.model_config.model)
         decoder_config = self.decoder_config(config)
         layer_type = functools.partial(DiffusionDecoderLayer, decoder_config=decoder_config,
                                        kv_bits=kv_bits, k_rotation=k_rotation)
@@ -226,8 +231,16 @@ class MaskedDiffusionLM(nn.Module, SupportsQuant):
         return logits.float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load the hub-named ``weights``; a STaR-Quant checkpoint's tensors are each checked
+        as they stream by (name, shape, dtype, finite values), and any that never came is
+        named, with the transformers loader's specs (``hf_quantizer.checkpoint_specs``)."""
         loader = AutoWeightsLoader(self)
-        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
+        if self.checkpoint_specs is None:
+            return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
+        checker = TensorChecker(self.checkpoint_specs, self.checkpoint_name)
+        loaded = loader.load_weights(checker.stream(weights), mapper=self.hf_to_vllm_mapper)
+        checker.finish()
+        return loaded
 
 
 class LLaDAForMaskedDiffusion(MaskedDiffusionLM):

@@ -44,28 +44,6 @@ def _check_args(args: dict[str, Any]) -> None:
         )
 
 
-def _check_quantizers(weights: Any, activations: Any) -> None:
-    """The vLLM path implements symmetric int weights per output channel and symmetric
-    dynamic per-token int activations (the W4A4/W4A8/W8A8 presets)."""
-    problems = []
-    if weights.type != "int" or not weights.symmetric or weights.strategy != "channel" \
-            or weights.num_bits not in (4, 8):
-        problems.append(f"weights {weights.num_bits}-bit {weights.type} "
-                        f"symmetric={weights.symmetric} strategy={weights.strategy}")
-    if activations.type != "int" or not activations.symmetric \
-            or activations.strategy != "token" or not activations.dynamic \
-            or activations.num_bits not in (4, 8):
-        problems.append(f"activations {activations.num_bits}-bit {activations.type} "
-                        f"symmetric={activations.symmetric} strategy={activations.strategy} "
-                        f"dynamic={activations.dynamic}")
-    if problems:
-        raise ValueError(
-            f"STaR-Quant's vLLM path serves symmetric int4/int8 weights per channel with "
-            f"symmetric dynamic per-token int4/int8 activations; this checkpoint has "
-            f"{'; '.join(problems)}. Re-quantize with a W4A4, W4A8 or W8A8 preset."
-        )
-
-
 class StarQuantVllmConfig(QuantizationConfig):
     """The checkpoint's ``quantization_config`` (compressed-tensors keys + ``starquant``).
 
@@ -81,7 +59,6 @@ class StarQuantVllmConfig(QuantizationConfig):
         self.args = parsed.args
         (scheme,) = ct_config.config_groups.values()
         self.weight_args, self.act_args = scheme.weights, scheme.input_activations
-        _check_quantizers(self.weight_args, self.act_args)
         self.kv_bits: int = parsed.kv_bits
         self.k_rotation: bool = parsed.k_rotation is not None  # validated: "hadamard" or None
         self.mask_token_id: int = parsed.mask_token_id
