@@ -12,13 +12,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from starquant_plugin.cli import demo, evaluate, inspect_model, lm_eval_harness, push, quantize
+from starquant_plugin.cli import (
+    demo,
+    evaluate,
+    inspect_model,
+    lm_eval_harness,
+    push,
+    quantize,
+    verify,
+)
 from starquant_plugin.cli.errors import run_reporting_errors
 
 EPILOG = """commands in a typical session:
   starquant quantize tiny-llada --scheme W4A4 --out tiny-llada-w4a4
   starquant eval tiny-llada-w4a4 --reference tiny-llada
   starquant inspect tiny-llada --quantized tiny-llada-w4a4 --out inspect-llada
+  starquant verify tiny-llada-w4a4
   starquant push tiny-llada-w4a4 me/tiny-llada-w4a4 --dry-run
   starquant lm-eval --model starquant --model_args pretrained=tiny-llada-w4a4 --tasks ...
   starquant demo --out demo-checkpoints
@@ -26,7 +35,7 @@ EPILOG = """commands in a typical session:
 Run `starquant COMMAND --help` for each command's options and an example.
 MODEL arguments take a folder, a Hugging Face Hub id, or tiny-llada / tiny-dream (bundled)."""
 
-COMMANDS = (quantize, evaluate, inspect_model, push, lm_eval_harness, demo)
+COMMANDS = (quantize, evaluate, inspect_model, verify, push, lm_eval_harness, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ bugs and keep their traceback; ``starquant --debug`` shows the traceback for eve
 from __future__ import annotations
 
 import argparse
+import reprlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,12 +66,19 @@ def _raised_by_starquant(error: BaseException) -> bool:
     return path is not None and PACKAGE_DIR in path.parents
 
 
+_QUOTE = reprlib.Repr()
+"""How an error quotes what the user gave: a few dozen characters, not a 500 KB field."""
+_QUOTE.maxstring = _QUOTE.maxother = 60
+_QUOTE.maxlist = _QUOTE.maxdict = 6
+_QUOTE.maxlevel = 3
+
+
 def _validation_line(error: Exception) -> str:
     """pydantic's multi-line ValidationError as one line: each field, what it got, why."""
     parts = []
     for detail in error.errors():
         where = ".".join(str(part) for part in detail.get("loc", ())) or "recipe"
-        got = f" (got {detail['input']!r})" if "input" in detail and detail.get(
+        got = f" (got {_QUOTE.repr(detail['input'])})" if "input" in detail and detail.get(
             "type") != "missing" else ""
         parts.append(f"{where}: {detail.get('msg', 'invalid')}{got}")
     return (f"{error.title} is invalid: {'; '.join(parts)}. Fix these fields (see "

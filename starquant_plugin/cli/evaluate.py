@@ -79,17 +79,31 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _text(args: argparse.Namespace) -> tuple[str, str]:
+    """The text to score: at most what ``--rows`` rows of ``--seq-len`` tokens need (with
+    margin), so a large file is not read and tokenized whole."""
     from starquant_plugin.assets import evaluation_text
+    from starquant_plugin.integrations.calibration_texts import (
+        calibration_char_budget,
+        read_text_file,
+    )
 
     if not args.text:
         return evaluation_text(), "bundled held-out prose (assets.evaluation_text)"
-    path = Path(args.text)
-    if not path.is_file():
-        raise UserError(f"--text {path} does not exist; pass a UTF-8 text file.")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise UserError(f"--text {path} is empty; pass a file with text to score.")
-    return text, f"text file {path}"
+    budget = calibration_char_budget(args.rows, args.seq_len)
+    (text,) = read_text_file(args.text, max_chars=budget, what="--text")
+    return text, f"text file {args.text}"
+
+
+def _check_same_family(model, reference, args: argparse.Namespace) -> None:
+    """Refuse a reference of another family: its greedy generations and scores are not the
+    FP baseline of ``model``, so the table would compare unrelated models."""
+    from starquant_plugin.models.families import family_of
+
+    family, reference_family = family_of(model), family_of(reference)
+    if family.name != reference_family.name:
+        raise UserError(f"--reference {args.reference} is a {reference_family.name} model but "
+                        f"{args.model} is a {family.name} model; pass the FP {family.name} "
+                        "model it was quantized from as --reference.")
 
 
 def score(model, rows, prompts, reference, args: argparse.Namespace) -> dict[str, float]:
@@ -113,11 +127,13 @@ def score(model, rows, prompts, reference, args: argparse.Namespace) -> dict[str
 
 
 def run(args: argparse.Namespace) -> None:
+    from starquant_plugin.integrations.integrity import check_saved_checkpoint
     from starquant_plugin.integrations.saving import write_text_atomic
     from starquant_plugin.models.evaluation import MASK_RATIOS, text_rows
 
     _check(args)
     resolve_model(args.model)  # both names checked before either model is loaded
+    check_saved_checkpoint(args.model)  # the files the save wrote, unchanged (a folder only)
     if args.reference:
         resolve_model(args.reference, what="--reference")
     text, source = _text(args)
@@ -128,6 +144,7 @@ def run(args: argparse.Namespace) -> None:
     if args.reference:
         status(f"loading reference {args.reference} ...")
         reference, ref_tokenizer = load_model(args.reference, dtype, what="--reference")
+        _check_same_family(model, reference, args)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"--reference {args.reference} has a different tokenizer than "
                             f"{args.model}; compare a quantized model with its own FP model.")

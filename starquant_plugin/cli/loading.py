@@ -22,8 +22,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def resolve_model(model: str, what: str = "MODEL") -> str:
     """A local model folder (with config.json), a bundled name, or a Hub id, as a string
-    transformers can load; anything else raises ``UserError`` naming the fix."""
+    transformers can load; anything else raises ``UserError`` naming the fix. A folder that an
+    interrupted overwrite left missing (its previous checkpoint under ``.<name>.old-*``) is
+    explained with how to restore it, not reported as a typo."""
+    from starquant_plugin.integrations.output_dirs import explain_interrupted_replace
+
     path = Path(model).expanduser()
+    explain_interrupted_replace(path)
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{what} {model} is a file; pass the model's folder (the one "
@@ -57,6 +62,9 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, what: str = "MODE
         return load_dllm(source, dtype=dtype)
     except OSError as error:
         reason = " ".join(str(error).split())[:300]
+        if isinstance(error, FileNotFoundError) and Path(source).is_dir():
+            # load_dllm's own check (no tokenizer, ...) already names the fix
+            raise UserError(f"Could not load {what} {model}: {reason}") from error
         if Path(source).is_dir():
             raise UserError(f"Could not load {what} {model}: {reason} (a starquant checkpoint "
                             "needs its tokenizer: save with save_starquant(..., tokenizer=...) "

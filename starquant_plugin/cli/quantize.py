@@ -1,10 +1,11 @@
 """``starquant quantize``: a LLaDA or Dream model in, a STaR-Quant checkpoint out.
 
-Everything that can be checked is checked before the model is loaded: the output directory,
-the recipe (parsed and validated), the calibration source. Then: calibration rows of
-denoising states, llm-compressor's ``oneshot`` with the recipe, and ``save_starquant`` writing
-the checkpoint, its tokenizer, the recipe it ran and ``quantization_report.json`` in one
-atomic step.
+Everything that can be checked is checked before the model is loaded: the output directory
+(and its lock, held to the end, so a second run to it is refused at once), the recipe (parsed
+and validated), the calibration source; free disk space once the model's size is known, before
+calibrating. Then: calibration rows of denoising states, llm-compressor's ``oneshot`` with the
+recipe, and ``save_starquant`` writing the checkpoint, its tokenizer, the recipe it ran,
+``quantization_report.json`` and the sha256 manifest in one atomic step.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def scheme_recipe(scheme: str, method: str, seed: int) -> str:
           transform: identity
           state_gating: false
           tac: false
+          kv_rotation: false
           seed: 0
     """
     fields = {"scheme": scheme, **METHODS[method], "seed": seed}
@@ -115,18 +117,19 @@ def _recipe(args: argparse.Namespace):
         STaRQuantModifier,
         load_starquant_recipe,
     )
+    from starquant_plugin.integrations.llmcompressor.recipe import read_recipe_text
 
     if args.recipe:
         path = Path(args.recipe)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"--recipe {path} does not exist; pass a recipe YAML file (e.g. "
                             "one from recipes/) or use --scheme.")
-        text, source = path.read_text(encoding="utf-8"), str(path)
-        yaml.safe_load(text)  # a YAML error is reported as such, not as a missing file
+        text, source = read_recipe_text(path), str(path)  # size-checked before it is read
+        recipe = load_starquant_recipe(path)  # messages name the file
     else:
         text, source = scheme_recipe(args.scheme, args.method, args.seed), (
             f"--scheme {args.scheme} --method {args.method}")
-    recipe = load_starquant_recipe(text)
+        recipe = load_starquant_recipe(text)
     modifiers = [m for m in recipe.modifiers if isinstance(m, STaRQuantModifier)]
     if args.epochs is not None:
         for modifier in modifiers:
@@ -144,12 +147,12 @@ def _calibration_texts(args: argparse.Namespace) -> tuple[list[str], str]:
         read_text_file,
     )
 
-    if args.calib_text:
-        return read_text_file(args.calib_text), f"text file {args.calib_text}"
+    budget = calibration_char_budget(args.samples, args.seq_len)
+    if args.calib_text:  # read only as far as the rows need
+        return read_text_file(args.calib_text, max_chars=budget), f"text file {args.calib_text}"
     if args.calib or args.calib_dataset:
         source = WINOGRANDE if args.calib else DatasetSource(
             args.calib_dataset, args.calib_config, args.calib_split, args.calib_column)
-        budget = calibration_char_budget(args.samples, args.seq_len)
         return load_dataset_texts(source, budget, args.seed), f"dataset {source.describe()}"
     return [calibration_text()], "bundled held-out prose (assets.calibration_text)"
 
@@ -160,12 +163,29 @@ def _versions() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> None:
+    from starquant_plugin.integrations.output_lock import output_lock
     from starquant_plugin.integrations.saving import check_output_dir
 
     start = time.time()
     _check_arguments(args)
-    out = check_output_dir(args.out, overwrite=args.overwrite)  # before any slow step
     model_source = resolve_model(args.model)
+    # before any slow step: not the model's own folder (nor inside or above it), not the
+    # current one, nothing an overwrite would destroy; then locked, so that a second run to
+    # the same --out is refused now rather than replacing this one's result at its end
+    out = check_output_dir(args.out, overwrite=args.overwrite, reading=model_source)
+    with output_lock(out):
+        _quantize(args, model_source, out, start)
+
+
+def _weight_bits(modifiers: list) -> int:
+    """Bits per weight of the widest scheme in the recipe (W4A4 -> 4)."""
+    return max((int(modifier.scheme[1]) for modifier in modifiers), default=16)
+
+
+def _quantize(args: argparse.Namespace, model_source: str, out: Path, start: float) -> None:
+    from starquant_plugin.integrations.output_dirs import check_free_space
+    from starquant_plugin.integrations.saving import estimate_checkpoint_bytes
+
     route_llmcompressor_logs(args.verbose)
     recipe, modifiers, recipe_text, recipe_source = _recipe(args)
     texts, calib_source = _calibration_texts(args)
@@ -175,6 +195,9 @@ def run(args: argparse.Namespace) -> None:
     tick = time.time()
     model, tokenizer = load_model(model_source, DTYPES[args.dtype])
     timings["load_s"] = time.time() - tick
+    bits = _weight_bits(modifiers)
+    check_free_space(out, estimate_checkpoint_bytes(model, bits),
+                     what=f"the {bits}-bit checkpoint of {args.model}")
 
     from llmcompressor import oneshot
 
@@ -248,4 +271,4 @@ def print_summary(report: dict, out: Path, seconds: float) -> None:
     print(f"timings: {timings} | total {seconds:.1f} s")
     args = report["args"] or {}
     print(f"wrote {out} ({args.get('scheme', '?')} STaR-Quant checkpoint, tokenizer, "
-          f"recipe.yaml, {REPORT_FILE})")
+          f"recipe.yaml, {REPORT_FILE}, starquant_manifest.json)")

@@ -29,6 +29,7 @@ from starquant_plugin.integrations.format import (
     K_ROTATION,
     InputGroup,
     StarQuantBlock,
+    read_quantization_config,
     shard_files,
     validate_config,
 )
@@ -135,10 +136,8 @@ def check_checkpoint(path: str | Path) -> None:
     (``validate_config``), then every tensor of every shard against ``checkpoint_specs``
     (present, expected, shape, dtype, finite)."""
     path = Path(path)
+    read_quantization_config(path)  # config.json an object with a consistent config
     config = AutoConfig.from_pretrained(path)
-    if not getattr(config, "quantization_config", None):
-        raise ValueError(f"{path / 'config.json'} has no quantization_config; this is not a "
-                         "STaR-Quant checkpoint (save it with save_starquant).")
     checker = TensorChecker(checkpoint_specs(config), str(path))
     for file in shard_files(path):
         try:

@@ -22,15 +22,12 @@ for ``int-quantized``), and per input group the STaR tensors of ``STAR_TENSORS``
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from compressed_tensors.quantization import QuantizationConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
@@ -41,12 +38,12 @@ from starquant_plugin.config import QUANT_METHOD, StarQuantArgs
 from starquant_plugin.integrations.checkpoint_tensors import check_finite_tensors
 from starquant_plugin.method.quantizers import scheme_args
 from starquant_plugin.method.runtime import (
-    StarQuantInputTransform,
     StarQuantLinear,
     weight_format,
     weight_scheme,
 )
 from starquant_plugin.models.families import FAMILIES, family_of, mask_token_id
+from starquant_plugin.models.loading import read_json_object
 
 FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (2,)
@@ -148,52 +145,6 @@ def input_groups(model: nn.Module) -> list[InputGroup]:
     return [InputGroup(**group) for group in groups.values()]
 
 
-def star_tensor_names(group: InputGroup) -> list[str]:
-    """The STaR tensors a group stores, under ``<first linear>.input_transform.``."""
-    star = ["sgat_channel_scale", "sgat_left", "sgat_right", "sgat_act_clip"]
-    if group.exclusive_width:
-        star.append("sgat_exclusive")
-    if group.tac_group_size is not None:
-        star += ["tac_matrices", "tac_bias"]
-    return [f"{group.linears[0]}.{TRANSFORM}.{name}" for name in star]
-
-
-def expected_tensors(groups: list[InputGroup], weight_format_name: str) -> set[str]:
-    """Every tensor name a v2 checkpoint must hold for its ``input_groups``."""
-    weight_names = (("weight_packed", "weight_shape") if weight_format_name == "pack-quantized"
-                    else ("weight",))
-    names = set()
-    for group in groups:
-        names |= {f"{m}.{n}" for m in group.linears for n in (*weight_names, "weight_scale")}
-        names |= set(star_tensor_names(group))
-    return names
-
-
-def nonfinite(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the floating-point tensors holding NaN or inf."""
-    return [name for name, tensor in named_tensors
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-
-
-def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
-    """Refuse NaN/inf scales or STaR tensors: a checkpoint holding them computes NaN."""
-    bad = nonfinite(named_tensors)
-    if bad:
-        raise ValueError(
-            f"{where} has {len(bad)} tensor(s) with NaN or inf values, e.g. {bad[:3]}; the model "
-            "would compute NaN. Re-quantize from the FP model on finite calibration data "
-            "(a fit that diverged or non-finite activations produce this)."
-        )
-
-
-def quantized_buffers(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of every buffer of the STaR-Quant modules (scales, STaR tensors)."""
-    for name, module in model.named_modules():
-        if isinstance(module, (StarQuantLinear, StarQuantInputTransform)):
-            for buffer_name, tensor in module.named_buffers(recurse=False):
-                yield f"{name}.{buffer_name}", tensor
-
-
 def quantization_config_dict(model: PreTrainedModel, args: StarQuantArgs) -> dict[str, Any]:
     """The ``quantization_config`` entry of a STaR-Quant model's config.json.
 
@@ -267,9 +218,9 @@ def read_quantization_config(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path} has no config.json; pass the directory save_starquant wrote."
         )
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json_object(config_path, _RESTORE)
     quantization_config = config.get("quantization_config")
-    if not quantization_config:
+    if not isinstance(quantization_config, dict) or not quantization_config:
         raise ValueError(f"{config_path} has no quantization_config; this is not a STaR-Quant "
                          "checkpoint (save it with save_starquant).")
     validate_config(quantization_config)
@@ -338,7 +289,8 @@ def validate_config(quantization_config: dict[str, Any]) -> tuple[StarQuantBlock
     return parsed, ct_config
 
 
-HISTORIC_DEFAULTS = {"kv_rotation": False, "tac_shrinkage": 0.2, "init_scale": "ones"}
+HISTORIC_DEFAULTS = {"kv_rotation": False, "k_smoothing": 0.0, "tac_shrinkage": 0.2,
+                     "init_scale": "ones"}
 """What a checkpoint meant by a ``starquant.args`` field it does not record: it was written
 before the field existed (or before its default changed), with these values."""
 
@@ -419,67 +371,26 @@ def check_consistency(block: StarQuantBlock, ct_config: QuantizationConfig) -> N
         )
 
 
-def checkpoint_keys(files: list[str | os.PathLike]) -> set[str]:
-    """Tensor names in the safetensors ``files``; a truncated or corrupt file raises."""
-    keys: set[str] = set()
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                keys.update(handle.keys())
-        except Exception as error:  # safetensors raises its own SafetensorError
-            raise ValueError(
-                f"Cannot read {file}: {error}. The shard is truncated or corrupt; download "
-                "or copy the checkpoint again (or re-save it with save_starquant)."
-            ) from error
-    return keys
+_RESTORE = "restore it from the original save, or re-save the checkpoint."
 
 
 def shard_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors shards of a checkpoint folder: those its index names, or every
+    ``*.safetensors`` in it."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json_object(index, _RESTORE).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(name, str) for name in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor -> shard names; restore it "
+                             "from the original save, or re-save the checkpoint.")
         return [path / name for name in sorted(set(weight_map.values()))]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors shard; the checkpoint is "
                                 "incomplete. Re-save or re-download it.")
     return files
-
-
-def check_missing(expected: set[str], present: set[str], where: str) -> None:
-    missing = sorted(expected - present)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
-                                          else "")
-        raise ValueError(
-            f"{where} lacks {len(missing)} tensor(s) the STaR-Quant layers need: {shown}. "
-            "The checkpoint is incomplete; re-save it with save_starquant or download it again."
-        )
-
-
-def checkpoint_tensors(files: list[Path], names: set[str]) -> Iterable[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for the tensors called ``names`` in the safetensors ``files``."""
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in names.intersection(handle.keys()):
-                yield key, handle.get_tensor(key)
-
-
-def check_checkpoint(path: str | os.PathLike) -> None:
-    """Check a saved checkpoint on disk: config, readable shards, every weight and STaR
-    tensor of the ``starquant.input_groups``, and finite scales and STaR tensors."""
-    block, ct_config = validate_config(read_quantization_config(path))
-    files = shard_files(path)
-    keys = checkpoint_keys(files)
-    if not any(key.endswith(".weight_scale") for key in keys):
-        raise ValueError(f"{path} holds no quantized weights (no '*.weight_scale'); the "
-                         "checkpoint is incomplete. Re-save it with save_starquant.")
-    expected = expected_tensors(block.input_groups, ct_config.format)
-    check_missing(expected, keys, str(path))
-    float_names = {name for name in expected if name.endswith("weight_scale")
-                   or f".{TRANSFORM}." in name}
-    check_finite(checkpoint_tensors(files, float_names), str(path))
 
 
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2,

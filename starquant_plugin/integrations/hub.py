@@ -1,8 +1,12 @@
 """Publish a STaR-Quant checkpoint on the Hugging Face Hub with a model card.
 
-``push_to_hub`` validates the folder ``save_starquant`` wrote, writes a ``README.md`` model card
-(``huggingface_hub.ModelCard``), and uploads with ``HfApi().create_repo`` + ``upload_folder``;
-``dry_run_dir=`` writes exactly the files that would be uploaded instead.
+``push_to_hub`` validates the folder ``save_starquant`` wrote, plans the upload
+(``plan_upload``: the files the checkpoint format defines, plus files named with ``include``;
+everything else in the folder is listed and left out, so a token or notes file sitting beside
+the checkpoint is never published), writes a ``README.md`` model card
+(``huggingface_hub.ModelCard``) and uploads the planned files in one
+``HfApi().create_commit``, reading them in place. ``dry_run_dir=`` writes copies of exactly
+those files instead (copies, not links: editing them cannot edit the checkpoint).
 """
 
 from __future__ import annotations
@@ -10,13 +14,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 
-from starquant_plugin.integrations.format import check_checkpoint, read_quantization_config
+from starquant_plugin.integrations.checkpoint_model import check_checkpoint
+from starquant_plugin.integrations.format import read_quantization_config, shard_files
+from starquant_plugin.integrations.saving import CHECKPOINT_FILES
+from starquant_plugin.messages import shown
+from starquant_plugin.models.loading import read_json_object
 
 QUALITY_FILE = "quality.json"
 """Optional ``{row: {metric: value}}`` beside the checkpoint, rendered as the quality table."""
@@ -34,25 +43,42 @@ CITATION = """@article{starquant2026,
 def validate_folder(path: str | os.PathLike) -> dict[str, Any]:
     """Check ``path`` holds a complete STaR-Quant checkpoint; return its config.json.
 
-    Needs config.json with a ``starquant`` quantization_config, readable shards holding every
-    STaR tensor, a tokenizer and the recipe.yaml it was quantized with.
+    Needs config.json (a JSON object) with a ``starquant`` quantization_config, readable
+    shards holding every STaR tensor, a tokenizer and the recipe.yaml it was quantized with.
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory; pass the folder save_starquant "
-                                "wrote.")
+        raise FileNotFoundError(f"{shown(path)} is not a directory; pass the folder "
+                                "save_starquant wrote.")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{shown(path)} has no config.json; pass the directory "
+                                "save_starquant wrote.")
+    config = read_json_object(path / "config.json",
+                               "re-save the checkpoint with save_starquant.")
     check_checkpoint(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(
-            f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); users cannot run the "
-            "model without it. Save with save_starquant(..., tokenizer=tokenizer)."
+            f"{shown(path)} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); users cannot "
+            "run the model without it. Save with save_starquant(..., tokenizer=tokenizer)."
         )
     if not (path / "recipe.yaml").is_file():
         raise FileNotFoundError(
-            f"{path} has no recipe.yaml; the card must say how the model was quantized. Save "
-            "with save_starquant(..., recipe=...) or copy the recipe into the folder."
+            f"{shown(path)} has no recipe.yaml; the card must say how the model was "
+            "quantized. Save with save_starquant(..., recipe=...) or copy the recipe into the "
+            "folder."
         )
-    return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    return config
+
+
+def _read_quality(path: Path) -> dict[str, dict[str, Any]] | None:
+    file = path / QUALITY_FILE
+    if not file.is_file():
+        return None
+    fix = "it must be {row: {metric: value}}; fix or delete it."
+    quality = read_json_object(file, fix)
+    if not all(isinstance(row, dict) for row in quality.values()):
+        raise ValueError(f"{shown(file)} has a row that is not an object; {fix}")
+    return quality
 
 
 def _quality_table(quality: dict[str, dict[str, Any]] | None) -> str:
@@ -81,8 +107,8 @@ def build_model_card(path: str | os.PathLike, repo_id: str,
     quantization_config = read_quantization_config(path)
     block = quantization_config["starquant"]
     args = block["args"]
-    if quality is None and (path / QUALITY_FILE).is_file():
-        quality = json.loads((path / QUALITY_FILE).read_text(encoding="utf-8"))
+    if quality is None:
+        quality = _read_quality(path)
     base_model = base_model or config.get("_name_or_path") or None
     card_data = ModelCardData(
         base_model=base_model, library_name="transformers", license="apache-2.0",
@@ -147,16 +173,156 @@ STaR-Quant arguments: `{json.dumps(args, sort_keys=True)}`
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
 
 
-def _stage(path: Path, card: ModelCard, stage_dir: Path) -> None:
-    """Put the checkpoint's files and README.md into ``stage_dir`` (hard links when possible)."""
+# what is uploaded
+
+
+README = "README.md"
+"""The generated model card; a README.md in the folder is left out (the card replaces it)."""
+
+Includes = Sequence[str | os.PathLike]
+"""Extra files to upload: paths inside the checkpoint folder, relative to it."""
+
+
+@dataclass(frozen=True)
+class UploadPlan:
+    """What ``push_to_hub`` uploads from a checkpoint ``folder`` and what it leaves there.
+
+    files: paths relative to ``folder`` (POSIX), uploaded under the same path; the generated
+        README.md card comes on top.
+    left_out: ``(name, why)`` for every other entry of ``folder``, so the user sees it.
+    """
+
+    folder: Path
+    files: tuple[str, ...]
+    left_out: tuple[tuple[str, str], ...]
+
+    def sizes(self) -> dict[str, int]:
+        """``{file: bytes}`` of the planned files."""
+        return {name: (self.folder / name).stat().st_size for name in self.files}
+
+
+def _outside(folder: Path, name: str) -> str | None:
+    """Why ``folder/name`` is not a file inside ``folder`` once links are followed, with the
+    fix; None when it is inside."""
+    file = folder / name
+    real = file.resolve()
+    if real.is_relative_to(folder.resolve()):
+        return None
+    if file.is_symlink():
+        return (f"is a symlink to {shown(os.readlink(file))}, outside the folder, and push "
+                "uploads only files inside it; remove the link, or push a copy of the folder "
+                "with links resolved (cp -rL)")
+    return (f"resolves to {shown(real)}, outside the folder, and push uploads only files "
+            "inside it; a shard index must name shards beside it")
+
+
+def _included_name(folder: Path, name: str | os.PathLike) -> str:
+    """``name`` (relative to ``folder``, or a path inside it) as a path relative to
+    ``folder``; refuses one outside it, a missing file, a folder and the card's name."""
+    lexical = Path(os.path.normpath(folder.absolute() / name))
+    if not lexical.is_relative_to(folder.absolute()) or lexical == folder.absolute():
+        raise ValueError(f"include {shown(name)} is not inside {shown(folder)}; name a file "
+                         "inside the checkpoint folder, relative to it (e.g. notes.md).")
+    relative = lexical.relative_to(folder.absolute()).as_posix()
+    if relative == README:
+        raise ValueError(f"include {README} would replace the generated model card; drop it "
+                         "(edit the card on the Hub after pushing if you need to).")
+    if not lexical.exists() and not lexical.is_symlink():
+        raise FileNotFoundError(f"include {shown(name)}: {shown(lexical)} does not exist; "
+                                "name a file inside the checkpoint folder.")
+    if lexical.is_dir():
+        raise ValueError(f"include {shown(name)} is a directory; name the files in it one "
+                         "by one.")
+    return relative
+
+
+def plan_upload(path: str | os.PathLike, include: Includes = ()) -> UploadPlan:
+    """The upload of the checkpoint at ``path``: the files the format defines (the shards
+    and their index, ``CHECKPOINT_FILES`` that exist) plus ``include`` (files inside
+    ``path``). A planned file that leaves the folder (a symlink to, or a shard index
+    naming, a file outside it) is refused: it could publish anything the user can read.
+    """
+    folder = Path(path)
+    defined = [name for name in CHECKPOINT_FILES
+               if (folder / name).is_file() or (folder / name).is_symlink()]
+    defined += [os.path.relpath(file, folder) for file in shard_files(folder)]
+    planned = dict.fromkeys(Path(name).as_posix() for name in defined)
+    planned.update(dict.fromkeys(_included_name(folder, name) for name in include))
+    for name in planned:
+        why = _outside(folder, name)
+        if why is not None:
+            raise ValueError(f"{shown(folder / name)} {why}.")
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{shown(folder / name)} is not a file; the checkpoint "
+                                    "is incomplete. Re-save it with save_starquant.")
+    top_level = {name.split("/")[0] for name in planned}
+    left_out = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name in top_level:
+            continue
+        if entry.name == README:
+            why = "replaced by the generated model card"
+        elif _outside(folder, entry.name) is not None:
+            why = "a link to a path outside the folder"
+        elif entry.is_dir():
+            why = "a folder, not part of the checkpoint"
+        else:
+            why = "not part of the checkpoint"
+        left_out.append((entry.name + ("/" if entry.is_dir() else ""), why))
+    return UploadPlan(folder, tuple(sorted(planned)), tuple(left_out))
+
+
+def _check_dry_run_dir(dry_run_dir: Path, folder: Path) -> None:
+    if dry_run_dir.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"dry_run_dir {shown(dry_run_dir)} is inside the checkpoint folder "
+                         f"{shown(folder)}, which must not change; pass a directory outside "
+                         "it.")
+    if dry_run_dir.exists() and (not dry_run_dir.is_dir() or any(dry_run_dir.iterdir())):
+        raise FileExistsError(f"dry_run_dir {shown(dry_run_dir)} is not an empty directory; "
+                              "pass an empty or new directory so it shows exactly what would "
+                              "be uploaded.")
+
+
+def prepare_upload(
+    path: str | os.PathLike,
+    repo_id: str,
+    *,
+    quality: dict[str, dict[str, Any]] | None = None,
+    base_model: str | None = None,
+    include: Includes = (),
+) -> tuple[UploadPlan, ModelCard]:
+    """Validate the checkpoint at ``path``, write its card and plan the upload; nothing is
+    written or sent. ``quality``: ``{row: {metric: value}}``; default ``path/quality.json``."""
+    card = build_model_card(path, repo_id, quality=quality, base_model=base_model)
+    return plan_upload(path, include), card
+
+
+def stage_upload(plan: UploadPlan, card: ModelCard, stage_dir: str | os.PathLike) -> Path:
+    """Copy the planned files and write README.md into ``stage_dir`` (empty or new, outside
+    the checkpoint): copies, never links, so editing them cannot edit the checkpoint."""
+    stage_dir = Path(stage_dir)
+    _check_dry_run_dir(stage_dir, plan.folder)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    for file in sorted(path.iterdir()):
-        if file.is_file() and not file.name.startswith(".") and file.name != "README.md":
-            try:
-                os.link(file, stage_dir / file.name)
-            except OSError:
-                shutil.copy2(file, stage_dir / file.name)
-    card.save(stage_dir / "README.md")
+    for name in plan.files:
+        (stage_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plan.folder / name, stage_dir / name)
+    card.save(stage_dir / README)
+    return stage_dir
+
+
+def upload(plan: UploadPlan, card: ModelCard, repo_id: str, *, private: bool = False,
+           token: str | None = None) -> str:
+    """Create ``repo_id`` if needed and upload the planned files (read in place) and the card
+    in one commit; returns the commit URL."""
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(plan.folder / name))
+                  for name in plan.files]
+    operations.append(CommitOperationAdd(path_in_repo=README,
+                                         path_or_fileobj=str(card).encode("utf-8")))
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+    commit = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model",
+                               token=token, commit_message="Upload STaR-Quant checkpoint")
+    return str(getattr(commit, "commit_url", commit))
 
 
 def push_to_hub(
@@ -168,27 +334,18 @@ def push_to_hub(
     token: str | None = None,
     quality: dict[str, dict[str, Any]] | None = None,
     base_model: str | None = None,
+    include: Includes = (),
 ) -> str:
     """Upload the checkpoint at ``path`` to ``repo_id`` with a generated model card.
 
-    ``quality``: ``{row: {metric: value}}``; default ``path/quality.json`` if present.
-    With ``dry_run_dir`` nothing is uploaded: the exact upload (checkpoint files + README.md)
-    is written there (it must be empty or new) and its path returned. Otherwise returns the
-    URL of the upload commit.
+    Uploads ``plan_upload(path, include)`` plus README.md in one commit. ``quality``:
+    ``{row: {metric: value}}``; default ``path/quality.json`` if present. With
+    ``dry_run_dir`` nothing is uploaded: copies of exactly the upload are written there (it
+    must be empty or new, outside ``path``) and its path returned. Otherwise returns the URL
+    of the upload commit.
     """
-    path = Path(path)
-    card = build_model_card(path, repo_id, quality=quality, base_model=base_model)
+    plan, card = prepare_upload(path, repo_id, quality=quality, base_model=base_model,
+                                include=include)
     if dry_run_dir is not None:
-        dry_run_dir = Path(dry_run_dir)
-        if dry_run_dir.exists() and any(dry_run_dir.iterdir()):
-            raise FileExistsError(f"dry_run_dir {dry_run_dir} is not empty; pass an empty or "
-                                  "new directory so it shows exactly what would be uploaded.")
-        _stage(path, card, dry_run_dir)
-        return str(dry_run_dir)
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
-    with tempfile.TemporaryDirectory(prefix="starquant-upload-", dir=path.parent) as stage:
-        _stage(path, card, Path(stage))
-        commit = api.upload_folder(repo_id=repo_id, folder_path=stage, repo_type="model",
-                                   token=token, commit_message="Upload STaR-Quant checkpoint")
-    return str(getattr(commit, "commit_url", commit))
+        return str(stage_upload(plan, card, dry_run_dir))
+    return upload(plan, card, repo_id, private=private, token=token)

@@ -7,8 +7,9 @@ Every way a user saves a STaR-Quant model goes through ``save_starquant``: the q
 ``save_pretrained`` wrapper re-writes config.json from the original model folder
 (``config._name_or_path``) after saving, dropping ``quantization_config``, and such a folder
 reloads with random linears. ``save_starquant`` writes into a temporary sibling directory,
-checks the result (config, every tensor, finite values) and renames it into place, so a failure
-leaves the target as it was.
+checks the result (config, every tensor, finite values), records every file's sha256 in the
+manifest (``integrity``) and renames it into place, so a failure leaves the target as it was.
+Where and how it writes (checks, lock, free space, the replace) is ``output_dirs``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import os
 import shutil
 import types
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +27,39 @@ import yaml
 from transformers import PreTrainedModel
 
 from starquant_plugin.config import StarQuantArgs
+from starquant_plugin.integrations.checkpoint_model import check_checkpoint
 from starquant_plugin.integrations.format import (
     args_of,
-    check_checkpoint,
+    module_tensor_bytes,
     quantization_config_dict,
 )
+from starquant_plugin.integrations.integrity import (
+    CHECKPOINT_FILES,
+    MANIFEST_FILE,
+    verify_checkpoint,
+    write_manifest,
+)
+from starquant_plugin.integrations.output_dirs import (
+    check_free_space,
+    check_output_dir,
+    clean_interrupted_saves,
+    real_output_dir,
+    replace_backups,
+    replace_dir,
+    temporary_sibling,
+    write_text_atomic,
+)
+from starquant_plugin.integrations.output_lock import output_lock
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILES = (
-    "config.json", "generation_config.json", "model.safetensors.index.json", "recipe.yaml",
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-    "chat_template.json", "quantization_report.json", "quality.json",
-)
-"""Files a checkpoint folder holds (besides ``*.safetensors``): the model's, the tokenizer's,
-the recipe, and what ``starquant quantize``/``demo`` put beside them (the run's report, the
-quality numbers the Hub card shows). ``overwrite=True`` replaces a folder only when it holds
-nothing else."""
-
-_TMP, _OLD = "tmp", "old"
-"""Sibling directories of an atomic save: ``.<name>.tmp-<pid>-<id>`` (being written) and
-``.<name>.old-<pid>-<id>`` (the previous checkpoint, while it is being replaced)."""
+__all__ = [
+    "CHECKPOINT_FILES", "bind_save_pretrained", "check_output_dir", "check_usable",
+    "clean_interrupted_saves", "estimate_checkpoint_bytes", "mark_unusable", "recipe_yaml",
+    "restore_interrupted_save", "save_pretrained", "save_starquant", "verify_checkpoint",
+    "write_text_atomic",
+]
+"""With what ``output_dirs`` and ``integrity`` define that users need: they import from here."""
 
 _UNUSABLE = "_starquant_unusable"
 _RECIPE = "_starquant_recipe"
@@ -77,106 +88,6 @@ def check_usable(model: torch.nn.Module) -> None:
             f"This model is half-quantized and unusable: {reason}. Reload the FP model and "
             "quantize again after fixing the cause; nothing was saved."
         )
-
-
-# output directories
-
-
-def _is_checkpoint_file(path: Path) -> bool:
-    return path.is_file() and (path.name in CHECKPOINT_FILES or path.suffix == ".safetensors")
-
-
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an ``out_dir`` that ``save_starquant`` would refuse, e.g. before a long
-    calibration: a file, a directory that holds files (unless ``overwrite``), or, with
-    ``overwrite``, a directory that also holds files that are not part of a checkpoint (they
-    would be deleted with it)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(
-            f"{out_dir} is a file, not a directory; nothing was written. Pass a directory path "
-            "to save into."
-        )
-    entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
-    if entries and not overwrite:
-        what = "a model" if any(_is_checkpoint_file(e) for e in entries) else "files"
-        raise FileExistsError(
-            f"{out_dir} already holds {what}; nothing was written. Pass overwrite=True to "
-            "replace it, or choose an empty or new directory."
-        )
-    foreign = [entry.name for entry in entries if not _is_checkpoint_file(entry)]
-    if foreign:
-        raise FileExistsError(
-            f"{out_dir} holds {foreign[:5]}, which are not part of a checkpoint; overwrite=True "
-            "replaces the whole folder and would delete them, so nothing was written. Move "
-            "them out, or save into another directory."
-        )
-    return out_dir
-
-
-def _sibling(out_dir: Path, kind: str) -> Path:
-    return out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def clean_interrupted_saves(out_dir: Path) -> None:
-    """Delete ``.<name>.tmp-*`` folders left by an interrupted save of ``out_dir`` (whose
-    process is gone); report, and keep, ``.<name>.old-*`` folders, which hold the previous
-    checkpoint of an interrupted overwrite."""
-    if not out_dir.parent.is_dir():
-        return
-    for path in sorted(out_dir.parent.glob(f".{out_dir.name}.*-*")):
-        kind, _, rest = path.name[len(out_dir.name) + 2:].partition("-")
-        pid = rest.split("-")[0]
-        if kind == _TMP and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            logger.warning("Removed %s, left by an interrupted save of %s.", path, out_dir)
-        elif kind == _TMP:
-            logger.warning("%s may be a save of %s in progress, or left by an interrupted one; "
-                           "delete it if no save is running.", path, out_dir)
-        elif kind == _OLD:
-            logger.warning("%s holds the previous checkpoint of an interrupted overwrite of "
-                           "%s; move it back or delete it.", path, out_dir)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling file and a rename, so a reader
-    (or a crash) never sees half a file. Overwrites ``path``; callers ask the user first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(path, _TMP)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and only
-    deleted once ``new`` is in place (restored if the rename fails)."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    backup = _sibling(target, _OLD)
-    os.replace(target, backup)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 # recipes
@@ -215,6 +126,63 @@ def recipe_yaml(recipe: str | os.PathLike | Any) -> str:
 # saving
 
 
+SAVE_MARGIN_BYTES = 64 * 2**20
+"""Free space asked for beyond the tensors: config, tokenizer (LLaDA's is ~10 MB), recipe,
+report, manifest and the filesystem's slack."""
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module, weight_bits: int) -> int:
+    """About how many bytes the checkpoint of ``model`` quantized to ``weight_bits`` takes,
+    from the FP model, before calibration (so a full disk is found before the run): every
+    ``nn.Linear`` but the LM head as ``weight_bits`` codes plus a per-channel scale and the
+    STaR tensors of its input (``[in, <=32]`` floats), everything else as it is now, plus
+    ``SAVE_MARGIN_BYTES``. Errs high: by a few percent at 7B sizes (by a third for the bundled
+tiny models), never by the FP size."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    quantized, total = set(), SAVE_MARGIN_BYTES
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            weight = module.weight
+            total += weight.numel() * weight_bits // 8 + module.out_features * 4
+            total += module.in_features * 32 * 4
+            quantized.add(id(weight))
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in quantized:
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _loaded_from(model: PreTrainedModel) -> Path | None:
+    """The local folder ``model`` was loaded from (``from_pretrained`` records it), if any."""
+    source = getattr(model, "name_or_path", None) or getattr(
+        getattr(model, "config", None), "_name_or_path", None)
+    return Path(source) if source and Path(source).is_dir() else None
+
+
+def _write_checkpoint(model: PreTrainedModel, folder: Path, quantization_config: dict,
+                      tokenizer: Any, recipe_text: str | None, extra_files: dict[str, str],
+                      max_shard_size: str | int) -> None:
+    """Write every file of the checkpoint into the new ``folder``, check it, add the
+    manifest."""
+    # the class's own save_pretrained: an instance one (ours, or llm-compressor's wrapper)
+    # would recurse or rewrite quantization_config
+    type(model).save_pretrained(model, folder, max_shard_size=max_shard_size)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["quantization_config"] = quantization_config
+    config.pop("auto_map", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                           encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if recipe_text is not None:
+        (folder / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+    for name, text in extra_files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    check_checkpoint(folder)
+    write_manifest(folder)
+
+
 def save_starquant(
     model: PreTrainedModel,
     out_dir: str | os.PathLike,
@@ -229,18 +197,24 @@ def save_starquant(
     """Write a STaR-Quant checkpoint of ``model`` to ``out_dir`` atomically.
 
     Everything is checked before anything is written (the model is fully quantized with
-    finite tensors, ``args``, the recipe, the output directory), then written into a
-    temporary sibling directory, checked on disk (config, every quantized linear's tensors,
-    finite values), and renamed into place, so a failure leaves ``out_dir`` as it was.
-    ``args`` defaults to the ones recorded on ``model.config``. An ``out_dir`` that is not
-    empty is refused unless ``overwrite=True``, which replaces a checkpoint folder (one that
-    holds other files is refused). The config's ``auto_map`` is dropped: the hub's remote code
-    cannot load this checkpoint, only ``import starquant_plugin`` can. ``extra_files``:
-    ``{name: text}`` written beside the checkpoint in the same atomic step (names from
-    ``CHECKPOINT_FILES`` that the save itself does not write, e.g. the run's report).
+    finite tensors, ``args``, the recipe, the output directory, free space), then written into
+    a temporary sibling directory, checked on disk (config, every quantized linear's tensors,
+    finite values), given a sha256 manifest (``starquant_manifest.json``) and renamed into
+    place, so a failure leaves ``out_dir`` as it was. ``args`` defaults to the ones recorded on
+    ``model.config``. An ``out_dir`` that is not empty is refused unless ``overwrite=True``,
+    which replaces a checkpoint folder (one that holds other files is refused). The folder the
+    model was loaded from (or one inside or above it) is always refused: replacing it would
+    delete files the new checkpoint does not rewrite (its tokenizer, recipe, report), and a
+    failed save would leave no copy; save to a new folder and move it. A symlinked ``out_dir``
+    is written through. The folder is locked for the whole save, so a concurrent save to it is
+    refused. The config's ``auto_map`` is dropped: the hub's remote code cannot load this
+    checkpoint, only ``import starquant_plugin`` can. ``extra_files``: ``{name: text}``
+    written beside the checkpoint in the same atomic step (names from ``CHECKPOINT_FILES``
+    that the save itself does not write, e.g. the run's report).
     """
     check_usable(model)
-    out_dir = check_output_dir(out_dir, overwrite)
+    source = _loaded_from(model)
+    check_output_dir(out_dir, overwrite, reading=source)
     args = args or args_of(model)
     if args is None:
         raise ValueError(
@@ -250,7 +224,7 @@ def save_starquant(
     recipe_text = None if recipe is None else recipe_yaml(recipe)
     extra_files = dict(extra_files or {})
     written_by_save = {"config.json", "generation_config.json", "model.safetensors.index.json",
-                       "recipe.yaml"}
+                       "recipe.yaml", MANIFEST_FILE}
     bad = [name for name in extra_files
            if name not in CHECKPOINT_FILES or name in written_by_save or "/" in name]
     if bad:
@@ -259,36 +233,24 @@ def save_starquant(
             f"pass names from {sorted(set(CHECKPOINT_FILES) - written_by_save)}."
         )
     quantization_config = quantization_config_dict(model, args)
-    clean_interrupted_saves(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = _sibling(out_dir, _TMP)
-    previous = getattr(model.config, "quantization_config", None)
-    try:
-        model.config.quantization_config = quantization_config
-        # the class's own save_pretrained: an instance one (ours, or llm-compressor's wrapper)
-        # would recurse or rewrite quantization_config
-        type(model).save_pretrained(model, tmp_dir, max_shard_size=max_shard_size)
-        config_path = tmp_dir / "config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["quantization_config"] = quantization_config
-        config.pop("auto_map", None)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
-                               encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp_dir)
-        if recipe_text is not None:
-            (tmp_dir / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
-        for name, text in extra_files.items():
-            (tmp_dir / name).write_text(text, encoding="utf-8")
-        check_checkpoint(tmp_dir)
-        _replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    finally:
-        model.config.quantization_config = (quantization_config if previous is None
-                                            else previous)
-    return out_dir
+    with output_lock(out_dir) as target:
+        check_output_dir(out_dir, overwrite, reading=source)  # again, now that it is ours
+        clean_interrupted_saves(target)
+        check_free_space(out_dir, sum(module_tensor_bytes(model).values()) + SAVE_MARGIN_BYTES)
+        tmp_dir = temporary_sibling(target)
+        previous = getattr(model.config, "quantization_config", None)
+        try:
+            model.config.quantization_config = quantization_config
+            _write_checkpoint(model, tmp_dir, quantization_config, tokenizer, recipe_text,
+                              extra_files, max_shard_size)
+            replace_dir(tmp_dir, target, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        finally:
+            model.config.quantization_config = (quantization_config if previous is None
+                                                else previous)
+    return Path(out_dir)
 
 
 def save_pretrained(
@@ -341,3 +303,28 @@ def bind_save_pretrained(model: PreTrainedModel, recipe: str | None = None) -> N
     if recipe is not None:
         setattr(model, _RECIPE, recipe)
     model.save_pretrained = types.MethodType(save_pretrained, model)
+
+
+def restore_interrupted_save(path: str | os.PathLike) -> Path:
+    """Put back the checkpoint an overwrite of ``path`` that was killed between its two
+    renames left under ``.<name>.old-*`` (the error of the next command that touches ``path``
+    names this function). ``path`` must be missing: an existing one is the newer checkpoint,
+    which the caller moves away first. Returns ``path``."""
+    real = real_output_dir(path)
+    with output_lock(real):
+        olds = replace_backups(real)
+        if not olds:
+            raise FileNotFoundError(f"Nothing to restore: no .{real.name}.old-* folder beside "
+                                    f"{real}.")
+        if len(olds) > 1:
+            raise FileExistsError(f"Several previous checkpoints of {path}: "
+                                  f"{', '.join(map(str, olds))}; move the one you want to "
+                                  f"{real} with mv.")
+        if real.exists():
+            raise FileExistsError(
+                f"{path} exists (the checkpoint the interrupted save had put in place); move it "
+                f"away first (`mv {real} {real}.new`) to restore {olds[0]}, or delete that "
+                "folder to keep the current one.")
+        os.rename(olds[0], real)
+    logger.warning("Restored %s from %s.", path, olds[0])
+    return Path(path)

@@ -2,9 +2,11 @@
 FP model on identical masks, and one clear line for bad input."""
 
 import json
+import shutil
 
 import pytest
 
+from starquant_plugin.assets import TINY_LLADA
 from tests.cli.run_cli import assert_user_error, starquant
 
 SMALL = ("--rows", 8, "--seq-len", 64, "--elbo-rows", 2, "--mc-num", 4, "--prompts", 2)
@@ -33,10 +35,22 @@ def test_eval_prints_a_table_and_writes_json(rtn_checkpoint, tmp_path):
     (["eval", "tiny-llada", "--text", "empty.txt"], "--text empty.txt is empty"),
     (["eval", "tiny-llada", "--json", "taken.json"], "taken.json already exists"),
     (["eval", "tiny-llada", "--prompt-len", 200], "--prompt-len 200 must be between"),
+    (["eval", "tiny-llada", "--text", "corpus"], "--text corpus is a directory, not a text"),
+    (["eval", "no-tokenizer"], "no-tokenizer has no tokenizer"),
+    (["eval", "list-config"], "list-config/config.json holds a JSON list, not an object"),
+    (["eval", "tiny-llada", "--reference", "tiny-dream"],
+     "--reference tiny-dream is a dream model but tiny-llada is a llada model; pass the FP "
+     "llada model"),
 ])
 def test_bad_input_is_one_line_naming_the_fix(argv, phrase, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "taken.json").write_text("{}")
+    (tmp_path / "corpus").mkdir()
+    for name in ("no-tokenizer", "list-config"):
+        shutil.copytree(TINY_LLADA, tmp_path / name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "no-tokenizer" / name).unlink()
+    (tmp_path / "list-config" / "config.json").write_text("[1, 2]")
     assert_user_error(starquant(*argv, *SMALL, cwd=tmp_path), phrase)
     assert (tmp_path / "taken.json").read_text() == "{}"
 

@@ -2,14 +2,20 @@
 clear line (exit 1, no traceback) for each bad input, before anything slow runs."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from safetensors import safe_open
 
-from starquant_plugin.assets import calibration_text
+from starquant_plugin.assets import TINY_LLADA, calibration_text
+from starquant_plugin.integrations.integrity import verify_checkpoint
 from starquant_plugin.integrations.llmcompressor import STaRQuantModifier, load_starquant_recipe
-from tests.cli.run_cli import assert_user_error, starquant
+from tests.cli.run_cli import OFFLINE, assert_user_error, starquant, starquant_command
 from tests.conftest import CALIBRATION
 
 
@@ -101,3 +107,131 @@ def test_occupied_output_is_refused_before_calibrating(tmp_path):
     assert_user_error(result, "out already holds files", "overwrite")
     assert "loading" not in result.stderr  # refused before the model was even loaded
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+# outputs that would destroy data, or cannot be written: refused before the model is loaded
+
+
+def tiny_llada_copy(root: Path) -> Path:
+    """A user's own FP model folder (a copy of the bundled tiny LLaDA)."""
+    return Path(shutil.copytree(TINY_LLADA, root / "models" / "tiny-llada"))
+
+
+@pytest.mark.parametrize(("out", "phrase"), [
+    ("models/tiny-llada", "models/tiny-llada is the folder the model is read from "
+                          "(models/tiny-llada)"),
+    ("models/tiny-llada/w4a4", "w4a4 is inside the folder the model is read from"),
+    ("models", "models contains the folder the model is read from (models/tiny-llada)"),
+])
+def test_output_at_inside_or_above_the_model_folder_is_refused(tmp_path, out, phrase):
+    """Old code: `quantize M --overwrite --out M` passed the checks (M holds only checkpoint
+    files), quantized, and replaced the FP model M by the checkpoint."""
+    model = tiny_llada_copy(tmp_path)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    result = starquant("quantize", "models/tiny-llada", "--scheme", "W4A4", *CALIBRATION,
+                       "--overwrite", "--out", out, cwd=tmp_path)
+    assert_user_error(result, phrase, "nothing was written", "e.g.")
+    assert "loading" not in result.stderr
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["models", "tiny-llada",
+                                                                  *before])
+
+
+@pytest.mark.parametrize(("out", "phrase"), [
+    (".", ". is the current directory"),
+    ("..", ".. is a parent of the current directory"),
+    ("/", "/ is the filesystem root"),
+    ("notes.txt/ckpt", "notes.txt is a file, so notes.txt/ckpt cannot be created"),
+])
+def test_degenerate_output_is_one_line(tmp_path, out, phrase):
+    """Old code: `--out .` in an empty folder calibrated, then failed with a traceback from
+    the final rename; the others said the folder 'already holds files'."""
+    work = tmp_path / "work"
+    work.mkdir()
+    if out.startswith("notes.txt"):
+        (work / "notes.txt").write_text("mine")
+    result = starquant("quantize", "tiny-llada", "--scheme", "W4A4", *CALIBRATION,
+                       "--out", out, cwd=work)
+    assert_user_error(result, phrase)
+    assert "loading" not in result.stderr
+
+
+HOLD_LOCK = """
+import sys, time
+from starquant_plugin.integrations.output_lock import output_lock
+with output_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_to_the_same_output_is_refused_at_start(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "out")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = starquant("quantize", "tiny-llada", "--scheme", "W4A4", *CALIBRATION,
+                           "--out", "out", cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_user_error(result, f"out is being written by another save (pid {holder.pid}",
+                      "Wait for it to finish, or choose another output directory")
+    assert "loading" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_runs_racing_to_one_new_output_do_not_both_succeed(tmp_path):
+    """Old code: both checked an absent --out at start, both saved, both reported success;
+    the first checkpoint was silently replaced by the second."""
+    command = [*starquant_command(), "quantize", "tiny-llada", "--scheme", "W4A4", "--method",
+               "rtn", *map(str, CALIBRATION), "--out", "out"]
+    env = {**os.environ, **OFFLINE}
+    runs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    (refusal,) = [stderr for code, stderr in results if code == 1]
+    assert ("being written by another save" in refusal
+            or "already holds a model" in refusal), refusal
+    assert verify_checkpoint(tmp_path / "out").ok
+
+
+FULL_DISK = """
+import sys
+from starquant_plugin.integrations import output_dirs
+output_dirs.free_bytes = lambda path: 3 * 2**20  # a disk with 3 MiB left
+from starquant_plugin.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_full_disk_is_found_before_calibrating(tmp_path):
+    """Old code: found only when the save failed, after the whole calibration."""
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, "quantize", "tiny-llada",
+                             "--scheme", "W4A4", *map(str, CALIBRATION), "--out", "out"],
+                            cwd=tmp_path, env={**os.environ, **OFFLINE}, capture_output=True,
+                            text=True, timeout=600)
+    line = assert_user_error(result, f"Not enough free space in {tmp_path} for the 4-bit "
+                             "checkpoint of tiny-llada: it needs about",
+                             "3,145,728 bytes (0.00 GiB) are available")
+    assert "loading tiny-llada" in result.stderr and "building" not in result.stderr, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_left_missing_by_an_interrupted_overwrite_is_explained(tmp_path,
+                                                                        rtn_checkpoint):
+    """A kill between the two renames of an overwrite leaves --out missing and its previous
+    checkpoint under .out.old-<pid>-<id>. Old code: a new run wrote --out afresh and the
+    previous checkpoint stayed hidden."""
+    finished = subprocess.Popen(["true"])  # a pid that has exited: the killed save's
+    finished.wait()
+    old = tmp_path / f".out.old-{finished.pid}-0a1b2c3d"
+    shutil.copytree(rtn_checkpoint, old)
+    result = starquant("quantize", "tiny-llada", "--scheme", "W4A4", *CALIBRATION,
+                       "--overwrite", "--out", "out", cwd=tmp_path)
+    assert_user_error(result, "out is missing: a save that was replacing it was interrupted",
+                      f"restore it with `mv {old} {tmp_path / 'out'}`",
+                      "restore_interrupted_save('out')")
+    assert "loading" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]

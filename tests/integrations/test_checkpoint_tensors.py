@@ -193,3 +193,16 @@ def test_the_streaming_checker_names_what_never_came():
     with pytest.raises(CheckpointTensorError, match="a holds NaN"):
         list(TensorChecker({"a": TensorSpec((1,), None)}, "s").stream(
             [("a", torch.tensor([float("nan")]))]))
+
+
+@pytest.mark.parametrize(("file", "text", "message"), [
+    ("config.json", "[1, 2]", "holds a JSON list, not an object"),
+    ("config.json", "{not json", "is not valid JSON"),
+    ("model.safetensors.index.json", '{"metadata": {}}', "has no weight_map"),
+])
+def test_a_malformed_json_file_is_one_sentence(saved, tmp_path, file, text, message):
+    path = tmp_path / "edited"
+    shutil.copytree(saved, path)
+    (path / file).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        check_checkpoint(path)

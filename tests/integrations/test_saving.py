@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from starquant_plugin.assets import TINY_MODELS
 from starquant_plugin.config import StarQuantArgs
-from starquant_plugin.integrations.format import check_checkpoint
+from starquant_plugin.integrations.checkpoint_model import check_checkpoint
 from starquant_plugin.integrations.llmcompressor import load_starquant_recipe
 from starquant_plugin.integrations.saving import (
     mark_unusable,
@@ -131,11 +131,12 @@ def test_save_pretrained_refuses_arguments_it_cannot_honour(quantized, tmp_path)
 
 def test_a_deep_copy_saves_itself(quantized, tmp_path):
     twin = copy.deepcopy(quantized)
-    twin.model.transformer.blocks[0].q_proj.bias = torch.ones(64)
+    with torch.no_grad():
+        twin.model.transformer.ln_f.weight.mul_(2)
     twin.save_pretrained(tmp_path / "twin")
-    assert "model.transformer.blocks.0.q_proj.bias" in load_file(tmp_path / "twin" /
-                                                                "model.safetensors")
-    assert quantized.model.transformer.blocks[0].q_proj.bias is None
+    saved = load_file(tmp_path / "twin" / "model.safetensors")["model.transformer.ln_f.weight"]
+    assert torch.equal(saved, twin.model.transformer.ln_f.weight)
+    assert not torch.equal(saved, quantized.model.transformer.ln_f.weight)
 
 
 # bad output directories and recipes: refused before anything is written
@@ -191,18 +192,36 @@ def test_write_text_atomic_leaves_no_temporary_file(tmp_path):
 
 
 def test_leftovers_of_interrupted_saves_are_cleaned_or_reported(quantized, tmp_path, caplog):
+    """Temporary folders of dead saves are deleted; a previous checkpoint (``.old``) never is
+    (tests/integrations/test_output_dirs.py: it is explained, and refused over)."""
     finished = subprocess.Popen(["true"])  # a pid that has exited
     finished.wait()
     stale = tmp_path / f".ckpt.tmp-{finished.pid}-0000"
+    deleting = tmp_path / f".ckpt.del-{finished.pid}-3333"
     running = tmp_path / f".ckpt.tmp-{os.getpid()}-1111"
-    backup = tmp_path / ".ckpt.old-1-2222"
-    for folder in (stale, running, backup):
+    quantized.save_pretrained(tmp_path / "ckpt")
+    backup = tmp_path / f".ckpt.old-{finished.pid}-2222"
+    for folder in (stale, deleting, running, backup):
         folder.mkdir()
     with caplog.at_level(logging.WARNING):
-        quantized.save_pretrained(tmp_path / "ckpt")
-    assert not stale.exists() and running.exists() and backup.exists()
+        quantized.save_pretrained(tmp_path / "ckpt", overwrite=True)
+    assert not stale.exists() and not deleting.exists()
+    assert running.exists() and backup.exists()
     assert "Removed" in caplog.text and "in progress" in caplog.text
     assert "previous checkpoint" in caplog.text
+
+
+def test_the_size_estimate_before_calibration_covers_the_checkpoint(rtn_checkpoint):
+    """``starquant quantize`` checks free space with it before calibrating; it must not be
+    below what the save writes, nor near the FP size."""
+    from starquant_plugin.integrations.saving import SAVE_MARGIN_BYTES, estimate_checkpoint_bytes
+    from starquant_plugin.models.loading import load_dllm
+
+    fp_model, _ = load_dllm(TINY_MODELS["llada"], dtype=torch.bfloat16)  # as quantize loads it
+    written = sum(path.stat().st_size for path in rtn_checkpoint.iterdir())
+    tensors = estimate_checkpoint_bytes(fp_model, weight_bits=4) - SAVE_MARGIN_BYTES
+    fp_bytes = sum(p.numel() * p.element_size() for p in fp_model.parameters())
+    assert written <= tensors < fp_bytes
 
 
 # nothing non-finite or half-done is saved or loaded
@@ -215,7 +234,7 @@ def test_non_finite_tensors_are_refused_at_save_and_at_load(quantized, tmp_path)
     name = "model.transformer.blocks.1.ff_proj.input_transform.sgat_channel_scale"
     tensors[name][3] = float("nan")
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="NaN or inf.*ff_proj.input_transform"):
+    with pytest.raises(ValueError, match="ff_proj.input_transform.sgat_channel_scale holds NaN"):
         check_checkpoint(path)
     with pytest.raises(ValueError, match="NaN or inf.*ff_proj.input_transform"):
         AutoModelForCausalLM.from_pretrained(path)
