@@ -15,9 +15,9 @@ benchmark, not a test.
 Variants: ``clean`` is the model as shipped; ``stress`` adds 8B-style outlier channels by an
 exactly function-preserving rescaling (``starquant_plugin.models.outliers``); ``outliers-N``
 is variant ``N`` of the seeded stress family (``starquant_plugin.models.outlier_family``), and
-``tuning`` / ``held-out`` stand for all of its tuning / held-out variants. Channels are chosen
-once per model from 32 calibration states of seed 0, so every seed and method sees the same
-model.
+``tuning`` / ``held-out`` / ``confirmation`` stand for all variants of that set. Channels are
+chosen once per model from 32 calibration states of seed 0, so every seed and method sees the
+same model.
 Evaluation text is the bundled held-out split, tokenized with the model's own tokenizer;
 calibration uses a disjoint slice of it (``assets.calibration_text``). The seed changes the
 calibration rows, the evaluation masks and the fit's initialisation.
@@ -45,6 +45,7 @@ from starquant_plugin.models.evaluation import (
 )
 from starquant_plugin.models.loading import load_dllm
 from starquant_plugin.models.outlier_family import (
+    CONFIRMATION_SEEDS,
     HELD_OUT_SEEDS,
     TUNING_SEEDS,
     add_family_outliers_,
@@ -53,7 +54,8 @@ from starquant_plugin.models.outliers import add_stress_outliers_, outlier_ratio
 from starquant_plugin.pipeline import quantize_dllm
 
 SCHEMES = ("W4A4", "W4A8", "W8A8")
-FAMILY_SETS = {"tuning": TUNING_SEEDS, "held-out": HELD_OUT_SEEDS}
+FAMILY_SETS = {"tuning": TUNING_SEEDS, "held-out": HELD_OUT_SEEDS,
+               "confirmation": CONFIRMATION_SEEDS}
 STRESS_ROWS, STRESS_SEED = 32, 0
 
 
@@ -106,7 +108,8 @@ def variant_names(name: str) -> list[str]:
                                        and name.removeprefix("outliers-").isdigit()):
         return [name]
     raise argparse.ArgumentTypeError(
-        f"unknown variant {name!r}: use clean, stress, outliers-N, tuning or held-out")
+        f"unknown variant {name!r}: use clean, stress, outliers-N, tuning, held-out or "
+        "confirmation")
 
 
 def row_key(row: dict) -> tuple:
@@ -119,8 +122,8 @@ def main() -> None:
     parser.add_argument("--model", action="append", type=Path,
                         help="hub-layout LLaDA or Dream directory (repeatable)")
     parser.add_argument("--variant", action="append", type=variant_names,
-                        help="clean (as shipped), stress, outliers-N, tuning or held-out "
-                             "(repeatable; default clean)")
+                        help="clean (as shipped), stress, outliers-N, tuning, held-out or "
+                             "confirmation (repeatable; default clean)")
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--methods", nargs="+", default=["fp", *METHODS],
                         choices=["fp", *METHODS])

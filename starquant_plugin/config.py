@@ -56,6 +56,11 @@ class StarQuantArgs(BaseModel):
         "(QuaRot): V's folded into v_proj rows and output-projection columns, K's applied to "
         "Q and K after RoPE at run time; only with kv_bits < 16 (needs a power-of-two "
         "head_dim)")
+    k_smoothing: float = Field(
+        0.5, ge=0.0, le=1.0, description="alpha of key smoothing before the K/V quantizer "
+        "(SmoothAttention): per K channel s = (absmax / median absmax)^alpha from the "
+        "calibration rows, K rows / s and the query rows that read them * s, folded into the "
+        "weights; 0 = off; only with kv_bits < 16")
     seed: int = 0
 
     @property
@@ -68,6 +73,11 @@ class StarQuantArgs(BaseModel):
     def resolved_kv_rotation(self) -> bool:
         """Whether K and V are rotated: ``kv_rotation`` with K/V quantized below 16 bit."""
         return self.kv_rotation and self.resolved_kv_bits < 16
+
+    @property
+    def resolved_k_smoothing(self) -> float:
+        """``k_smoothing`` with K/V quantized below 16 bit, else 0 (nothing to smooth for)."""
+        return self.k_smoothing if self.resolved_kv_bits < 16 else 0.0
 
     def exclusive_width(self, d: int) -> int:
         """``k``, the width of each state's exclusive subspace for a linear input of dim ``d``
@@ -82,24 +92,24 @@ class StarQuantArgs(BaseModel):
 
 
 _FLATQUANT = {"init_rotation": "random", "init_scale": "smoothquant", "init_scale_alpha": 0.3,
-              "lr_schedule": "cosine", "kv_rotation": True}
+              "lr_schedule": "cosine", "kv_rotation": True, "k_smoothing": 0.0}
 """FlatQuant's own initialisation and schedule (its ``--diag_init sq_style --diag_alpha 0.3``,
 random orthogonal factors, cosine annealing); its learned per-head K/V transforms are
 approximated by the fixed Hadamard of ``kv_rotation``."""
 
 METHODS: dict[str, dict] = {
     "rtn": {"transform": "identity", "state_gating": False, "tac": False,
-            "kv_rotation": False},
+            "kv_rotation": False, "k_smoothing": 0.0},
     "smoothquant": {"transform": "smoothquant", "state_gating": False, "tac": False,
-                    "kv_rotation": False},
+                    "kv_rotation": False, "k_smoothing": 0.0},
     "quarot": {"transform": "hadamard", "state_gating": False, "tac": False,
-               "kv_rotation": True},
+               "kv_rotation": True, "k_smoothing": 0.0},
     "quarot_gptq": {"transform": "hadamard", "state_gating": False, "tac": False,
-                    "kv_rotation": True, "weight_quantizer": "gptq"},
+                    "kv_rotation": True, "k_smoothing": 0.0, "weight_quantizer": "gptq"},
     "flatquant": {"transform": "learned", "state_gating": False, "tac": False, **_FLATQUANT},
     "sgat": {"transform": "learned", "state_gating": True, "tac": False},
     "tac": {"transform": "identity", "state_gating": False, "tac": True,
-            "kv_rotation": False},
+            "kv_rotation": False, "k_smoothing": 0.0},
     "starquant": {"transform": "learned", "state_gating": True, "tac": True},
 }
 

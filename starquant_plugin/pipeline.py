@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from starquant_plugin.config import StarQuantArgs
 from starquant_plugin.integrations.format import attach_quantization_config
 from starquant_plugin.integrations.saving import bind_save_pretrained
+from starquant_plugin.kv_folding import kv_folded_params, rotate_value_heads_, smooth_keys_
 from starquant_plugin.method import (
     MASKED,
     UNMASKED,
@@ -35,9 +36,7 @@ from starquant_plugin.method import (
     fit_sgat,
     fit_tac,
     gptq_quantize_weight,
-    hadamard,
     identity_tac,
-    rotate_value_heads,
     scheme_args,
     smoothquant_scales,
     static_sgat,
@@ -184,40 +183,6 @@ def fit_attention_tac(z_fp: torch.Tensor, z_quant: torch.Tensor, out_weight: tor
     return fit_tac(zf, zq, shrinkage=shrinkage, **fit), shrinkage
 
 
-def _value_rotation_params(block: nn.Module, family: DLLMFamily) -> list[torch.Tensor]:
-    """The parameters ``rotate_value_heads_`` changes in place (v_proj weight and bias, the
-    output projection's weight), for ``quantize_block`` to restore if the block fails."""
-    value, readers = next(pair for pair in family.scale_pairs
-                          if pair[1] == (family.attention_output,))
-    v_proj, o_proj = block.get_submodule(value), block.get_submodule(readers[0])
-    return [p for p in (getattr(v_proj, "weight", None), getattr(v_proj, "bias", None),
-                        getattr(o_proj, "weight", None)) if p is not None]
-
-
-def rotate_value_heads_(block: nn.Module, family: DLLMFamily) -> torch.Tensor:
-    """Fold a per-head Hadamard into ``block``'s value projection rows and output projection
-    columns in place (QuaRot's V rotation, exact up to the weights' dtype); returns ``H:
-    [head_dim, head_dim]``, which maps FP attention outputs into the rotated basis."""
-    value, readers = next(pair for pair in family.scale_pairs
-                          if pair[1] == (family.attention_output,))
-    v_proj, o_proj = block.get_submodule(value), block.get_submodule(readers[0])
-    if not (isinstance(v_proj, nn.Linear) and isinstance(o_proj, nn.Linear)):
-        raise ValueError(
-            f"kv_rotation folds a rotation into {value} and {readers[0]}, but one of them is "
-            f"already quantized ({type(v_proj).__name__}, {type(o_proj).__name__}); quantize "
-            "the attention's linear groups in one run."
-        )
-    head_dim = block.get_submodule(family.attention_module).head_dim
-    with torch.no_grad():
-        v_weight, v_bias, o_weight = rotate_value_heads(v_proj.weight, v_proj.bias,
-                                                        o_proj.weight, head_dim)
-        v_proj.weight.copy_(v_weight)
-        o_proj.weight.copy_(o_weight)
-        if v_bias is not None:
-            v_proj.bias.copy_(v_bias)
-    return hadamard(head_dim).to(v_proj.weight.device)
-
-
 def _capture_input(
     block: nn.Module, name: str, inputs: list[tuple[tuple, dict]],
     states: list[torch.Tensor], shared_state: MaskState,
@@ -307,20 +272,23 @@ def quantize_block(
     originals = {name: block.get_submodule(name) for group in groups for name in group}
     attention = block.get_submodule(family.attention_module)
     saved = {key: attention.__dict__.get(key) for key in ("kv_bits", "k_rotation")}
-    unrotated: list[tuple[torch.Tensor, torch.Tensor]] = []
+    unfolded = [(p, p.detach().clone()) for p in kv_folded_params(block, family)]
     try:
         value_rotation = None
         if args.resolved_kv_rotation:
-            unrotated = [(p, p.detach().clone()) for p in _value_rotation_params(block, family)]
             value_rotation = rotate_value_heads_(block, family)
             attention.k_rotation = True
+        if args.resolved_k_smoothing and family.linear_groups[0] in groups:
+            x = _capture_input(block, family.linear_groups[0][0], q_inputs, states,
+                               shared_state)
+            smooth_keys_(block, family, x, args.resolved_k_smoothing)
         _quantize_groups(block, fp_block, q_inputs, fp_inputs, states, shared_state, args,
                          family, report, index, groups, value_rotation)
     except BaseException:
         for name, linear in originals.items():  # leave the block as it was
             block.set_submodule(name, linear)
-        with torch.no_grad():  # undo the value rotation folded into v_proj / output projection
-            for param, before in unrotated:
+        with torch.no_grad():  # undo the K/V transforms folded into the weights
+            for param, before in unfolded:
                 param.copy_(before)
         for key, value in saved.items():
             if value is None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from starquant_plugin.method.transforms import hadamard
 from starquant_plugin.models.families import DLLMFamily, decoder_blocks, family_of, mask_token_id
 from starquant_plugin.models.sampling import dream_generate, llada_generate
 
@@ -184,15 +185,26 @@ def denoising_errors(fp_model: PreTrainedModel, models: dict[str, PreTrainedMode
 
 def _group_outputs(model: PreTrainedModel, family: DLLMFamily, batch: torch.LongTensor
                    ) -> dict[str, list[torch.Tensor]]:
-    """One forward of ``batch``: per ``"<block>:<group>"`` its linears' outputs."""
+    """One forward of ``batch``: per ``"<block>:<group>"`` its linears' outputs, in the FP
+    model's basis: a block quantized with ``kv_rotation`` writes V rotated per head by the
+    Hadamard ``H`` (folded into ``v_proj``), so its V is rotated back (``H H = I``)."""
+    blocks = decoder_blocks(model, family)
     modules = {f"{i}:{group_name(group)}|{linear}": block.get_submodule(linear)
-               for i, block in enumerate(decoder_blocks(model, family))
+               for i, block in enumerate(blocks)
                for group in family.linear_groups for linear in group}
+    value = next(writer for writer, readers in family.scale_pairs
+                 if readers == (family.attention_output,))
     with _capture(modules, inputs=False) as records:
         model(batch)
     grouped: dict[str, list[torch.Tensor]] = {}
     for key, (output,) in records.items():
-        grouped.setdefault(key.split("|")[0], []).append(output.float())
+        output = output.float()
+        index, linear = int(key.split(":")[0]), key.split("|")[1]
+        attention = blocks[index].get_submodule(family.attention_module)
+        if linear == value and getattr(attention, "k_rotation", False):
+            h = hadamard(attention.head_dim).to(output.device)
+            output = (output.unflatten(-1, (-1, attention.head_dim)) @ h).flatten(-2)
+        grouped.setdefault(key.split("|")[0], []).append(output)
     return grouped
 
 

@@ -66,6 +66,57 @@ def rotate_value_heads(
             o.to(o_weight.dtype))
 
 
+def key_smoothing_scales(key_absmax: torch.Tensor, head_dim: int, alpha: float) -> torch.Tensor:
+    """Per K channel ``s: [kv_heads * head_dim]`` that flatten K's outlier channels before its
+    4-bit per-token quantizer (SmoothAttention, QServe): ``s = (absmax / median absmax)^alpha``,
+    equal on the two channels of each RoPE pair (``rotate_half``: ``j`` and ``j + head_dim / 2``)
+    so that it commutes with RoPE. Use as ``K / s`` and ``Q * s`` (``smooth_keys``).
+
+    >>> key_smoothing_scales(torch.tensor([1.0, 1.0, 16.0, 1.0]), head_dim=4, alpha=0.5)
+    tensor([4., 1., 4., 1.])
+    """
+    if key_absmax.dim() != 1 or key_absmax.numel() % head_dim or head_dim % 2:
+        raise ValueError(
+            f"Got key_absmax {tuple(key_absmax.shape)} for head_dim {head_dim}; expected one "
+            "value per K channel, kv_heads x head_dim with an even head_dim."
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"Got alpha={alpha}; expected a migration strength in [0, 1].")
+    heads = key_absmax.reshape(-1, 2, head_dim // 2)
+    pair = heads.amax(dim=1, keepdim=True).expand_as(heads).reshape(-1)
+    return (pair / pair.median()).clamp_min(1e-6).pow(alpha)
+
+
+def smooth_keys(
+    q_weight: torch.Tensor, q_bias: torch.Tensor | None, k_weight: torch.Tensor,
+    k_bias: torch.Tensor | None, scales: torch.Tensor, head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Fold ``key_smoothing_scales`` into the projections: K rows (and bias) divided by ``s``,
+    the same rows of every query head that reads the KV head multiplied by it (query head
+    ``h`` reads KV head ``h // groups``), so ``Q K^T`` is unchanged in exact arithmetic and
+    only K, which is quantized, loses its outlier channels. ``q_weight: [heads * hd, d]``,
+    ``k_weight: [kv_heads * hd, d]``, ``scales: [kv_heads * hd]``. Computed in float64,
+    returned in the inputs' dtypes."""
+    kv_rows, q_rows = k_weight.shape[0], q_weight.shape[0]
+    if scales.shape != (kv_rows,) or q_rows % kv_rows or kv_rows % head_dim:
+        raise ValueError(
+            f"Got q_proj {tuple(q_weight.shape)}, k_proj {tuple(k_weight.shape)} and scales "
+            f"{tuple(scales.shape)} for head_dim {head_dim}; expected one scale per K row and "
+            "query heads a multiple of KV heads."
+        )
+    s = scales.double().to(k_weight.device)
+    s_q = s.reshape(-1, 1, head_dim).expand(-1, q_rows // kv_rows, -1).reshape(-1)
+
+    def scaled(t: torch.Tensor | None, by: torch.Tensor) -> torch.Tensor | None:
+        if t is None:
+            return None
+        shape = (-1,) + (1,) * (t.dim() - 1)
+        return (t.double() * by.reshape(shape)).to(t.dtype)
+
+    return (scaled(q_weight, s_q), scaled(q_bias, s_q), scaled(k_weight, 1 / s),
+            scaled(k_bias, 1 / s))
+
+
 def random_hadamard(d: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random orthogonal ``[d, d]`` that spreads outlier channels over all coordinates.
 

@@ -59,3 +59,18 @@ def test_errors_are_zero_against_itself_and_positive_when_quantized(models):
     assert errors["FP"].teacher_forced == [0.0] * 4 == errors["FP"].token_disagreement
     assert all(e > 0 for e in errors["RTN"].teacher_forced)
     assert len(errors["RTN"].free_running) == 4
+
+
+@pytest.mark.parametrize("make", [tiny_llada, tiny_dream])
+def test_group_errors_compare_a_rotated_v_in_the_fp_basis(make):
+    """With kv_rotation the quantized v_proj writes V rotated per head; its error is measured
+    after rotating back, so it is the quantization error, as without the rotation."""
+    fp, errors = make(), {}
+    for rotate in (False, True):
+        model = copy.deepcopy(fp)
+        quantize_dllm(model, denoising_rows(), StarQuantArgs(
+            scheme="W8A8", kv_bits=4, kv_rotation=rotate, epochs=0, transform="identity",
+            state_gating=False, tac=False), progress=False)
+        errors[rotate] = linear_group_errors(fp, {"q": model}, denoising_rows())["q"]
+    qkv = "0:q_proj/k_proj/v_proj"
+    assert errors[True][qkv] < 0.1 and errors[False][qkv] < 0.1

@@ -11,6 +11,7 @@ from starquant_plugin.models.evaluation import text_rows
 from starquant_plugin.models.families import FAMILIES
 from starquant_plugin.models.loading import load_dllm
 from starquant_plugin.models.outlier_family import (
+    CONFIRMATION_SEEDS,
     HELD_OUT_SEEDS,
     RULES,
     SITES,
@@ -107,7 +108,8 @@ def test_family_variants_have_identical_logits(make_model, dtype, seed):
 def test_family_plans_are_seeded_and_varied():
     assert outlier_plan("llada", 100, 4) == outlier_plan("llada", 100, 4)
     assert outlier_plan("llada", 100, 4) != outlier_plan("dream", 100, 4)
-    assert not set(TUNING_SEEDS) & set(HELD_OUT_SEEDS)
+    sets = [set(TUNING_SEEDS), set(HELD_OUT_SEEDS), set(CONFIRMATION_SEEDS)]
+    assert sum(map(len, sets)) == len(set().union(*sets))
     plans = [outlier_plan(family, seed, 4) for family in ("llada", "dream")
              for seed in (*TUNING_SEEDS, *HELD_OUT_SEEDS)]
     outliers = [o for plan in plans for o in plan]

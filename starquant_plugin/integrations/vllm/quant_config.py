@@ -26,6 +26,7 @@ IMPLEMENTED_ARGS = frozenset({
     "epochs", "lr", "lr_clip", "smoothquant_alpha", "weight_quantizer", "tac",
     "tac_group_size", "tac_damping", "tac_shrinkage", "tac_method", "kv_bits", "seed",
     "init_scale", "init_scale_alpha", "init_rotation", "lr_schedule", "kv_rotation",
+    "k_smoothing",
 })
 """``starquant.args`` keys whose runtime meaning this plugin implements (everything else only
 shapes calibration, or, like ``kv_rotation``, acts through a runtime field of its own). A
