@@ -63,3 +63,30 @@ def test_model_type_typo_names_the_supported_type_not_remote_code(tmp_path):
     trust_remote_code. load_dllm says what is wrong instead."""
     with pytest.raises(ValueError, match="Unsupported model_type 'lada'.*Did you mean 'llada'"):
         load_dllm(_bundled_copy(tmp_path, model_type="lada"))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[1, 2]", "config.json holds a JSON list, not an object"),
+    ('"llada"', "config.json holds a JSON str, not an object"),
+    ("{not json", "config.json is not valid JSON"),
+])
+def test_config_json_that_is_not_an_object_is_refused(tmp_path, text, message):
+    folder = _bundled_copy(tmp_path)
+    (folder / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"{message}.*restore it from the original model"):
+        load_dllm(folder)
+
+
+def test_folder_without_a_tokenizer_is_refused(tmp_path):
+    folder = _bundled_copy(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(FileNotFoundError, match="model has no tokenizer.*tokenizer.save_pre"):
+        load_dllm(folder)
+
+
+def test_tokenizer_files_that_do_not_load_are_refused(tmp_path):
+    folder = _bundled_copy(tmp_path)
+    (folder / "tokenizer.json").unlink()  # the config names a fast tokenizer it cannot build
+    with pytest.raises(ValueError, match="The tokenizer files in .*model do not load"):
+        load_dllm(folder)
