@@ -94,6 +94,7 @@ def scheme_recipe(scheme: str, method: str, seed: int) -> str:
           state_gating: false
           tac: false
           kv_rotation: false
+          k_smoothing: 0.0
           seed: 0
     """
     fields = {"scheme": scheme, **METHODS[method], "seed": seed}
