@@ -72,7 +72,6 @@ def run(args: argparse.Namespace) -> None:
     import httpx
 
     from starquant_plugin.integrations.hub import prepare_upload, stage_upload, upload
-    from starquant_plugin.integrations.integrity import check_saved_checkpoint
     from starquant_plugin.integrations.output_dirs import explain_interrupted_replace
 
     if not _REPO_ID.match(args.repo_id):
@@ -86,8 +85,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"DIR {shown(folder)} is not a directory; pass the folder "
                         "starquant quantize wrote.")
     plan, card = prepare_upload(folder, args.repo_id, base_model=args.base_model,
-                                include=args.include)
-    check_saved_checkpoint(folder)  # the files the save wrote, unchanged
+                                include=args.include)  # validates the folder and its manifest
     if args.dry_run:
         staged = stage_upload(plan, card,
                               args.dry_run_dir or f"{args.repo_id.split('/')[-1]}-upload")

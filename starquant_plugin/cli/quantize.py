@@ -178,6 +178,18 @@ def run(args: argparse.Namespace) -> None:
         _quantize(args, model_source, out, start)
 
 
+def _refuse_quantized(model, name: str) -> None:
+    """A checkpoint that is already quantized (STaR-Quant or another method) has no FP weights
+    to calibrate; llm-compressor's ``oneshot`` would refuse it only after calibration."""
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        return
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(
+        config, "quant_method", None)
+    raise UserError(f"MODEL {name} is already quantized (quant_method {method!r}); STaR-Quant "
+                    "quantizes a full-precision model: pass the FP model it was made from.")
+
+
 def _weight_bits(modifiers: list) -> int:
     """Bits per weight of the widest scheme in the recipe (W4A4 -> 4)."""
     return max((int(modifier.scheme[1]) for modifier in modifiers), default=16)
@@ -196,6 +208,7 @@ def _quantize(args: argparse.Namespace, model_source: str, out: Path, start: flo
     tick = time.time()
     model, tokenizer = load_model(model_source, DTYPES[args.dtype])
     timings["load_s"] = time.time() - tick
+    _refuse_quantized(model, args.model)
     bits = _weight_bits(modifiers)
     check_free_space(out, estimate_checkpoint_bytes(model, bits),
                      what=f"the {bits}-bit checkpoint of {args.model}")

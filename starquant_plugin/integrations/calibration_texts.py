@@ -53,7 +53,7 @@ def read_text_file(path: str | os.PathLike, max_chars: int | None = None,
     if path.is_dir():
         raise ValueError(f"{what} {shown(path)} is a directory, not a text file; pass a "
                          "UTF-8 text file.")
-    if not path.is_file():
+    if not path.exists():  # not is_file(): a pipe (--calib-text <(zcat corpus.gz)) is read
         raise FileNotFoundError(f"{what} {shown(path)} does not exist; pass a UTF-8 text "
                                 "file.")
     try:

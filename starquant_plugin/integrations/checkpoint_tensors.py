@@ -123,7 +123,13 @@ def check_headers(specs: dict[str, TensorSpec], files: Iterable[str | Path], whe
 
 
 def _is_finite(tensor: torch.Tensor) -> bool:
-    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+    """No NaN or inf in a float ``tensor``, read from its extremes: min and max propagate NaN,
+    and on CPU ``aminmax`` takes about a tenth of ``isfinite(t).all()``'s time on bf16 (which
+    makes the load-time check cheap: ``benchmarks/load_cost.py``)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 class TensorChecker:

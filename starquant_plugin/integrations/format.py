@@ -328,6 +328,10 @@ def check_consistency(block: StarQuantBlock, ct_config: QuantizationConfig) -> N
                         f"{args.kv_rotation}, K/V at {args.resolved_kv_bits} bit) mean "
                         f"{k_rotation!r}")
     (scheme,) = ct_config.config_groups.values()
+    stored_as = weight_format(scheme.weights)
+    if ct_config.format not in (None, stored_as):
+        problems.append(f"format is {ct_config.format!r} but the config group's "
+                        f"{scheme.weights.num_bits}-bit weights are stored as {stored_as!r}")
     weight_args, act_args = scheme_args(args.scheme)
     for part, got, expected in (("weights", scheme.weights, weight_args),
                                 ("input_activations", scheme.input_activations, act_args)):

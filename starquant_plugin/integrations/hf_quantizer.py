@@ -25,6 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from starquant_plugin.config import QUANT_METHOD
 from starquant_plugin.integrations.checkpoint_model import build_starquant_modules
 from starquant_plugin.integrations.checkpoint_tensors import (
+    CheckpointTensorError,
     check_finite_tensors,
     check_headers,
     checkpoint_float_dtype,
@@ -74,7 +75,8 @@ class StarQuantHfQuantizer(HfQuantizer):
     every tensor the model now expects (``checkpoint_tensors``: present, nothing unexpected,
     shapes and dtypes; transformers checks no shape under a quantizer), attaches the ``[MASK]``
     state hook to the embedding and, when ``kv_bits < 16``, the K/V-quantized attention. After
-    loading: refuses any buffer left unloaded and NaN/inf in any tensor.
+    loading: refuses any buffer left unloaded, NaN/inf in any tensor and a ``weight_shape``
+    that is not its linear's ``[out, in]``.
     """
 
     requires_calibration = True
@@ -109,6 +111,7 @@ class StarQuantHfQuantizer(HfQuantizer):
                 f"{unloaded[:5]}; the checkpoint is incomplete. Re-save it with save_starquant."
             )
         check_finite_tensors(model, type(model).__name__ + " as loaded")
+        _check_weight_shapes(model)
         bind_save_pretrained(model)
         return model
 
@@ -118,6 +121,28 @@ class StarQuantHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _check_weight_shapes(model) -> None:
+    """Refuse a 4-bit linear whose ``weight_shape`` values are not its ``[out, in]``: the
+    header check sees only that it is int64 ``[2]``, the integer path ignores it, but
+    compressed-tensors' decompression (the reference path) unpacks the codes by it and fails
+    at the first forward, and a re-save would publish it."""
+    wrong = []
+    for name, module in model.named_modules():
+        if not isinstance(module, StarQuantLinear) or "weight_shape" not in module._buffers:
+            continue
+        stored = module._buffers["weight_shape"].tolist()
+        expected = [module.weight_scale.shape[0], module.transform.sgat_channel_scale.shape[0]]
+        if stored != expected:
+            wrong.append(f"{name}.weight_shape is {stored}, expected {expected}")
+    if wrong:
+        raise CheckpointTensorError(
+            f"{type(model).__name__} as loaded does not fit the model its config.json "
+            f"describes: {'; '.join(wrong[:5])}. The checkpoint was edited or mixed with "
+            "another one; download or copy it again, or re-save the quantized model with "
+            "save_starquant."
+        )
 
 
 def register_hf_quantizer() -> None:

@@ -23,6 +23,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 
 from starquant_plugin.integrations.checkpoint_model import check_checkpoint
 from starquant_plugin.integrations.format import read_quantization_config, shard_files
+from starquant_plugin.integrations.integrity import check_saved_checkpoint
 from starquant_plugin.integrations.saving import CHECKPOINT_FILES
 from starquant_plugin.messages import shown
 from starquant_plugin.models.loading import read_json_object
@@ -291,10 +292,14 @@ def prepare_upload(
     base_model: str | None = None,
     include: Includes = (),
 ) -> tuple[UploadPlan, ModelCard]:
-    """Validate the checkpoint at ``path``, write its card and plan the upload; nothing is
-    written or sent. ``quality``: ``{row: {metric: value}}``; default ``path/quality.json``."""
+    """Validate the checkpoint at ``path`` (``validate_folder``, the plan's links, then every
+    file against its manifest: ``integrity.check_saved_checkpoint``), write its card and plan
+    the upload; nothing is written or sent. ``quality``: ``{row: {metric: value}}``; default
+    ``path/quality.json``."""
     card = build_model_card(path, repo_id, quality=quality, base_model=base_model)
-    return plan_upload(path, include), card
+    plan = plan_upload(path, include)
+    check_saved_checkpoint(path)
+    return plan, card
 
 
 def stage_upload(plan: UploadPlan, card: ModelCard, stage_dir: str | os.PathLike) -> Path:

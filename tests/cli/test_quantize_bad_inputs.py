@@ -72,3 +72,12 @@ def test_bad_input_is_one_line_naming_the_fix(case, tmp_path):
     line = assert_user_error(result, phrase)
     assert len(line) < 500
     assert not (tmp_path / "out").exists()
+
+
+def test_an_already_quantized_model_is_one_line_before_calibration(rtn_checkpoint, tmp_path):
+    result = starquant("quantize", rtn_checkpoint, "--scheme", "W4A4", "--method", "rtn",
+                       "--samples", 4, "--seq-len", 48, "--out", "out", cwd=tmp_path)
+    assert_user_error(result, "is already quantized (quant_method 'starquant')",
+                      "pass the FP model it was made from")
+    assert "building" not in result.stderr  # refused before the calibration rows
+    assert not (tmp_path / "out").exists()

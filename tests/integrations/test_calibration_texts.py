@@ -2,6 +2,7 @@
 source names the fix; each reads only as much text as the rows need."""
 
 import json
+import os
 
 import pytest
 
@@ -27,6 +28,20 @@ def test_text_file_is_one_document_and_bad_files_are_named(tmp_path):
     (tmp_path / "corpus").mkdir()
     with pytest.raises(ValueError, match="corpus is a directory, not a text file"):
         read_text_file(tmp_path / "corpus")
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd")
+def test_a_pipe_or_a_device_is_read_not_called_missing():
+    """``--calib-text <(zcat corpus.gz)`` passes /dev/fd/N, a pipe: it exists and is read."""
+    with pytest.raises(ValueError, match="is empty"):
+        read_text_file(os.devnull)
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"Prose through a pipe.\n")
+    os.close(write_fd)
+    try:
+        assert read_text_file(f"/dev/fd/{read_fd}") == ["Prose through a pipe.\n"]
+    finally:
+        os.close(read_fd)
 
 
 def test_text_file_is_read_only_as_far_as_the_rows_need(tmp_path):

@@ -142,6 +142,10 @@ CONFIG_EDITS = {
     "a linear in two groups": (
         lambda q: q["starquant"]["input_groups"][1]["linears"].append(BLOCK + "q_proj"),
         "a linear is listed in two input_groups"),
+    "top-level format of 8-bit codes on 4-bit weights": (
+        lambda q: q.update(format="int-quantized"),
+        "format is 'int-quantized' but the config group's 4-bit weights are stored as "
+        "'pack-quantized'"),
     "a config group without targets": (
         lambda q: q["config_groups"]["group_0"].pop("targets"),
         "compressed-tensors part is invalid (config_groups.group_0"),
@@ -193,6 +197,21 @@ def test_the_streaming_checker_names_what_never_came():
     with pytest.raises(CheckpointTensorError, match="a holds NaN"):
         list(TensorChecker({"a": TensorSpec((1,), None)}, "s").stream(
             [("a", torch.tensor([float("nan")]))]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_value_anywhere_is_refused_in_every_float_dtype(dtype, value):
+    """The scan reads extremes (``aminmax``, which propagates NaN), not every element's flag."""
+    specs = {"t": TensorSpec((3, 5), None), "codes": TensorSpec((2,), torch.int32),
+             "empty": TensorSpec((0,), None)}
+    good = [("codes", torch.tensor([-7, 7], dtype=torch.int32)), ("empty", torch.zeros(0))]
+    assert len(list(TensorChecker(specs, "s").stream(good))) == 2
+    for index in (0, 7, 14):
+        tensor = torch.randn(3, 5).to(dtype)
+        tensor.view(-1)[index] = value
+        with pytest.raises(CheckpointTensorError, match="t holds NaN or inf"):
+            list(TensorChecker(specs, "s").stream([("t", tensor.t().contiguous().t())]))
 
 
 @pytest.mark.parametrize(("file", "text", "message"), [

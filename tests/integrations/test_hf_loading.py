@@ -158,6 +158,23 @@ def test_missing_tensor_is_refused_with_its_name(tmp_path, tmp_path_factory):
         AutoModelForCausalLM.from_pretrained(broken)
 
 
+def test_weight_shape_that_is_not_the_linears_shape_is_refused(tmp_path, tmp_path_factory):
+    """Its header is right (int64 [2]) and the integer path ignores it, but the reference path
+    unpacks the codes by it: a wrong value would fail at the first forward."""
+    from safetensors.torch import load_file
+
+    _, path = quantized("llada", "W4A4", tmp_path_factory)
+    broken = _copy(path, tmp_path / "broken")
+    tensors = load_file(broken / "model.safetensors")
+    name = "model.transformer.blocks.0.q_proj.weight_shape"
+    out_features, in_features = tensors[name].tolist()
+    tensors[name] = torch.tensor([out_features, in_features // 2])
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"q_proj.weight_shape is \[{out_features}, "
+                                         rf"{in_features // 2}\], expected.*download"):
+        AutoModelForCausalLM.from_pretrained(broken)
+
+
 def test_unknown_format_version_is_refused_with_the_fix(tmp_path, tmp_path_factory):
     _, path = quantized("llada", "W8A8", tmp_path_factory)
     broken = _copy(path, tmp_path / "broken")

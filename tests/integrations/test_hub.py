@@ -198,6 +198,15 @@ def test_malformed_json_files_are_refused_naming_the_file(checkpoint, tmp_path, 
         hub.push_to_hub(folder, "me/x", dry_run_dir=tmp_path / "dry")
 
 
+def test_a_file_changed_since_the_save_is_refused_by_push_to_hub(checkpoint, tmp_path):
+    folder = tmp_path / "folder"
+    shutil.copytree(checkpoint, folder)
+    (folder / "recipe.yaml").write_text("edited: true\n")
+    with pytest.raises(ValueError, match="does not match its starquant_manifest.json: changed "
+                                         "recipe.yaml"):
+        hub.push_to_hub(folder, "me/x", dry_run_dir=tmp_path / "dry")
+
+
 @pytest.mark.parametrize("remove,message", [
     ("recipe.yaml", "no recipe.yaml"),
     ("tokenizer.json", "no tokenizer"),
