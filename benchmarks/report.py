@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "results.md"
 README = ROOT / "README.md"
-README_METHODS = ("fp", "rtn", "quarot", "flatquant", "starquant")
 RATIOS = ("0.15", "0.5")
 METHOD_ORDER = ("fp", "rtn", "smoothquant", "quarot", "quarot_gptq", "flatquant", "tac",
                 "sgat", "starquant")
@@ -237,6 +236,7 @@ def sections(results: Path) -> dict[str, str]:
     w4a4 = [r for r in rows if r["scheme"] in ("FP", "W4A4")]
     others = [r for r in rows if r["scheme"] in ("W4A8", "W8A8")]
     return {
+        **family_sections(results),
         "quality-clean": (setup_line(clean) + "\n\n" + quality_table(clean, lambda *key: True)
                           + "\n\n" + paired_table(clean, default_pairs(clean))
                           if clean else "_Not measured yet._"),
@@ -269,6 +269,73 @@ def sections(results: Path) -> dict[str, str]:
     }
 
 
+PRESETS = ("rtn", "smoothquant", "quarot", "quarot_gptq", "flatquant", "starquant")
+OLD_DEFAULT = "starquant (k_smoothing=0, kv_rotation=false, tac_shrinkage=0.2)"
+"""STaR-Quant's defaults before issue 22: no K/V rotation, no key smoothing, TAC at 0.2."""
+FIXED_TAC = "starquant (k_smoothing=0, tac_shrinkage=0.2)"
+"""The default the one-factor ablations on the tuning set were run against."""
+TUNING_PAIRS = [
+    ("starquant", ("flatquant", "starquant (k_smoothing=0)")),
+    ("starquant (k_smoothing=0)", (FIXED_TAC, "starquant (k_smoothing=0, tac=false)")),
+    (FIXED_TAC, tuple(label({"method": "starquant", "overrides": {
+        "k_smoothing": 0, "tac_shrinkage": 0.2, field: value}}) for field, value in (
+        ("init_rotation", "random"), ("init_scale_alpha", 0.3), ("lr_schedule", "cosine"),
+        ("state_gating", False), ("kv_rotation", False)))),
+]
+"""Each step to the final default on the tuning set, and each one-factor ablation."""
+COMPONENTS = [("starquant", ("starquant (k_smoothing=0)",)),
+              ("starquant (k_smoothing=0)", ("starquant (k_smoothing=0, tac=false)",))]
+"""What each part adds on the held-out family: STaR-Quant with and without it, paired by
+seed (TAC was ablated before key smoothing became a default, so against that configuration)."""
+
+
+def family_sections(results: Path) -> dict[str, str]:
+    """The seeded stress family (issue 22): its variants, the tuning ablation, every preset on
+    the held-out and confirmation variants, what each component adds, the clean models."""
+    tuning = load_rows(results, TUNING)
+    held = load_rows(results, HELD_OUT)
+    confirmation = load_rows(results, CONFIRMATION)
+    clean = load_rows(results, CLEAN_DEFAULTS)
+
+    def scheme_rows(rows: list[dict], scheme: str) -> list[dict]:
+        return [r for r in rows if r["scheme"] in ("FP", scheme)]
+
+    def missing(name: str) -> str:
+        return f"_Not measured yet: no `benchmarks/results/{name}`._"
+
+    sections = {"family-variants": family_variants_table(results),
+                "family-tuning": (
+                    setup_line(tuning) + "\n\n" + family_config_table(tuning, "W4A4") + "\n\n"
+                    + family_paired_table(tuning, "W4A4", TUNING_PAIRS)
+                    if tuning else missing(TUNING))}
+    for scheme in ("W4A4", "W4A8"):
+        rows = scheme_rows(held, scheme)
+        sections[f"family-held-out-{scheme.lower()}"] = (
+            setup_line(rows) + "\n\nExcess CE over FP at t = 0.15 / 0.5:\n\n"
+            + family_excess_table(rows, scheme, PRESETS) + "\n\nSTaR-Quant against each "
+            "preset, over the family:\n\n"
+            + family_paired_table(rows, scheme, [("starquant", BASELINES)])
+            + "\n\nPer variant:\n\n"
+            + paired_table(rows, [("starquant", BASELINES)], scheme)
+            if rows else missing(HELD_OUT))
+    star_configs = [r for r in scheme_rows(held, "W4A4") if r["method"] in ("fp", "starquant")]
+    sections["family-components"] = (
+        family_config_table(star_configs, "W4A4") + "\n\n"
+        + family_paired_table(scheme_rows(held, "W4A4"), "W4A4", COMPONENTS)
+        if held else missing(HELD_OUT))
+    sections["family-confirmation"] = (
+        setup_line(confirmation) + "\n\n"
+        + family_excess_table(confirmation, "W4A4", ("rtn", "flatquant", "starquant"))
+        + "\n\n" + family_paired_table(confirmation, "W4A4", [("starquant", ("flatquant",))])
+        + "\n\n" + paired_table(confirmation, [("starquant", ("flatquant",))])
+        if confirmation else missing(CONFIRMATION))
+    sections["clean-defaults"] = (
+        setup_line(clean) + "\n\n" + quality_table(clean, lambda *key: True) + "\n\n"
+        + paired_table(clean, [("starquant", (OLD_DEFAULT,))])
+        if clean else missing(CLEAN_DEFAULTS))
+    return sections
+
+
 def default_pairs(rows: list[dict]) -> list[tuple[str, tuple[str, ...]]]:
     """STaR-Quant with each of its measured overrides against the default and the baselines."""
     return [(name, ("starquant", "flatquant", "quarot")) for name in sorted(
@@ -298,7 +365,35 @@ TUNING = "tuning-*.json"
 """One-factor ablations of STaR-Quant on the tuning variants of the stress family."""
 HELD_OUT = "held-out-*.json"
 """Every preset on the held-out variants of the stress family (never used to choose)."""
+CONFIRMATION = "confirmation-*.json"
+"""RTN, FlatQuant-style and STaR-Quant on the confirmation variants, run with the final
+defaults."""
+CLEAN_DEFAULTS = "clean-defaults-*.json"
+"""The clean bundled models with STaR-Quant's defaults before and after issue 22."""
 BASELINES = ("smoothquant", "quarot", "quarot_gptq", "flatquant")
+
+
+def family_variants_table(results: Path) -> str:
+    """Per variant of the stress family: how many channels it rescales and the largest outlier
+    ratio (channel absmax / median channel absmax, any block) at each kind of site."""
+    path = results / "variants.json"
+    variants = [v for v in json.loads(path.read_text()) if v["variant"].startswith("outliers-")]
+    if not variants:
+        return "_No family variants in variants.json yet: run `benchmarks/quality.py " \
+               "--variant tuning --variant held-out --variant confirmation --describe-only`._"
+    sites = {"q/k/v input": ("q_proj",), "output-projection input": ("attn_out", "o_proj"),
+             "gate/up input": ("ff_proj", "gate_proj"), "down-projection input":
+             ("ff_out", "down_proj")}
+    lines = ["| model | variant | rescaled channels | largest ratio: " + " | ".join(sites)
+             + " | K (k_proj output) |", "|---|---|---|" + "---|" * (len(sites) + 1)]
+    for v in sorted(variants, key=lambda v: (v["model"], int(v["variant"].split("-")[1]))):
+        cells = [max(r for site, r in v["ratios"].items() if site.endswith(names))
+                 for names in sites.values()]
+        keys = [r["after"] for site, r in v["family_ratios"].items() if site.endswith("k_proj")]
+        cells.append(max(keys) if keys else 0.0)
+        lines.append(f"| {v['model']} | {v['variant']} | {len(v['channels'])} | "
+                     + " | ".join(f"{c:.0f}" if c else "–" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def family_excess_table(rows: list[dict], scheme: str, names: tuple[str, ...]) -> str:
@@ -336,8 +431,8 @@ def family_excess_table(rows: list[dict], scheme: str, names: tuple[str, ...]) -
                 cells.append(cell(per_seed))
             star = groups.get((model, variant, scheme, "starquant"), [])
             closed = {r: gap_closed(rows, star, r) for r in RATIOS}
-            for row, value in zip(star, closed["0.15"], strict=False):
-                closed_family[row["seed"]].append(value)
+            for row in star:
+                closed_family[row["seed"]] += gap_closed(rows, [row], "0.15")
             fp_rows = groups.get((model, variant, "FP", "fp"), [])
             lines.append("| " + " | ".join(
                 [model, variant, str(len(seeds)), mean_std([r["ce@0.15"] for r in fp_rows]),
@@ -356,18 +451,49 @@ def family_excess_table(rows: list[dict], scheme: str, names: tuple[str, ...]) -
     return "\n".join(lines)
 
 
-def family_paired_table(rows: list[dict], scheme: str, target: str,
-                        others: tuple[str, ...]) -> str:
-    """``target`` minus each of ``others``, paired by variant and seed, over each model's
-    family: mean ± std over (variant, seed) pairs, how many are lower, and the worst
-    variant (largest mean difference) at t = 0.15 and 0.5."""
+def family_config_table(rows: list[dict], scheme: str) -> str:
+    """One row per model and configuration (method with its overrides): excess CE over FP at
+    t = 0.15 / 0.5 on each variant (mean over seeds) and the mean over the variants."""
+    groups = grouped(rows)
+    lines = []
+    for model in sorted({key[0] for key in groups}):
+        variants = sorted({key[1] for key in groups if key[0] == model},
+                          key=lambda v: (len(v), v))
+        if not lines:
+            lines = ["| model | configuration | " + " | ".join(variants) + " | mean |",
+                     "|---|---|" + "---|" * (len(variants) + 1)]
+        names = sorted({key[3] for key in groups if key[0] == model and key[2] == scheme},
+                       key=lambda n: order((model, "", scheme, n)))
+        for name in names:
+            cells, means = [], {r: [] for r in RATIOS}
+            for variant in variants:
+                group = groups.get((model, variant, scheme, name), [])
+                values = {r: excess(rows, group, r) for r in RATIOS}
+                if not values["0.15"]:
+                    cells.append("")
+                    continue
+                for r in RATIOS:
+                    means[r].append(statistics.mean(values[r]))
+                cells.append(" / ".join(f"{statistics.mean(values[r]):.3f}" for r in RATIOS))
+            complete = len(means["0.15"]) == len(variants)
+            mean = " / ".join(f"{statistics.mean(means[r]):.4f}" for r in RATIOS)
+            lines.append(f"| {model} | {name} | " + " | ".join(cells)
+                         + f" | {mean if complete else ''} |")
+    return "\n".join(lines)
+
+
+def family_paired_table(rows: list[dict], scheme: str,
+                        pairs: list[tuple[str, tuple[str, ...]]]) -> str:
+    """For each ``(target, others)`` of ``pairs``: ``target`` minus each of ``others``, paired
+    by variant and seed, over each model's family: mean ± std over (variant, seed) pairs, how
+    many are lower, and the worst variant (largest mean difference) at t = 0.15 and 0.5."""
     groups = grouped(rows)
     header = ["model", "comparison", "pairs", "ΔCE@0.15", "ΔCE@0.5", "lower @0.15 / @0.5",
               "worst variant @0.15", "worst variant @0.5"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in sorted({key[0] for key in groups}):
         variants = sorted({key[1] for key in groups if key[0] == model})
-        for other in others:
+        for target, other in [(t, o) for t, others in pairs for o in others]:
             diffs: dict[str, list[float]] = {r: [] for r in RATIOS}
             worst: dict[str, tuple[float, str]] = {}
             for variant in variants:
@@ -391,23 +517,22 @@ def family_paired_table(rows: list[dict], scheme: str, target: str,
 
 
 def readme_table(rows: list[dict]) -> str:
-    """The README's summary: W4A4 on the outlier-stressed tiny models (the headline runs)."""
-    header = ["model", "method", "CE@0.15", "CE@0.15 - FP", "gap closed @0.15",
+    """The README's summary: every preset at W4A4 on the held-out variants of the stress family,
+    excess CE over FP and the share of RTN's gap closed, mean ± std over (variant, seed)."""
+    header = ["model", "method", "runs", "excess CE@0.15", "excess CE@0.5", "gap closed @0.15",
               "gap closed @0.5"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    groups = grouped([r for r in rows if r["variant"] == "stress"])
-    for key in sorted(groups, key=order):
-        model, _, scheme, name = key
-        if scheme in ("FP", "W4A4") and name in README_METHODS:
-            group = groups[key]
-            is_ref = name in ("fp", "rtn")
-            lines.append(f"| {model} | {name} | {mean_std([r['ce@0.15'] for r in group])} | "
-                         + ("" if name == "fp" else mean_std(excess(rows, group, "0.15")))
-                         + " | "
-                         + ("" if is_ref else percent(gap_closed(rows, group, "0.15")))
-                         + " | "
-                         + ("" if is_ref else percent(gap_closed(rows, group, "0.5")))
-                         + " |")
+    groups = grouped([r for r in rows if r["scheme"] == "W4A4"])
+    for model in sorted({key[0] for key in groups}):
+        for name in PRESETS:
+            group = [r for key, g in groups.items() if (key[0], key[3]) == (model, name)
+                     for r in g]
+            if group:
+                lines.append("| " + " | ".join(
+                    [model, name, str(len(group)),
+                     *(mean_std(excess(rows, group, r)) for r in RATIOS),
+                     *("" if name == "rtn" else percent(gap_closed(rows, group, r))
+                       for r in RATIOS)]) + " |")
     return "\n".join(lines)
 
 
@@ -428,7 +553,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     pages = {PAGE: sections(args.results),
-             README: {"readme-results": readme_table(load_rows(args.results, FINAL))}}
+             README: {"readme-results": readme_table(load_rows(args.results, HELD_OUT))}}
     stale = []
     for path, generated in pages.items():
         page = path.read_text()
