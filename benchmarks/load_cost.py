@@ -55,7 +55,7 @@ def checks_off():
     """The load-time checks of the transformers path as no-ops (restored on exit)."""
     saved = {(module, name): getattr(module, name) for module, name in (
         (hf_quantizer, "check_headers"), (hf_quantizer, "tensor_specs"),
-        (hf_quantizer, "checkpoint_float_dtype"), (hf_quantizer, "check_finite_tensors"),
+        (hf_quantizer, "checkpoint_float_dtype"), (hf_quantizer, "check_tensor_values"),
         (checkpoint_format, "check_consistency"))}
     for (module, name) in saved:
         setattr(module, name, lambda *args, **kwargs: None)

@@ -11,9 +11,10 @@ whole checkpoint here, quantized and non-quantized tensors alike:
   checkpoint's config.json names (``dtype``);
 * ``check_headers``: before any data is read, the safetensors headers against the specs
   (missing, unexpected, wrong shape, wrong dtype); the transformers loader calls it;
-* ``TensorChecker``: the same per tensor as it streams, plus finite values, and what never
-  came at the end; the vLLM plugin wraps its weight iterator with it;
-* ``check_finite_tensors``: NaN/inf in any float tensor of a model in memory.
+* ``TensorChecker``: the same per tensor as it streams, plus its values (``value_problem``),
+  and what never came at the end; the vLLM plugin wraps its weight iterator with it;
+* ``check_tensor_values``: NaN/inf, or values outside ``VALUE_RANGES``, in any float tensor
+  of a model in memory.
 
 The specs of a checkpoint come from ``checkpoint_model.checkpoint_specs``.
 """
@@ -21,6 +22,7 @@ The specs of a checkpoint come from ``checkpoint_model.checkpoint_specs``.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,14 +124,29 @@ def check_headers(specs: dict[str, TensorSpec], files: Iterable[str | Path], whe
     _raise(problems, where)
 
 
-def _is_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf in a float ``tensor``, read from its extremes: min and max propagate NaN,
-    and on CPU ``aminmax`` takes about a tenth of ``isfinite(t).all()``'s time on bf16 (which
-    makes the load-time check cheap: ``benchmarks/load_cost.py``)."""
+VALUE_RANGES: dict[str, tuple[float, float]] = {
+    "weight_scale": (0.0, math.inf), "sgat_channel_scale": (0.0, math.inf),
+    "sgat_act_clip": (0.0, 1.0)}
+"""Bounds ``(low, high]`` of the tensors whose values the method fixes, by the name's last
+part: quantization scales are ``max / qmax`` clamped above 0, ``c = exp(log c)``, clip ratios
+are sigmoids. A finite value outside them (a zeroed scale or clip) loads and computes garbage
+without a NaN to show it."""
+
+
+def value_problem(name: str, tensor: torch.Tensor) -> str | None:
+    """What is wrong with ``tensor``'s values (NaN/inf anywhere, or outside ``VALUE_RANGES``),
+    None if nothing. Read from its extremes: min and max propagate NaN, and on CPU ``aminmax``
+    takes about a tenth of ``isfinite(t).all()``'s time on bf16 (``benchmarks/load_cost.py``)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+        return None
+    low, high = (value.item() for value in torch.aminmax(tensor))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "holds NaN or inf"
+    bounds = VALUE_RANGES.get(name.rsplit(".", 1)[-1])
+    if bounds and not bounds[0] < low <= high <= bounds[1]:
+        return (f"holds values in [{low:.3g}, {high:.3g}], outside the ({bounds[0]:g}, "
+                f"{bounds[1]:g}] it can have")
+    return None
 
 
 class TensorChecker:
@@ -148,8 +165,8 @@ class TensorChecker:
                 problems.append(f"{name} is not a tensor of this model")
             elif wrong := _matches(self.specs[name], tuple(tensor.shape), tensor.dtype):
                 problems.append(f"{name} has {wrong}")
-            elif not _is_finite(tensor):
-                problems.append(f"{name} holds NaN or inf")
+            elif problem := value_problem(name, tensor):
+                problems.append(f"{name} {problem}")
             _raise(problems, self.where)
             self.seen.add(name)
             yield name, tensor
@@ -158,14 +175,15 @@ class TensorChecker:
         _raise(_missing_and_unexpected(self.specs, self.seen), self.where)
 
 
-def check_finite_tensors(model: nn.Module, where: str) -> None:
-    """Refuse NaN/inf in any float parameter or buffer of a loaded ``model``: one of them
-    makes every output NaN, or worse, only some."""
-    bad = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
-           if not _is_finite(tensor.detach())]
-    if bad:
+def check_tensor_values(model: nn.Module, where: str) -> None:
+    """Refuse NaN/inf in any float parameter or buffer of a loaded ``model`` (one of them makes
+    every output NaN, or worse, only some) and values outside ``VALUE_RANGES``."""
+    problems = [f"{name} {problem}" for name, tensor in (*model.named_parameters(),
+                                                          *model.named_buffers())
+                if (problem := value_problem(name, tensor.detach()))]
+    if problems:
         raise CheckpointTensorError(
-            f"{where} has {len(bad)} tensor(s) with NaN or inf values, e.g. {bad[:3]}; the "
-            "model would compute NaN. Download or copy the checkpoint again, or re-quantize "
-            "from the FP model."
+            f"{where} has {len(problems)} tensor(s) that no quantized model holds: "
+            f"{'; '.join(problems[:3])}; the model would compute NaN or garbage. Download or "
+            "copy the checkpoint again, or re-quantize from the FP model."
         )

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from starquant_plugin.config import QUANT_METHOD, StarQuantArgs
-from starquant_plugin.integrations.checkpoint_tensors import check_finite_tensors
+from starquant_plugin.integrations.checkpoint_tensors import check_tensor_values
 from starquant_plugin.method.quantizers import scheme_args
 from starquant_plugin.method.runtime import (
     StarQuantLinear,
@@ -171,7 +171,7 @@ def quantization_config_dict(model: PreTrainedModel, args: StarQuantArgs) -> dic
                 f"{linear.act_args}, but args.scheme={args.scheme!r} means {weight_args} and "
                 f"{act_args}; pass the StarQuantArgs the model was quantized with."
             )
-    check_finite_tensors(model, type(model).__name__)
+    check_tensor_values(model, type(model).__name__)
     scheme = weight_scheme(weight_args, act_args)
     ignore = sorted(name for name, module in model.named_modules()
                     if isinstance(module, nn.Linear))

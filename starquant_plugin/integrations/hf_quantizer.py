@@ -26,8 +26,8 @@ from starquant_plugin.config import QUANT_METHOD
 from starquant_plugin.integrations.checkpoint_model import build_starquant_modules
 from starquant_plugin.integrations.checkpoint_tensors import (
     CheckpointTensorError,
-    check_finite_tensors,
     check_headers,
+    check_tensor_values,
     checkpoint_float_dtype,
     tensor_specs,
 )
@@ -110,7 +110,7 @@ class StarQuantHfQuantizer(HfQuantizer):
                 f"{len(unloaded)} STaR-Quant tensor(s) were not in the checkpoint: "
                 f"{unloaded[:5]}; the checkpoint is incomplete. Re-save it with save_starquant."
             )
-        check_finite_tensors(model, type(model).__name__ + " as loaded")
+        check_tensor_values(model, type(model).__name__ + " as loaded")
         _check_weight_shapes(model)
         bind_save_pretrained(model)
         return model

@@ -7,7 +7,7 @@ Every way a user saves a STaR-Quant model goes through ``save_starquant``: the q
 ``save_pretrained`` wrapper re-writes config.json from the original model folder
 (``config._name_or_path``) after saving, dropping ``quantization_config``, and such a folder
 reloads with random linears. ``save_starquant`` writes into a temporary sibling directory,
-checks the result (config, every tensor, finite values), records every file's sha256 in the
+checks the result (config, every tensor, values in range), records every file's sha256 in the
 manifest (``integrity``) and renames it into place, so a failure leaves the target as it was.
 Where and how it writes (checks, lock, free space, the replace) is ``output_dirs``.
 """
@@ -199,7 +199,7 @@ def save_starquant(
     Everything is checked before anything is written (the model is fully quantized with
     finite tensors, ``args``, the recipe, the output directory, free space), then written into
     a temporary sibling directory, checked on disk (config, every quantized linear's tensors,
-    finite values), given a sha256 manifest (``starquant_manifest.json``) and renamed into
+    values in range), given a sha256 manifest (``starquant_manifest.json``) and renamed into
     place, so a failure leaves ``out_dir`` as it was. ``args`` defaults to the ones recorded on
     ``model.config``. An ``out_dir`` that is not empty is refused unless ``overwrite=True``,
     which replaces a checkpoint folder (one that holds other files is refused). The folder the

@@ -1,6 +1,6 @@
 """A checkpoint that does not fit its config is refused at load, whole: every tensor (not only
-the quantized ones) present, expected, of the right shape, dtype and finite, and a config whose
-parts contradict each other refused with the field that is wrong."""
+the quantized ones) present, expected, of the right shape, dtype, finite and in range, and a
+config whose parts contradict each other refused with the field that is wrong."""
 
 import copy
 import json
@@ -83,6 +83,17 @@ TENSOR_EDITS = {
         "sgat_left has dtype int8, expected float32"),
     "float weight codes": (_scaled(BLOCK + "k_proj.weight_packed", lambda t: t.float()),
                            "weight_packed has dtype float32, expected int32"),
+    "a zeroed weight scale": (_scaled(BLOCK + "q_proj.weight_scale", torch.zeros_like),
+                              "q_proj.weight_scale holds values in [0, 0], outside the (0, inf]"),
+    "a zeroed activation clip": (
+        _scaled(BLOCK + "q_proj.input_transform.sgat_act_clip", torch.zeros_like),
+        "sgat_act_clip holds values in [0, 0], outside the (0, 1]"),
+    "an activation clip above 1": (
+        _scaled(BLOCK + "ff_proj.input_transform.sgat_act_clip", lambda t: t * 0 + 1.5),
+        "sgat_act_clip holds values in [1.5, 1.5]"),
+    "a negative channel scale": (
+        _scaled(BLOCK + "q_proj.input_transform.sgat_channel_scale", lambda t: -t),
+        "sgat_channel_scale holds values in [-"),
 }
 
 
@@ -90,7 +101,8 @@ TENSOR_EDITS = {
 def test_a_checkpoint_with_a_wrong_tensor_is_refused_by_load_and_check(saved, tmp_path, edit):
     change, message = TENSOR_EDITS[edit]
     path = _edited_tensors(saved, tmp_path, change)
-    with pytest.raises(CheckpointTensorError, match="does not fit|NaN or inf") as loading:
+    with pytest.raises(CheckpointTensorError,
+                       match="does not fit|NaN or inf|no quantized model holds") as loading:
         AutoModelForCausalLM.from_pretrained(path)
     with pytest.raises(CheckpointTensorError) as checking:
         check_checkpoint(path)

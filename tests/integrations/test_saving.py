@@ -236,11 +236,11 @@ def test_non_finite_tensors_are_refused_at_save_and_at_load(quantized, tmp_path)
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="ff_proj.input_transform.sgat_channel_scale holds NaN"):
         check_checkpoint(path)
-    with pytest.raises(ValueError, match="NaN or inf.*ff_proj.input_transform"):
+    with pytest.raises(ValueError, match="ff_proj.input_transform.sgat_channel_scale holds NaN"):
         AutoModelForCausalLM.from_pretrained(path)
     broken = copy.deepcopy(quantized)
     broken.model.transformer.blocks[0].attn_out.weight_scale[0] = float("inf")
-    with pytest.raises(ValueError, match="NaN or inf.*attn_out.weight_scale"):
+    with pytest.raises(ValueError, match="attn_out.weight_scale holds NaN or inf"):
         broken.save_pretrained(tmp_path / "broken")
     assert not (tmp_path / "broken").exists()
 

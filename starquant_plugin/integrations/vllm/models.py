@@ -232,7 +232,7 @@ class MaskedDiffusionLM(nn.Module, SupportsQuant):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load the hub-named ``weights``; a STaR-Quant checkpoint's tensors are each checked
-        as they stream by (name, shape, dtype, finite values), and any that never came is
+        as they stream by (name, shape, dtype, values in range), and any that never came is
         named, with the transformers loader's specs (``hf_quantizer.checkpoint_specs``)."""
         loader = AutoWeightsLoader(self)
         if self.checkpoint_specs is None:
