@@ -81,7 +81,8 @@ class CheckpointTensorError(ValueError):
     """The checkpoint's tensors do not fit the model; the message lists what and the fix."""
 
 
-def _raise(problems: list[str], where: str) -> None:
+def raise_misfit(problems: list[str], where: str) -> None:
+    """One error naming up to five ``problems`` of the checkpoint read as ``where``."""
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
                                            if len(problems) > 5 else "")
@@ -121,7 +122,7 @@ def check_headers(specs: dict[str, TensorSpec], files: Iterable[str | Path], whe
     for name, (shape, dtype) in found.items():
         if name in specs and (wrong := _matches(specs[name], shape, dtype)):
             problems.append(f"{name} has {wrong}")
-    _raise(problems, where)
+    raise_misfit(problems, where)
 
 
 VALUE_RANGES: dict[str, tuple[float, float]] = {
@@ -167,12 +168,12 @@ class TensorChecker:
                 problems.append(f"{name} has {wrong}")
             elif problem := value_problem(name, tensor):
                 problems.append(f"{name} {problem}")
-            _raise(problems, self.where)
+            raise_misfit(problems, self.where)
             self.seen.add(name)
             yield name, tensor
 
     def finish(self) -> None:
-        _raise(_missing_and_unexpected(self.specs, self.seen), self.where)
+        raise_misfit(_missing_and_unexpected(self.specs, self.seen), self.where)
 
 
 def check_tensor_values(model: nn.Module, where: str) -> None:

@@ -25,10 +25,10 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from starquant_plugin.config import QUANT_METHOD
 from starquant_plugin.integrations.checkpoint_model import build_starquant_modules
 from starquant_plugin.integrations.checkpoint_tensors import (
-    CheckpointTensorError,
     check_headers,
     check_tensor_values,
     checkpoint_float_dtype,
+    raise_misfit,
     tensor_specs,
 )
 from starquant_plugin.integrations.format import StarQuantBlock, validate_config
@@ -136,13 +136,7 @@ def _check_weight_shapes(model) -> None:
         expected = [module.weight_scale.shape[0], module.transform.sgat_channel_scale.shape[0]]
         if stored != expected:
             wrong.append(f"{name}.weight_shape is {stored}, expected {expected}")
-    if wrong:
-        raise CheckpointTensorError(
-            f"{type(model).__name__} as loaded does not fit the model its config.json "
-            f"describes: {'; '.join(wrong[:5])}. The checkpoint was edited or mixed with "
-            "another one; download or copy it again, or re-save the quantized model with "
-            "save_starquant."
-        )
+    raise_misfit(wrong, f"{type(model).__name__} as loaded")
 
 
 def register_hf_quantizer() -> None:
