@@ -9,8 +9,10 @@ One run measures, as ratios to bf16 *and* fp32 on the same machine in the same p
   timed round-robin (one forward of each per round) so machine-load drift hits them alike;
   the median of ``--repeats`` rounds after one warm-up round is reported, with the load
   average before and after;
+* the same for the integer path on the block with ``prepack_weights`` (oneDNN-prepacked int8
+  copies of the weights), where the CPU takes them;
 * where the integer path's time goes on the block (transform, activation quantization,
-  weight decode, GEMM, rescale);
+  weight decode, GEMM, rescale), for both weight layouts;
 * bytes on disk and in memory, and peak RSS after reloading each checkpoint (and the saved
   block) in a fresh process and running forwards on it.
 
@@ -166,14 +168,13 @@ def _block_inputs(tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
             torch.randn(1, tokens, BLOCK_MLP, generator=generator).to(dtype))
 
 
-def _block_forward(block: torch.nn.ModuleDict, x: torch.Tensor, h: torch.Tensor,
-                   shared_input: bool = True) -> None:
-    """The 7 linears on the block's two inputs (attention-side x, MLP hidden h). With
-    ``shared_input=False`` each linear gets its own view of the input, so a group's
-    transform cannot reuse its work (what the runtime did before computing once per group)."""
+def _block_forward(block: torch.nn.ModuleDict, x: torch.Tensor, h: torch.Tensor) -> None:
+    """The 7 linears on the block's two inputs (attention-side x, MLP hidden h), copied first
+    as every variant's forward: in a model each forward brings new tensors, so a group's
+    transform computes once per forward and never reuses a previous forward's work."""
+    x, h = x.clone(), h.clone()
     for name, layer in block.items():
-        layer_input = h if name == "down_proj" else x
-        layer(layer_input if shared_input else layer_input.view_as(layer_input))
+        layer(h if name == "down_proj" else x)
 
 
 def _mask_state(tokens: int):
@@ -187,10 +188,17 @@ def _mask_state(tokens: int):
 def block_latency(schemes: tuple[str, ...], tokens_list: tuple[int, ...], repeats: int) -> dict:
     """Runs in a fresh process at the current thread count: all variants built once, timed
     round-robin per token count; then the integer path's time split (``breakdown``)."""
+    from starquant_plugin.method.runtime import prepack_weights
+
     state = _mask_state(max(tokens_list))
     generator = torch.Generator().manual_seed(0)
     blocks = {variant: build_block(variant, state, generator) for variant in ("bf16", "fp32",
                                                                                *schemes)}
+    for scheme in schemes:  # plus the opt-in oneDNN-prepacked copy, where the CPU takes it
+        block = build_block(scheme, state, generator)
+        if all(layer.prepack_refusal() is None for layer in block.values()):
+            prepack_weights(block)
+            blocks[f"{scheme} prepacked"] = block
     result = {"threads": torch.get_num_threads(), "tokens": {}}
     for tokens in tokens_list:
         state.mask_state = _mask_state(tokens).mask_state
@@ -198,19 +206,24 @@ def block_latency(schemes: tuple[str, ...], tokens_list: tuple[int, ...], repeat
         runs = {"bf16": lambda inputs=bf16: _block_forward(blocks["bf16"], *inputs),
                 "fp32": lambda inputs=fp32: _block_forward(blocks["fp32"], *inputs)}
         for scheme in schemes:
-            for path, enabled, shared in (("reference", False, True), ("integer", True, True),
-                                          ("integer, transform per linear", True, False)):
-                def run(block=blocks[scheme], enabled=enabled, shared=shared, inputs=bf16):
+            for path, block, enabled in (("reference", scheme, False),
+                                         ("integer", scheme, True),
+                                         ("integer prepacked", f"{scheme} prepacked", True)):
+                if block not in blocks:
+                    continue
+                def run(block=blocks[block], enabled=enabled, inputs=bf16):
                     _set_integer_gemm(block, enabled)
-                    _block_forward(block, *inputs, shared_input=shared)
+                    _block_forward(block, *inputs)
                 runs[f"{scheme} {path}"] = run
         load_before = _load()
         timings = round_robin(runs, repeats)
         result["tokens"][tokens] = {"load_before": load_before, "load_after": _load(),
                                     "latency": timings,
-                                    "breakdown": {scheme: breakdown(blocks[scheme], tokens,
-                                                                    repeats)
-                                                  for scheme in schemes}}
+                                    "breakdown": {name: breakdown(blocks[name], tokens,
+                                                                  repeats)
+                                                  for scheme in schemes
+                                                  for name in (scheme, f"{scheme} prepacked")
+                                                  if name in blocks}}
     return result
 
 
@@ -226,6 +239,7 @@ def breakdown(block: torch.nn.ModuleDict, tokens: int, repeats: int) -> dict[str
         integer_kernel,
         integer_matmul,
         onednn_repacked_weight,
+        prepacked_accumulators,
         rescale,
     )
     from starquant_plugin.method.quantizers import quantize_activation
@@ -235,13 +249,13 @@ def breakdown(block: torch.nn.ModuleDict, tokens: int, repeats: int) -> dict[str
     for name, layer in block.items():
         transform = layer.transform
         layer_input = h if name == "down_proj" else x
-        if layer.owns_transform:
+        if layer.owns_transform:  # as the forward runs them: a chunk of tokens at a time
             mask = transform.mask_state.mask_state
-            transformed = transform._transformed(layer_input, mask)
             runs[f"transform {name}"] = lambda t=transform, i=layer_input, m=mask: \
-                t._transformed(i, m)
-            runs[f"quantize {name}"] = lambda tr=transformed: quantize_activation(*tr)
-            a, scale = quantize_activation(*transformed)
+                t._in_token_chunks(i, m, lambda x_s, args, clip: x_s)
+            runs[f"transform+quantize {name}"] = lambda t=transform, i=layer_input, m=mask: \
+                t._in_token_chunks(i, m, quantize_activation)
+            a, scale = transform._in_token_chunks(layer_input, mask, quantize_activation)
             codes[id(transform)] = (a.reshape(tokens, -1), scale.reshape(tokens, 1))
         a, scale = codes[id(transform)]
         weight = layer._buffers.get("weight_packed", layer._buffers.get("weight"))
@@ -253,8 +267,14 @@ def breakdown(block: torch.nn.ModuleDict, tokens: int, repeats: int) -> dict[str
             runs[f"decode {name}"] = lambda w=weight, d=d: list(decoded_row_chunks(w, d))
         elif kernels[name] == ONEDNN:
             runs[f"decode {name}"] = lambda w=weight, d=d: onednn_repacked_weight(w, tokens, d)
+        if layer._prepacked is not None:
+            kernels[name] = "onednn prepacked"
+            runs.pop(f"decode {name}", None)
+            runs[f"matmul {name}"] = lambda a=a, layer=layer: prepacked_accumulators(
+                a, layer._prepacked, layer.weight_scale.shape[0])
+        else:
+            runs[f"matmul {name}"] = lambda a=a, w=weight: integer_matmul(a, w)
         acc = integer_matmul(a, weight)
-        runs[f"matmul {name}"] = lambda a=a, w=weight: integer_matmul(a, w)
         runs[f"rescale {name}"] = lambda acc=acc, s=scale, ws=layer.weight_scale: \
             rescale(acc, s, ws)
     timings = {name: t["ms"] for name, t in round_robin(runs, repeats).items()}
@@ -262,7 +282,8 @@ def breakdown(block: torch.nn.ModuleDict, tokens: int, repeats: int) -> dict[str
     def total(prefix: str) -> float:
         return sum(ms for name, ms in timings.items() if name.startswith(prefix + " "))
 
-    parts = {"transform": total("transform"), "quantize": total("quantize"),
+    parts = {"transform": total("transform"),
+             "quantize": total("transform+quantize") - total("transform"),
              "decode": total("decode")}
     parts["gemm"] = total("matmul") - parts["decode"]
     parts["rescale"] = total("rescale")
@@ -487,10 +508,11 @@ def print_tables(results: dict) -> None:
         for setting, entry in block["latency"].items():
             for scheme, split in entry["breakdown"].items():
                 parts = split["ms"]
-                measured = entry["latency"][f"{scheme} integer"]["ms"]
+                path = "integer prepacked" if scheme.endswith(" prepacked") else "integer"
+                measured = entry["latency"][f"{scheme.split()[0]} {path}"]["ms"]
                 cells = "  ".join(f"{part} {ms:.0f}" for part, ms in parts.items())
                 kernels = ",".join(sorted(set(split["kernels"].values())))
-                print(f"  {setting:<24}{scheme:<6}{cells}  sum {sum(parts.values()):.0f}"
+                print(f"  {setting:<24}{scheme:<16}{cells}  sum {sum(parts.values()):.0f}"
                       f"  (block forward {measured:.0f}; kernel {kernels})")
     print(f"\n{'model':<13}{'checkpoint':<12}{'disk blk/bf16':>14}{'mem blk/bf16':>13}"
           f"{'STaR MiB':>9}{'blk MiB':>9}{'+RSS reload':>12}{'+peak RSS':>10}{'peak RSS':>9}")

@@ -16,6 +16,7 @@ from starquant_plugin.method.runtime import (
     StarQuantInputTransform,
     StarQuantLinear,
     attach_mask_state,
+    prepack_weights,
 )
 from starquant_plugin.method.sgat import (
     MASKED,
@@ -68,6 +69,7 @@ __all__ = [
     "int_gemm",
     "kronecker_apply",
     "kronecker_factors",
+    "prepack_weights",
     "quantize_activation",
     "random_hadamard",
     "random_orthogonal",

@@ -30,6 +30,9 @@ from starquant_plugin.method.quantizers import fake_quantize_activation, quantiz
 from starquant_plugin.method.sgat import SGATResult, transform_input
 from starquant_plugin.method.tac import TACParams, apply_tac
 
+_CHUNK_TOKENS = 128
+"""Tokens transformed and quantized per step (``_in_token_chunks``)."""
+
 
 class MaskState:
     """The canvas' current token states: ``mask_state: BoolTensor [batch, seq]``, True = [MASK]."""
@@ -201,7 +204,33 @@ class StarQuantInputTransform(nn.Module):
         mask_state = self._mask_state_for(x)
         versions = tuple(_version(t) for t in (x, mask_state, *self.buffers()))
         return self._last_input.get(kind, x, mask_state, versions,
-                                    lambda: quantize(*self._transformed(x, mask_state)))
+                                    lambda: self._in_token_chunks(x, mask_state, quantize))
+
+    def _in_token_chunks(self, x: torch.Tensor, mask_state: torch.Tensor, quantize: Callable
+                         ) -> Any:
+        """``quantize(*self._transformed(x, mask_state))``, ``_CHUNK_TOKENS`` tokens at a time
+        so the transform's float32 temporaries stay in the CPU's cache (measured on the
+        8B-width block, ``docs/results.md``); the results are the same, token by token. The
+        STaR tensors are made float32 once per call, not per chunk."""
+        params = self._float32_params()
+        if x.shape[:-1].numel() <= _CHUNK_TOKENS:
+            return quantize(*self._transformed(x, mask_state, params))
+        tokens, states = x.reshape(-1, x.shape[-1]), mask_state.reshape(-1)
+        chunks = [quantize(*self._transformed(tokens[start:start + _CHUNK_TOKENS],
+                                              states[start:start + _CHUNK_TOKENS], params))
+                  for start in range(0, tokens.shape[0], _CHUNK_TOKENS)]
+        if isinstance(chunks[0], torch.Tensor):
+            return torch.cat(chunks).reshape(*x.shape[:-1], -1)
+        return tuple(torch.cat(parts).reshape(*x.shape[:-1], -1)
+                     for parts in zip(*chunks, strict=True))
+
+    def _float32_params(self) -> dict[str, torch.Tensor | None]:
+        """The STaR tensors in float32, the dtype the transform computes in."""
+        return {"tac": None if self.tac_matrices is None
+                else TACParams(self.tac_matrices.float(), self.tac_bias.float()),
+                "exclusive": self.exclusive.float(), "scale": self.sgat_channel_scale.float(),
+                "left": self.sgat_left.float(), "right": self.sgat_right.float(),
+                "clip": self.sgat_act_clip.float()}
 
     def _mask_state_for(self, x: torch.Tensor) -> torch.Tensor:
         mask_state = self.mask_state.mask_state
@@ -218,15 +247,15 @@ class StarQuantInputTransform(nn.Module):
             )
         return mask_state
 
-    def _transformed(self, x: torch.Tensor, mask_state: torch.Tensor
+    def _transformed(self, x: torch.Tensor, mask_state: torch.Tensor, params: dict[str, Any]
                      ) -> tuple[torch.Tensor, QuantizationArgs, torch.Tensor]:
         """``(x_s: float32 [batch, seq, d], act_args, clip: [batch, seq, 1])``: TAC and the
-        state-gated SGAT map, and each token's state's activation clip."""
+        state-gated SGAT map, and each token's state's activation clip; ``params`` from
+        ``_float32_params``."""
         x = x.float()
-        if self.tac_matrices is not None:
-            x = apply_tac(x, TACParams(self.tac_matrices.float(), self.tac_bias.float()))
+        if params["tac"] is not None:
+            x = apply_tac(x, params["tac"])
         state = mask_state.long()
-        x_s = transform_input(x, state, self.exclusive.float(), self.sgat_channel_scale.float(),
-                              self.sgat_left.float(), self.sgat_right.float())
-        clip = self.sgat_act_clip.float()[state].unsqueeze(-1)
-        return x_s, self.act_args, clip
+        x_s = transform_input(x, state, params["exclusive"], params["scale"], params["left"],
+                              params["right"])
+        return x_s, self.act_args, params["clip"][state].unsqueeze(-1)

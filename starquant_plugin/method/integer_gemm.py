@@ -36,6 +36,11 @@ little-endian host) and multiplies the even and odd activation columns by the tw
 planes, unpacked into a transient buffer per call (row chunks for ``"float32"``). The ``+ 8``
 offset of compressed-tensors' codes is taken out once per row of the result:
 ``sum_i a_i (w_i + 8) - 8 sum_i a_i``.
+
+The fastest layout on x86 CPUs is opt-in (``prepack_weight``, ``StarQuantLinear.prepack``):
+the weight's signed int8 codes laid out once in oneDNN's blocked format, multiplied by
+oneDNN's int8 GEMM (VNNI/AMX) with nothing decoded per call, at one more byte per weight
+(``prepacked_gemm``: the same numbers bit for bit).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import sys
 from collections.abc import Iterator
 
 import torch
+from compressed_tensors.compressors import unpack_from_int32
 
 INT_MM = "int_mm"
 ONEDNN = "onednn"
@@ -312,6 +318,57 @@ def integer_matmul(a_codes: torch.Tensor, weight: torch.Tensor, kernel: str | No
     if int4:
         acc -= _INT4_OFFSET * a_codes.sum(dim=1, keepdim=True, dtype=torch.int32)
     return acc
+
+
+def prepack_refusal(device: torch.device, int4: bool) -> tuple[str, str] | None:
+    """Why no oneDNN-prepacked copy of a weight serves exact products on ``device``:
+    ``(reason, message)``, or None. 4-bit codes times uint8 activations keep oneDNN's int16
+    pair sums below 2^15 on any x86 CPU; 8-bit weights need VNNI (module docstring)."""
+    capabilities = torch.cpu.get_capabilities()
+    if not (device.type == "cpu" and capabilities.get("architecture") == "x86_64"
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.onednn, "qlinear_prepack")):
+        return ("prepack-unavailable",
+                "oneDNN's int8 GEMM (torch.ops.onednn, x86 CPUs) is not available here; the "
+                "weights stay in their stored layout.")
+    if not int4 and not capabilities.get("avx512_vnni", False):
+        return ("prepack-int8-weights",
+                "Without AVX512-VNNI, oneDNN's int8 GEMM saturates int16 pair sums of 8-bit "
+                "weights times 8-bit activations; 8-bit weights stay in their stored layout.")
+    return None
+
+
+def prepack_weight(weight: torch.Tensor, d: int) -> torch.Tensor:
+    """The stored weight (int8 codes ``[out, d]`` or 4-bit ``weight_packed``) as signed int8
+    codes in oneDNN's blocked layout (``torch.ops.onednn.qlinear_prepack``), made once: one
+    byte per weight, opaque (not saveable). ``prepacked_gemm`` multiplies with it."""
+    if weight.dtype == torch.int32:
+        codes = unpack_from_int32(weight, 4, torch.Size((weight.shape[0], d)))
+    else:
+        codes = weight
+    return torch.ops.onednn.qlinear_prepack(codes.to(torch.int8).contiguous(), None)
+
+
+def prepacked_gemm(a_codes: torch.Tensor, a_scale: torch.Tensor, prepacked: torch.Tensor,
+                   weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """``int_gemm`` on a ``prepack_weight`` copy, bit for bit: oneDNN's int8 GEMM gets the
+    signed activation codes (zero point 0; measured exact, where a uint8 ``code + 128`` with
+    zero point 128 rounds twice past 2^24), unit scales and a float32 output, i.e. the exact
+    int32 accumulator converted to float32 as ``rescale`` converts it; then the same
+    rescale."""
+    acc = prepacked_accumulators(a_codes, prepacked, weight_scale.shape[0])
+    return rescale(acc, a_scale, weight_scale, bias)
+
+
+def prepacked_accumulators(a_codes: torch.Tensor, prepacked: torch.Tensor, out_features: int
+                           ) -> torch.Tensor:
+    """float32 ``[t, out]``: the int32 accumulators of ``a_codes: int8 [t, d]`` times a
+    ``prepack_weight`` copy, converted to float32 (``prepacked_gemm``)."""
+    ones = torch.ones(out_features, device=a_codes.device)
+    zeros = torch.zeros(out_features, dtype=torch.int64, device=a_codes.device)
+    return torch.ops.onednn.qlinear_pointwise(a_codes, 1.0, 0, prepacked, ones, zeros, None,
+                                              1.0, 0, torch.float32, "none", [], "")
 
 
 def int_gemm(

@@ -17,6 +17,9 @@ from starquant_plugin.method.integer_gemm import (
     integer_kernel,
     integer_matmul,
     onednn_refusal,
+    prepack_refusal,
+    prepack_weight,
+    prepacked_gemm,
 )
 
 NO_VNNI = {"architecture": "x86_64", "avx2": True, "avx512_vnni": False}
@@ -146,3 +149,31 @@ def test_cpu_without_vnni_computes_exactly_whatever_the_kernel(fresh_log, monkey
         weight = pack_to_int32(w, num_bits=4) if weight_bits == 4 else w
         y = int_gemm(a, torch.ones(tokens, 1), weight, torch.ones(8, 1))
         assert torch.equal(y.double(), _exact(a, w).double())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("tokens", [1, 7, 130])
+def test_a_prepacked_weight_gives_int_gemm_bit_for_bit(bits, tokens):
+    """Extremes included: accumulators of 128 * 128 * d pass 2^24, where the float32
+    conversion rounds; the prepacked path rounds them exactly as the rescale does."""
+    refusal = prepack_refusal(torch.device("cpu"), int4=bits == 4)
+    if refusal is not None:  # the refusal itself is tested below, on any CPU
+        pytest.skip(refusal[1])
+    d = 1100
+    a, w = _codes((tokens, d), 8, 9), _codes((24, d), bits, 10)
+    a[0], w[0], w[1] = -128, w.min(), w.max()
+    stored = pack_to_int32(w, num_bits=4) if bits == 4 else w
+    a_scale = torch.rand(tokens, 1, generator=torch.Generator().manual_seed(11)) + 0.1
+    w_scale, bias = torch.rand(24, 1) + 0.1, torch.randn(24)
+    y = prepacked_gemm(a, a_scale, prepack_weight(stored, d), w_scale, bias)
+    assert torch.equal(y, int_gemm(a, a_scale, stored, w_scale, bias))
+
+
+def test_prepacking_8bit_weights_needs_vnni(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: NO_VNNI)
+    cpu = torch.device("cpu")
+    if HAS_ONEDNN:
+        assert prepack_refusal(cpu, int4=True) is None
+        reason, message = prepack_refusal(cpu, int4=False)
+        assert reason == "prepack-int8-weights" and "AVX512-VNNI" in message
+    assert prepack_refusal(torch.device("meta"), int4=True)[0] == "prepack-unavailable"

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from starquant_plugin.method.integer_gemm import prepack_refusal
 from starquant_plugin.method.quantizers import (
     fake_quantize_activation,
     fake_quantize_weight,
@@ -19,6 +20,7 @@ from starquant_plugin.method.runtime import (
     StarQuantInputTransform,
     StarQuantLinear,
     attach_mask_state,
+    prepack_weights,
 )
 from starquant_plugin.method.sgat import SGATResult
 from starquant_plugin.method.tac import TACParams, apply_tac
@@ -303,3 +305,34 @@ def test_asymmetric_weights_run_the_reference_path_and_say_so_once(linear, caplo
     assert [r.getMessage() for r in caplog.records] == [
         "STaR-Quant linears with asymmetric weights (the integer GEMM has no zero-point term) "
         "run the dequantize-and-matmul reference path instead (same result, slower)."]
+    with pytest.raises(ValueError, match="Cannot prepack the weights: the layer runs the "
+                       "reference path \\(asymmetric weights"):
+        prepack_weights(layer)
+
+
+def test_inputs_longer_than_a_chunk_match_the_token_by_token_reference(linear):
+    """More tokens than ``_CHUNK_TOKENS``: transformed and quantized a chunk at a time."""
+    generator = torch.Generator().manual_seed(12)
+    mask = torch.rand(2, 150, generator=generator) < 0.5
+    sgat = _sgat()
+    layer = _layer(linear, sgat, _state(mask))
+    x = torch.randn(2, 150, D, generator=generator)
+    torch.testing.assert_close(layer(x), _reference(x, mask, sgat, layer, None),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["W4A4", "W4A8", "W8A8"])
+def test_prepacked_weights_give_the_same_numbers_and_are_not_saved(linear, scheme):
+    refusal = prepack_refusal(torch.device("cpu"), int4=scheme.startswith("W4"))
+    if refusal is not None:  # tests/method/test_integer_gemm.py checks the refusal
+        pytest.skip(refusal[1])
+    generator = torch.Generator().manual_seed(13)
+    mask = torch.rand(2, 150, generator=generator) < 0.5
+    model = nn.Sequential(_layer(linear, _sgat(), _state(mask), scheme=scheme))
+    x = torch.randn(2, 150, D, generator=generator)
+    stored, keys = model(x), set(model.state_dict())
+    assert prepack_weights(model) == OUT * D
+    assert torch.equal(model(x), stored)
+    assert set(model.state_dict()) == keys  # the copy is not part of the checkpoint
+    model.to(torch.float64)
+    assert model[0]._prepacked is None

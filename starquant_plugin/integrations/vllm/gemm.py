@@ -39,7 +39,12 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
-from starquant_plugin.method.integer_gemm import int_gemm
+from starquant_plugin.method.integer_gemm import (
+    int_gemm,
+    prepack_refusal,
+    prepack_weight,
+    prepacked_gemm,
+)
 from starquant_plugin.method.quantizers import fake_quantize_activation, quantize_activation
 
 logger = init_logger(__name__)
@@ -64,19 +69,24 @@ def quantized_activation_matmul(
     (codes * scale)^T + bias``, float32.
 
     ``x_s: [tokens, d]`` float32 (full width, so the per-token scale sees the whole row),
-    ``clip: [tokens, 1]``, ``weight_codes: int8 [out, d_local]``, ``weight_scale: [out, 1]``
+    ``clip: [tokens, 1]``, ``weight_codes: int8 [out, d_local]`` (or their ``prepack_weight``
+    copy), ``weight_scale: [out, 1]``
     float32, ``columns`` = this rank's input columns. The transformers runtime's integer GEMM
     (``method.integer_gemm``: our int8 codes, exact int32 accumulation, per-token x
     per-channel rescale), so both stacks compute the same numbers.
     """
     codes, scale = quantize_activation(x_s.float(), act_args, clip)
-    return int_gemm(codes[:, columns].contiguous(), scale, weight_codes, weight_scale,
-                    None if bias is None else bias.float())
+    codes, bias = codes[:, columns].contiguous(), None if bias is None else bias.float()
+    if weight_codes.is_mkldnn:  # prepack_weight's oneDNN layout (TorchGemm on x86 CPUs)
+        return prepacked_gemm(codes, scale, weight_codes, weight_scale, bias)
+    return int_gemm(codes, scale, weight_codes, weight_scale, bias)
 
 
 class TorchGemm:
     """The project's own route: compressed-tensors' tensors loaded as vLLM parameters, kept
-    as int8 codes + float32 scale after loading (``quantized_activation_matmul``)."""
+    as int8 codes + float32 scale after loading (``quantized_activation_matmul``); on x86
+    CPUs where oneDNN's int8 GEMM is exact for them the codes are kept only in its blocked
+    layout (``prepack_weight``: the same bytes, the same numbers, faster)."""
 
     name = "torch"
 
@@ -114,8 +124,10 @@ class TorchGemm:
         else:
             codes = layer.weight.data
             del layer.weight
-        layer.register_buffer("weight_codes", codes.to(torch.int8).contiguous(),
-                              persistent=False)
+        codes = codes.to(torch.int8).contiguous()
+        if prepack_refusal(codes.device, self.weight_args.num_bits == 4) is None:
+            codes = prepack_weight(codes, codes.shape[1])
+        layer.register_buffer("weight_codes", codes, persistent=False)
         layer.weight_scale_fp32 = layer.weight_scale.data.float()
 
     def apply(self, layer: torch.nn.Module, x_s: torch.Tensor, clip: torch.Tensor,
