@@ -335,15 +335,16 @@ class StarQuantLinear(nn.Module):
         """Why ``prepack()`` cannot serve this layer: ``(reason, message)``, or None."""
         refusal = self.integer_path_refusal()
         if refusal is not None:
-            return "prepack-reference", f"the layer runs the reference path ({refusal})"
+            return "prepack-reference", f"the layer runs the reference path ({refusal})."
         return prepack_refusal(self.weight_scale.device, self.weight_args.num_bits == 4)
 
     def prepack(self) -> int:
         """Keep the weight also as signed int8 codes in oneDNN's blocked layout, made once, for
         the integer path to multiply with (``integer_gemm.prepacked_gemm``: the same numbers,
         bit for bit, without decoding 4-bit nibbles or re-laying the weight out per call).
-        The stored tensors stay (they are what ``state_dict`` saves); ``.to()`` and loading a
-        state dict drop the copy. Returns the bytes it costs (one per weight)."""
+        The stored tensors stay (they are what ``state_dict`` saves); ``.to()``, loading a
+        state dict, ``copy.deepcopy`` and pickling drop the copy. Returns the bytes it costs
+        (one per weight)."""
         refusal = self.prepack_refusal()
         if refusal is not None:
             raise ValueError(f"Cannot prepack this layer's weight: {refusal[1]}")
@@ -359,6 +360,11 @@ class StarQuantLinear(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._prepacked = None
         super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state.pop("_prepacked", None)  # oneDNN's opaque layout cannot be copied or pickled
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [batch, seq, d]`` -> ``[batch, seq, out]`` in ``x``'s dtype (computed in

@@ -334,5 +334,7 @@ def test_prepacked_weights_give_the_same_numbers_and_are_not_saved(linear, schem
     assert prepack_weights(model) == OUT * D
     assert torch.equal(model(x), stored)
     assert set(model.state_dict()) == keys  # the copy is not part of the checkpoint
+    duplicate = copy.deepcopy(model)  # runs on the stored layout
+    assert duplicate[0]._prepacked is None and torch.equal(duplicate(x), stored)
     model.to(torch.float64)
     assert model[0]._prepacked is None
