@@ -114,21 +114,11 @@ def transform_input(
     left: torch.Tensor, right: torch.Tensor,
 ) -> torch.Tensor:
     """``x_s = (x - ((x V) * drop[s]) V^T) diag(c) (L (x) R)`` for ``x: [..., d]`` and
-    ``state: [...]`` (``mask_state.long()``); ``exclusive`` is ``V: [d, 2k]``.
-
-    Each token is projected only onto the half of ``V`` its state drops (``U_m`` for
-    unmasked, ``U_u`` for masked tokens): half the multiply-adds of ``(x V) * drop``, whose
-    other half is zeros, with the same result."""
+    ``state: [...]`` (``mask_state.long()``); ``exclusive`` is ``V: [d, 2k]``."""
     k = exclusive.shape[1] // 2
     if k:
-        flat, states = x.reshape(-1, x.shape[-1]), state.reshape(-1)
-        dropped = torch.zeros_like(flat)
-        for token_state, columns in ((UNMASKED, slice(0, k)), (MASKED, slice(k, 2 * k))):
-            rows = (states == token_state).nonzero().squeeze(1)
-            if rows.numel():
-                half = exclusive[:, columns]
-                dropped.index_copy_(0, rows, flat.index_select(0, rows) @ half @ half.T)
-        x = (flat - dropped).reshape(x.shape)
+        drop = dropped_directions(k, x.device).to(x.dtype)[state]
+        x = x - ((x @ exclusive) * drop) @ exclusive.T
     return kronecker_apply(x * channel_scale, left, right)
 
 
