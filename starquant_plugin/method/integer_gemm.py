@@ -103,15 +103,21 @@ def int_mm_refusal(device: torch.device, m: int, k: int, n: int) -> tuple[str, s
             "on the float32 kernel (exact).")
 
 
+def _onednn_int8_available(device: torch.device) -> bool:
+    """Whether torch's oneDNN int8 GEMM ops (``torch.ops.onednn.qlinear_*``) run on
+    ``device``: an x86 CPU with oneDNN enabled."""
+    return (device.type == "cpu"
+            and torch.cpu.get_capabilities().get("architecture") == "x86_64"
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.onednn, "qlinear_pointwise"))
+
+
 def onednn_refusal(device: torch.device, m: int, d: int, int4: bool, max_abs_code: int
                    ) -> tuple[str, str] | None:
     """Why the ``"onednn"`` kernel does not take this product (after ``int_mm`` refused it):
     ``(reason, message)``, or None. ``int4``: the weight is 4-bit ``weight_packed``;
     ``max_abs_code``: the largest ``|activation code|``."""
-    capabilities = torch.cpu.get_capabilities()
-    if not (device.type == "cpu" and capabilities.get("architecture") == "x86_64"
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+    if not _onednn_int8_available(device):
         return ("onednn-unavailable",
                 "oneDNN's int8 GEMM (torch.ops.onednn.qlinear_pointwise, x86 CPUs) is not "
                 "available here; integer GEMMs run on the float32 kernel (exact).")
@@ -322,16 +328,13 @@ def integer_matmul(a_codes: torch.Tensor, weight: torch.Tensor, kernel: str | No
 
 def prepack_refusal(device: torch.device, int4: bool) -> tuple[str, str] | None:
     """Why no oneDNN-prepacked copy of a weight serves exact products on ``device``:
-    ``(reason, message)``, or None. 4-bit codes times uint8 activations keep oneDNN's int16
-    pair sums below 2^15 on any x86 CPU; 8-bit weights need VNNI (module docstring)."""
-    capabilities = torch.cpu.get_capabilities()
-    if not (device.type == "cpu" and capabilities.get("architecture") == "x86_64"
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.onednn, "qlinear_prepack")):
+    ``(reason, message)``, or None. 4-bit weight codes keep oneDNN's int16 pair sums of
+    8-bit activations below 2^15 on any x86 CPU; 8-bit weights need VNNI (module docstring)."""
+    if not _onednn_int8_available(device):
         return ("prepack-unavailable",
                 "oneDNN's int8 GEMM (torch.ops.onednn, x86 CPUs) is not available here; the "
                 "weights stay in their stored layout.")
-    if not int4 and not capabilities.get("avx512_vnni", False):
+    if not int4 and not torch.cpu.get_capabilities().get("avx512_vnni", False):
         return ("prepack-int8-weights",
                 "Without AVX512-VNNI, oneDNN's int8 GEMM saturates int16 pair sums of 8-bit "
                 "weights times 8-bit activations; 8-bit weights stay in their stored layout.")
