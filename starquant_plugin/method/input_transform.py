@@ -225,10 +225,11 @@ class StarQuantInputTransform(nn.Module):
                      for parts in zip(*chunks, strict=True))
 
     def _float32_params(self) -> dict[str, torch.Tensor | None]:
-        """The STaR tensors in float32, the dtype the transform computes in."""
+        """The STaR tensors in float32, the dtype the transform computes in, but for ``V``,
+        whose projection runs in the stored (the model's) dtype (``transform_input``)."""
         return {"tac": None if self.tac_matrices is None
                 else TACParams(self.tac_matrices.float(), self.tac_bias.float()),
-                "exclusive": self.exclusive.float(), "scale": self.sgat_channel_scale.float(),
+                "exclusive": self.exclusive, "scale": self.sgat_channel_scale.float(),
                 "left": self.sgat_left.float(), "right": self.sgat_right.float(),
                 "clip": self.sgat_act_clip.float()}
 

@@ -338,3 +338,28 @@ def test_prepacked_weights_give_the_same_numbers_and_are_not_saved(linear, schem
     assert duplicate[0]._prepacked is None and torch.equal(duplicate(x), stored)
     model.to(torch.float64)
     assert model[0]._prepacked is None
+
+
+def test_a_bf16_model_projects_in_bf16_and_moves_few_activation_codes():
+    """``transform_input`` runs ``x V`` in ``V``'s dtype: in a bf16 model the dropped part is
+    rounded to bf16 (the fast path), which moves about 1% of the 8-bit codes of random
+    Gaussian inputs, by one step."""
+    d, k, tokens = 1024, 16, 256
+    generator = torch.Generator().manual_seed(3)
+    n1, n2 = kronecker_factors(d)
+    sgat = SGATResult(
+        exclusive=torch.linalg.qr(torch.randn(d, 2 * k, generator=generator))[0],
+        channel_scale=0.5 + torch.rand(d, generator=generator),
+        left=random_hadamard(n1, generator), right=random_hadamard(n2, generator),
+        act_clip=torch.tensor([1.0, 1.0]), weight_clip=torch.ones(8),
+    ).rounded_to(torch.bfloat16)
+    mask = torch.rand(1, tokens, generator=generator) < 0.5
+    x = torch.randn(1, tokens, d, generator=generator)
+    x[..., :4] *= 30  # outlier channels, as 7-8B models have
+    x = x.bfloat16()
+    _, act_args = scheme_args("W8A8")
+    codes = {dtype: StarQuantInputTransform(sgat, act_args, _state(mask), dtype=dtype)
+             .activation_codes(x)[0].int() for dtype in (torch.float32, torch.bfloat16)}
+    moved = codes[torch.float32] != codes[torch.bfloat16]
+    assert 0 < moved.float().mean() < 0.02
+    assert (codes[torch.float32] - codes[torch.bfloat16]).abs().max() == 1

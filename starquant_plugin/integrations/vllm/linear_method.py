@@ -119,7 +119,9 @@ class StarQuantLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         for name in star_tensor_shapes(self.group):
             param = getattr(layer, name)
-            param.data = param.data.float().contiguous()  # the transform runs in float32
+            # the transform runs in float32 but for V's projection (``transform_input``)
+            dtype = param.dtype if name == "sgat_exclusive" else torch.float32
+            param.data = param.data.to(dtype).contiguous()
         self.gemm.process_weights_after_loading(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
