@@ -19,6 +19,7 @@ from starquant_plugin.cli import (
     lm_eval_harness,
     push,
     quantize,
+    serve,
     verify,
 )
 from starquant_plugin.cli.errors import run_reporting_errors
@@ -29,13 +30,14 @@ EPILOG = """commands in a typical session:
   starquant inspect tiny-llada --quantized tiny-llada-w4a4 --out inspect-llada
   starquant verify tiny-llada-w4a4
   starquant push tiny-llada-w4a4 me/tiny-llada-w4a4 --dry-run
+  starquant serve tiny-llada-w4a4 --port 8000
   starquant lm-eval --model starquant --model_args pretrained=tiny-llada-w4a4 --tasks ...
   starquant demo --out demo-checkpoints
 
 Run `starquant COMMAND --help` for each command's options and an example.
 MODEL arguments take a folder, a Hugging Face Hub id, or tiny-llada / tiny-dream (bundled)."""
 
-COMMANDS = (quantize, evaluate, inspect_model, verify, push, lm_eval_harness, demo)
+COMMANDS = (quantize, evaluate, inspect_model, verify, push, serve, lm_eval_harness, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ bidirectional attention over a changing canvas does not allow exactly), eager mo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -53,16 +54,21 @@ def unshift(aligned: torch.Tensor) -> torch.Tensor:
     return torch.cat([aligned[:, 1:], aligned[:, -1:]], dim=1)
 
 
+EncodeRows = Callable[[list[list[int]]], list[torch.Tensor]]
+"""Canvases (token id lists) -> the pooler's per-position statistics, one tensor per canvas."""
+
+
 class VllmDenoiser:
     """A diffusion LM behind a vLLM engine, called like the transformers model by the samplers.
 
-    ``llm``: a ``vllm.LLM`` started with ``runner="pooling"`` on a LLaDA / Dream checkpoint.
+    ``config``: the checkpoint's config (``llm.model_config.hf_config``); ``encode``: one engine
+    call over canvases (``LLM.encode`` offline, ``AsyncLLM.encode`` in the server).
     ``calls`` counts engine calls (one per denoising step, all canvases batched).
     """
 
-    def __init__(self, llm: Any) -> None:
-        self.llm = llm
-        self.config = llm.model_config.hf_config
+    def __init__(self, config: Any, encode: EncodeRows) -> None:
+        self.config = config
+        self.encode = encode
         self.top_k: int = getattr(self.config, TOP_K_ATTRIBUTE, DEFAULT_TOP_K)
         self.shifted_logits = family_of(self.config).shifted_logits
         self.calls = 0
@@ -74,16 +80,15 @@ class VllmDenoiser:
         if attention_mask is not None:
             raise ValueError("The vLLM denoiser takes equal-length canvases without an "
                              "attention_mask; group prompts by length (denoise does).")
-        outputs = self.llm.encode([{"prompt_token_ids": row.tolist()} for row in input_ids],
-                                  pooling_task="token_classify", use_tqdm=False)
+        stats = torch.stack(self.encode([row.tolist() for row in input_ids])).float()
         self.calls += 1
-        stats = torch.stack([output.outputs.data for output in outputs]).float()
         logits = pseudo_logits(stats, self.config.vocab_size, self.top_k)
         return SimpleNamespace(logits=unshift(logits) if self.shifted_logits else logits)
 
 
-def _check_settings(denoiser: VllmDenoiser, family: str, kwargs: dict[str, Any]) -> None:
-    if denoiser.top_k == 0:
+def check_settings(top_k: int, family: str, kwargs: dict[str, Any]) -> None:
+    """Refuse sampler settings that need the full distribution from a top-``k`` engine."""
+    if top_k == 0:
         return
     needs_full = []
     if kwargs.get("temperature", 0.0) > 0:
@@ -91,16 +96,33 @@ def _check_settings(denoiser: VllmDenoiser, family: str, kwargs: dict[str, Any])
     if kwargs.get("cfg_scale", 0.0) > 0:
         needs_full.append("cfg_scale > 0")
     alg = kwargs.get("alg", "entropy")
-    if family == "dream" and (alg == "entropy" or (alg == "topk_margin"
-                                                   and denoiser.top_k < 2)):
-        needs_full.append(f"alg={alg!r} with top_k={denoiser.top_k}")
+    if family == "dream" and (alg == "entropy" or (alg == "topk_margin" and top_k < 2)):
+        needs_full.append(f"alg={alg!r} with top_k={top_k}")
     if needs_full:
         raise ValueError(
             f"{', '.join(needs_full)} needs the full distribution, but the engine returns the "
-            f"top-{denoiser.top_k} only. Start the LLM with hf_overrides="
+            f"top-{top_k} only. Start the LLM with hf_overrides="
             f"{{'{TOP_K_ATTRIBUTE}': 0}}, or use temperature 0 with low_confidence / random "
             "remasking (LLaDA) or origin / maskgit_plus / topk_margin (Dream)."
         )
+
+
+def run_sampler(denoiser: VllmDenoiser, prompts: list[list[int]] | torch.Tensor,
+                **sampler_kwargs: Any) -> SamplerOutput:
+    """The checkpoint family's sampler over ``denoiser`` for equal-length ``prompts``."""
+    family = family_of(denoiser.config).name
+    sampler = llada_generate if family == "llada" else dream_generate
+    check_settings(denoiser.top_k, family, sampler_kwargs)
+    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+    lengths = {len(row) for row in rows}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"Got prompts of lengths {sorted(lengths)}; the samplers denoise equal-length "
+            "canvases in lockstep. Call denoise once per prompt length."
+        )
+    output = sampler(denoiser, torch.stack(rows), **sampler_kwargs)
+    output.engine_calls = denoiser.calls
+    return output
 
 
 def denoise(llm: Any, prompts: list[list[int]] | torch.Tensor, **sampler_kwargs: Any
@@ -115,20 +137,13 @@ def denoise(llm: Any, prompts: list[list[int]] | torch.Tensor, **sampler_kwargs:
     Returns the sampler's ``SamplerOutput`` (``sequences: [n, prompt + gen_length]`` in
     prompt order) with ``engine_calls`` = the number of engine calls (= steps).
     """
-    denoiser = VllmDenoiser(llm)
-    family = family_of(denoiser.config).name
-    sampler = llada_generate if family == "llada" else dream_generate
-    _check_settings(denoiser, family, sampler_kwargs)
-    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
-    lengths = {len(row) for row in rows}
-    if len(lengths) != 1:
-        raise ValueError(
-            f"Got prompts of lengths {sorted(lengths)}; the samplers denoise equal-length "
-            "canvases in lockstep. Call denoise once per prompt length."
-        )
-    output = sampler(denoiser, torch.stack(rows), **sampler_kwargs)
-    output.engine_calls = denoiser.calls
-    return output
+    def encode(rows: list[list[int]]) -> list[torch.Tensor]:
+        outputs = llm.encode([{"prompt_token_ids": row} for row in rows],
+                             pooling_task="token_classify", use_tqdm=False)
+        return [output.outputs.data for output in outputs]
+
+    return run_sampler(VllmDenoiser(llm.model_config.hf_config, encode), prompts,
+                       **sampler_kwargs)
 
 
 def shutdown(llm: Any) -> None:
