@@ -5,18 +5,17 @@ from starquant_plugin.integrations import (
     register_lm_eval,
     register_transformers,
 )
-from starquant_plugin.models import register_auto_classes
 
 __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Register everything starquant plugs into; idempotent. llm-compressor and lm-eval are
-    not imported here: their registration runs when they are imported."""
-    register_auto_classes()
+    """Register everything starquant plugs into; idempotent. transformers, llm-compressor and
+    lm-eval are not imported here (``import starquant_plugin`` stays cheap, so the CLI starts
+    fast): each registration runs when its framework is imported."""
+    register_transformers()
     register_llmcompressor()
     register_lm_eval()
-    register_transformers()
 
 
 register()

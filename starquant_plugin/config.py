@@ -8,8 +8,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from starquant_plugin.method.transforms import kronecker_factors
-
 QUANT_METHOD = "starquant"
 
 
@@ -88,6 +86,8 @@ class StarQuantArgs(BaseModel):
 
     def factors(self, d: int) -> tuple[int, int]:
         """``(n1, n2)`` of the Kronecker factors of ``M`` for a linear input of dim ``d``."""
+        from starquant_plugin.method.transforms import kronecker_factors  # torch: lazily
+
         return kronecker_factors(d) if self.transform_factors == "kronecker" else (1, d)
 
 

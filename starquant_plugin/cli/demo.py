@@ -16,8 +16,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-
 from starquant_plugin.cli.errors import add_command, non_negative_int, positive_int
 from starquant_plugin.cli.logs import route_llmcompressor_logs, status
 from starquant_plugin.cli.quantize import scheme_recipe
@@ -45,11 +43,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         commands, "demo", "quantize the bundled tiny LLaDA and compare FP, RTN and STaR-Quant",
         __doc__, EXAMPLE)
     parser.add_argument("--scheme", default="W4A4", choices=["W4A4", "W4A8", "W8A8"],
-                        help="scheme of both quantized models (W4A4)")
+                        help="scheme of both quantized models")
     parser.add_argument("--samples", type=positive_int, metavar="N", default=32,
-                        help="calibration rows (32)")
+                        help="calibration rows")
     parser.add_argument("--rows", type=positive_int, metavar="N", default=64,
-                        help="held-out rows to score (64)")
+                        help="held-out rows to score")
     parser.add_argument("--epochs", type=non_negative_int,
                         help="override the STaR-Quant recipe's SGAT epochs (0 = no fit)")
     parser.add_argument("--out", metavar="DIR",
@@ -75,9 +73,9 @@ def _output_dir(out: str | None):
         return tempfile.TemporaryDirectory(prefix="starquant-demo-")
     from starquant_plugin.integrations.saving import check_output_dir
 
-    path = check_output_dir(out)
+    path = check_output_dir(out, overwrite_option=None)
     for name in CHECKPOINT_NAMES.values():
-        check_output_dir(path / name)
+        check_output_dir(path / name, overwrite_option=None)
     return nullcontext(str(path))
 
 
@@ -85,6 +83,8 @@ def run(args: argparse.Namespace) -> None:
     """FP vs RTN vs STaR-Quant (recipe ``recipes/llada_<scheme>.yaml``) on the tiny LLaDA."""
     output = _output_dir(args.out)
     route_llmcompressor_logs(args.verbose)
+
+    import torch
 
     from starquant_plugin.assets import TINY_LLADA, calibration_text, evaluation_text
     from starquant_plugin.integrations.calibration_dataset import dllm_calibration_dataset

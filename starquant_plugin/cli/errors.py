@@ -28,12 +28,24 @@ class UserError(Exception):
     """A problem with the command's input; the message says what was wrong and the fix."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog as written and shows each option's default (not None or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "%(default)" not in text
+                and action.default is not None and action.default is not False
+                and action.default != argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_command(commands: argparse._SubParsersAction, name: str, help: str, doc: str,
                 example: str) -> argparse.ArgumentParser:
     """A subcommand whose description is the first line of its module docstring ``doc`` and
-    whose epilog is its ``example`` text, kept as written."""
+    whose epilog is its ``example`` text, kept as written; options show their defaults."""
     return commands.add_parser(name, help=help, description=doc.splitlines()[0].replace("``", ""),
-                               epilog=example, formatter_class=argparse.RawDescriptionHelpFormatter)
+                               epilog=example, formatter_class=HelpFormatter)
 
 
 def positive_int(text: str) -> int:

@@ -42,18 +42,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="FP model to compare against (adds gen_agreement)")
     parser.add_argument("--text", metavar="FILE", help="UTF-8 text to score (default bundled)")
     parser.add_argument("--rows", type=positive_int, metavar="N", default=64,
-                        help="rows of text to score (64)")
+                        help="rows of text to score")
     parser.add_argument("--seq-len", type=positive_int, metavar="N", default=128,
-                        help="tokens per row (128)")
+                        help="tokens per row")
     parser.add_argument("--mask-draws", type=positive_int, metavar="N", default=1,
                         help="masks per row and ratio, covering every position before "
-                             "repeating one (1)")
+                             "repeating one")
     parser.add_argument("--elbo-rows", type=positive_int, metavar="N", default=16,
-                        help="rows for the ELBO (16)")
+                        help="rows for the ELBO")
     parser.add_argument("--prompt-len", type=positive_int, metavar="N", default=32,
-                        help="clean prompt tokens before the ELBO's continuation (32)")
+                        help="clean prompt tokens before the ELBO's continuation")
     parser.add_argument("--mc-num", type=positive_int, metavar="N", default=16,
-                        help="ELBO Monte-Carlo draws (16)")
+                        help="ELBO Monte-Carlo draws")
     parser.add_argument("--prompts", type=positive_int, metavar="N", default=4,
                         help="prompts for generation agreement (4, of 16 tokens each)")
     parser.add_argument("--seed", type=int, metavar="N", default=0,
@@ -137,13 +137,12 @@ def run(args: argparse.Namespace) -> None:
     if args.reference:
         resolve_model(args.reference, what="--reference")
     text, source = _text(args)
-    dtype = DTYPES[args.dtype]
     status(f"loading {args.model} ...")
-    model, tokenizer = load_model(args.model, dtype)
+    model, tokenizer = load_model(args.model, args.dtype)
     reference = None
     if args.reference:
         status(f"loading reference {args.reference} ...")
-        reference, ref_tokenizer = load_model(args.reference, dtype, what="--reference")
+        reference, ref_tokenizer = load_model(args.reference, args.dtype, what="--reference")
         _check_same_family(model, reference, args)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"--reference {args.reference} has a different tokenizer than "

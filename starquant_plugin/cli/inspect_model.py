@@ -17,8 +17,6 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from starquant_plugin.cli.errors import UserError, add_command, non_negative_int, positive_int
 from starquant_plugin.cli.loading import load_model
 from starquant_plugin.cli.logs import status
@@ -50,27 +48,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="a STaR-Quant checkpoint of MODEL to add to the comparison")
     parser.add_argument("--out", required=True, metavar="DIR", help="new report directory")
     parser.add_argument("--scheme", choices=["W4A4", "W4A8", "W8A8"], default="W4A4",
-                        help="scheme of the in-process RTN/SGAT/STaR-Quant models (W4A4)")
+                        help="scheme of the in-process RTN/SGAT/STaR-Quant models")
     parser.add_argument("--epochs", type=non_negative_int, metavar="N", default=15,
-                        help="SGAT fit epochs (15)")
+                        help="SGAT fit epochs")
     parser.add_argument("--samples", type=positive_int, metavar="N", default=32,
-                        help="calibration rows (32)")
+                        help="calibration rows")
     parser.add_argument("--seq-len", type=positive_int, metavar="N", default=128,
-                        help="tokens per row (128)")
+                        help="tokens per row")
     parser.add_argument("--rows", type=positive_int, metavar="N", default=16,
-                        help="held-out rows measured (16)")
+                        help="held-out rows measured")
     parser.add_argument("--prompts", type=positive_int, metavar="N", default=4,
-                        help="sampler prompts (4)")
+                        help="sampler prompts")
     parser.add_argument("--steps", type=positive_int, metavar="N", default=64,
-                        help="sampler steps (64)")
+                        help="sampler steps")
     parser.add_argument("--gen-length", type=positive_int, metavar="N", default=64,
-                        help="tokens generated (64)")
+                        help="tokens generated")
     parser.add_argument("--block-length", type=positive_int, metavar="N", default=32,
-                        help="LLaDA block length (32)")
+                        help="LLaDA block length")
     parser.add_argument("--layers", help="blocks in the per-channel grid, e.g. 0,3 (default: "
                         "up to 4 spread over the model)")
     parser.add_argument("--seed", type=int, metavar="N", default=0,
-                        help="seed of calibration, masks and fits (0)")
+                        help="seed of calibration, masks and fits")
     parser.set_defaults(func=run)
 
 
@@ -125,6 +123,8 @@ def run(args: argparse.Namespace) -> None:
             raise
         raise UserError("starquant inspect draws with matplotlib, which is not installed; "
                         "install the eval extra: pip install 'starquant-plugin[eval]'.") from error
+    import torch
+
     from starquant_plugin.assets import calibration_text, evaluation_text
     from starquant_plugin.inspection.measure import (
         SamplerSettings,

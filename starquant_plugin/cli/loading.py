@@ -10,14 +10,13 @@ import os
 import re
 from pathlib import Path
 
-import torch
-
 from starquant_plugin.assets import BUNDLED_MODELS as BUNDLED
 from starquant_plugin.cli.errors import UserError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = ("bfloat16", "float32")
+"""The ``--dtype`` names (torch dtypes of the same name; torch is imported by ``run`` only)."""
 
 
 def resolve_model(model: str, what: str = "MODEL") -> str:
@@ -52,14 +51,16 @@ def hub_offline() -> bool:
                for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def load_model(model: str, dtype: torch.dtype = torch.float32, what: str = "MODEL"):
+def load_model(model: str, dtype: str = "float32", what: str = "MODEL"):
     """(model, tokenizer) through ``load_dllm`` (family, mask token and tokenizer checked); a
     folder without a tokenizer or an unreachable Hub id becomes one ``UserError`` line."""
+    import torch
+
     from starquant_plugin.models.loading import load_dllm
 
     source = resolve_model(model, what)
     try:
-        return load_dllm(source, dtype=dtype)
+        return load_dllm(source, dtype=getattr(torch, dtype))
     except OSError as error:
         reason = " ".join(str(error).split())[:300]
         if isinstance(error, FileNotFoundError) and Path(source).is_dir():

@@ -53,7 +53,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     how.add_argument("--scheme", choices=["W4A4", "W4A8", "W8A8"],
                      help="quantization scheme (with --method)")
     parser.add_argument("--method", choices=sorted(METHODS), default="starquant",
-                        help="with --scheme: STaR-Quant or a baseline preset (default starquant)")
+                        help="with --scheme: STaR-Quant or a baseline preset")
     parser.add_argument("--out", required=True, metavar="DIR", help="new checkpoint directory")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the checkpoint already in --out")
@@ -65,17 +65,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="the paper's recipe: WinoGrande-XL train sentences")
     parser.add_argument("--calib-config", metavar="NAME", help="with --calib-dataset: config")
     parser.add_argument("--calib-split", default="train", metavar="SPLIT",
-                        help="with --calib-dataset: split (train)")
+                        help="with --calib-dataset: split")
     parser.add_argument("--calib-column", default="text", metavar="COLUMN",
-                        help="with --calib-dataset: text column (text)")
+                        help="with --calib-dataset: text column")
     parser.add_argument("--samples", type=positive_int, metavar="N", default=32,
-                        help="calibration rows (default 32)")
+                        help="calibration rows")
     parser.add_argument("--seq-len", type=positive_int, metavar="N", default=128,
-                        help="tokens per row (default 128)")
+                        help="tokens per row")
     parser.add_argument("--seed", type=int, metavar="N", default=0,
                         help="seed of the calibration rows (and, with --scheme, of the fit)")
     parser.add_argument("--epochs", type=non_negative_int, metavar="N",
-                        help="override the SGAT fit epochs (0 = no fit)")
+                        help="override the SGAT fit epochs (0 = no fit; default: the "
+                             "recipe's or method's)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="load dtype; scales and STaR tensors are stored in it")
     parser.add_argument("--verbose", action="store_true", help="show llm-compressor INFO logs")
@@ -173,7 +174,8 @@ def run(args: argparse.Namespace) -> None:
     # before any slow step: not the model's own folder (nor inside or above it), not the
     # current one, nothing an overwrite would destroy; then locked, so that a second run to
     # the same --out is refused now rather than replacing this one's result at its end
-    out = check_output_dir(args.out, overwrite=args.overwrite, reading=model_source)
+    out = check_output_dir(args.out, overwrite=args.overwrite, reading=model_source,
+                           overwrite_option="--overwrite")
     with output_lock(out):
         _quantize(args, model_source, out, start)
 
@@ -206,7 +208,7 @@ def _quantize(args: argparse.Namespace, model_source: str, out: Path, start: flo
 
     status(f"loading {args.model} ({args.dtype}) ...")
     tick = time.time()
-    model, tokenizer = load_model(model_source, DTYPES[args.dtype])
+    model, tokenizer = load_model(model_source, args.dtype)
     timings["load_s"] = time.time() - tick
     _refuse_quantized(model, args.model)
     bits = _weight_bits(modifiers)

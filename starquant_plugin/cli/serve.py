@@ -10,6 +10,7 @@ import argparse
 import os
 
 from starquant_plugin.cli.errors import UserError, add_command
+from starquant_plugin.cli.loading import DTYPES
 
 EXAMPLE = """examples:
   starquant serve tiny-llada-w4a4 --port 8000
@@ -30,7 +31,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--served-model-name", default=None,
                         help="the `model` name clients send (default: MODEL as given)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="compute dtype of the engine")
     parser.add_argument("--top-k", type=int, default=2,
                         help="statistics per position the engine returns (0: full "

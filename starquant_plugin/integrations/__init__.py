@@ -11,7 +11,11 @@ order the user imports.
 import importlib
 import sys
 
-from starquant_plugin.integrations.post_import import when_imported
+from starquant_plugin.integrations.post_import import (
+    half_imported,
+    retry_after_imports,
+    when_imported,
+)
 
 _LLMCOMPRESSOR_GLUE = "starquant_plugin.integrations.llmcompressor"
 LM_EVAL_MODEL_NAME = "starquant"
@@ -47,9 +51,26 @@ def register_lm_eval() -> None:
     when_imported("lm_eval.api.registry", _register_lm_eval_model)
 
 
-def register_transformers() -> None:
-    """Make ``from_pretrained`` load STaR-Quant checkpoints (``quant_method: starquant``)
-    through transformers' quantizer registry. Idempotent."""
-    from starquant_plugin.integrations.hf_quantizer import register_hf_quantizer
-
+def _register_with_transformers() -> bool:
+    """Register now if transformers is imported and the modules this needs are not halfway
+    through an import; True once done."""
+    if sys.modules.get("transformers") is None:
+        return False
+    try:
+        from starquant_plugin.integrations.hf_quantizer import register_hf_quantizer
+        from starquant_plugin.models import register_auto_classes
+    except (ImportError, AttributeError) as error:
+        if half_imported(error):  # e.g. transformers was imported by one of those modules
+            return False
+        raise
+    register_auto_classes()
     register_hf_quantizer()
+    return True
+
+
+def register_transformers() -> None:
+    """Register LLaDA / Dream with transformers' Auto classes and ``starquant`` with its
+    quantizer registry (so ``from_pretrained`` loads STaR-Quant checkpoints) as soon as
+    transformers is imported, without importing it: at once if it is, else right after the
+    import (of whatever module) that brought it in has finished. Idempotent."""
+    retry_after_imports(_register_with_transformers)

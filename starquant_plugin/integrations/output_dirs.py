@@ -113,14 +113,17 @@ def check_not_overlapping(out_dir: str | os.PathLike, source: str | os.PathLike)
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
-                     reading: str | os.PathLike | None = None) -> Path:
+                     reading: str | os.PathLike | None = None,
+                     overwrite_option: str | None = "overwrite=True") -> Path:
     """Refuse an ``out_dir`` that ``save_starquant`` would refuse, e.g. before a long
     calibration; returns it as given. Refused: the current folder, the root or a mount point; a
     path under a file or an unwritable folder; ``reading`` (the folder the model is read from),
     a folder inside it or above it; a file; a folder missing because an overwrite of it was
     interrupted (``explain_interrupted_replace``); a folder holding files (unless
     ``overwrite``); and, with ``overwrite``, one that also holds files that are not part of a
-    checkpoint (they would be deleted with it)."""
+    checkpoint (they would be deleted with it). ``overwrite_option``: how the caller's user
+    spells ``overwrite`` (the CLI: ``--overwrite``; None where it has no such option), for
+    the messages."""
     path = Path(out_dir)
     real = real_output_dir(path)
     _check_not_degenerate(path, real)
@@ -135,14 +138,14 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
     entries = sorted(real.iterdir()) if real.is_dir() else []
     if entries and not overwrite:
         what = "a model" if any(is_checkpoint_file(e) for e in entries) else "files"
-        raise FileExistsError(
-            f"{path} already holds {what}; nothing was written. Pass overwrite=True to "
-            "replace it, or choose an empty or new directory."
-        )
+        replace = f"Pass {overwrite_option} to replace it, or choose" if overwrite_option \
+            else "Choose"
+        raise FileExistsError(f"{path} already holds {what}; nothing was written. {replace} an "
+                              "empty or new directory.")
     foreign = [entry.name for entry in entries if not is_checkpoint_file(entry)]
     if foreign:
         raise FileExistsError(
-            f"{path} holds {foreign[:5]}, which are not part of a checkpoint; overwrite=True "
+            f"{path} holds {foreign[:5]}, which are not part of a checkpoint; {overwrite_option} "
             "replaces the whole folder and would delete them, so nothing was written. Move "
             "them out, or save into another directory."
         )
@@ -275,11 +278,23 @@ def explain_interrupted_replace(path: str | os.PathLike) -> list[Path]:
 # writing
 
 
+def apply_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes ``open()`` and ``mkdir`` give under the
+    process umask. safetensors writes its files 0600, so without this a checkpoint in a shared
+    folder is unreadable to the group while its config is not."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def replace_dir(new: Path, target: Path, overwrite: bool) -> None:
-    """Rename the finished folder ``new`` to ``target``. Without ``overwrite`` a plain rename,
-    which fails rather than replace a folder that holds files. With it, an existing ``target``
-    is moved aside, ``new`` renamed into place (the old one restored if that fails), and only
-    then the old one deleted."""
+    """Rename the finished folder ``new`` to ``target`` (its modes set by ``apply_umask``).
+    Without ``overwrite`` a plain rename, which fails rather than replace a folder that holds
+    files. With it, an existing ``target`` is moved aside, ``new`` renamed into place (the old
+    one restored if that fails), and only then the old one deleted."""
+    apply_umask(new)
     if not overwrite or not target.exists():
         try:
             os.rename(new, target)

@@ -78,3 +78,55 @@ def when_imported(module_name: str, callback: Callable[[], None]) -> None:
     if not any(getattr(c, "__qualname__", None) == callback.__qualname__
                and getattr(c, "__module__", None) == callback.__module__ for c in callbacks):
         callbacks.append(callback)
+
+
+def half_imported(error: BaseException) -> bool:
+    """Whether ``error`` says a module was used before its code had finished running (an
+    import chain that is still in progress), rather than that something is missing."""
+    return "partially initialized module" in str(error)
+
+
+class _RetryAfterImports(importlib.abc.MetaPathFinder):
+    """Wraps the loader of every module imported from now on, so that ``callback`` is retried
+    right after each one's code has run, until it returns True; then it leaves
+    ``sys.meta_path``."""
+
+    def __init__(self, callback: Callable[[], bool]) -> None:
+        self.callback = callback
+        self._resolving: set[str] = set()
+        self._running = False
+
+    def retry(self) -> None:
+        if self._running or self not in sys.meta_path:  # the callback's own imports
+            return
+        self._running = True
+        try:
+            done = self.callback()
+        finally:
+            self._running = False
+        if done and self in sys.meta_path:
+            sys.meta_path.remove(self)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname in self._resolving:
+            return None
+        self._resolving.add(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)  # the other finders
+        finally:
+            self._resolving.discard(fullname)
+        if spec is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _CallbackLoader(spec.loader, [self.retry])
+        return spec
+
+
+def retry_after_imports(callback: Callable[[], bool]) -> None:
+    """Call ``callback()`` now and, until it returns True, again after every module imported
+    from now on has run its code. For a registration that needs a framework imported and must
+    wait out an import chain in progress (it returns False when it cannot run yet, e.g. on a
+    ``half_imported`` error). ``callback`` is queued once."""
+    if callback():
+        return
+    if not any(isinstance(finder, _RetryAfterImports) and finder.callback is callback
+               for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RetryAfterImports(callback))

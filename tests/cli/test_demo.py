@@ -25,5 +25,6 @@ def test_occupied_out_is_refused_before_any_work(tmp_path):
     (tmp_path / "demo" / "rtn").mkdir(parents=True)
     (tmp_path / "demo" / "rtn" / "config.json").write_text("{}")
     result = starquant("demo", "--out", "demo", cwd=tmp_path)
-    assert_user_error(result, "already holds")
+    line = assert_user_error(result, "already holds", "Choose an empty or new directory")
+    assert "overwrite" not in line  # demo has no such option
     assert "quantizing" not in result.stderr

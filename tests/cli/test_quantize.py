@@ -104,7 +104,8 @@ def test_occupied_output_is_refused_before_calibrating(tmp_path):
     (tmp_path / "out" / "notes.txt").write_text("mine")
     result = starquant("quantize", "tiny-llada", "--scheme", "W4A4", *CALIBRATION,
                        "--out", "out", cwd=tmp_path)
-    assert_user_error(result, "out already holds files", "overwrite")
+    assert_user_error(result, "out already holds files", "Pass --overwrite to replace it")
+    assert "overwrite=True" not in result.stderr  # the CLI's flag, not the Python argument
     assert "loading" not in result.stderr  # refused before the model was even loaded
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
 

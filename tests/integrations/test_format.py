@@ -166,6 +166,20 @@ def test_config_has_explicit_format_groups_ignore_and_versioned_block(saved):
     assert not any(k.startswith(prefix + "k_proj.input_transform") for k in keys)  # stored once
 
 
+def test_checkpoint_files_get_the_modes_open_gives_under_the_umask(saved):
+    """safetensors writes 0600; the saved folder follows the umask like every other file."""
+    _, _, path = saved
+    assert {oct(f.stat().st_mode & 0o777) for f in path.iterdir()} == {
+        oct(0o666 & ~_umask())}
+    assert path.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_existing_model_dir_is_refused_and_left_untouched(saved, tmp_path):
     model, args, path = saved
     before = {f.name: f.read_bytes() for f in path.iterdir()}

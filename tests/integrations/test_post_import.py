@@ -85,3 +85,36 @@ def test_a_blocked_import_runs_nothing(monkeypatch):
     calls = []
     when_imported("starquant_blocked_framework", lambda: calls.append(1))
     assert calls == []
+
+
+TRANSFORMERS_CHECK = textwrap.dedent('''
+    from transformers import AutoConfig
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+    from starquant_plugin.assets import TINY_LLADA
+    assert type(AutoConfig.from_pretrained(TINY_LLADA)).__name__ == "LLaDAConfig"
+    assert AUTO_QUANTIZER_MAPPING["starquant"].__name__ == "StarQuantHfQuantizer"
+    print("ok")
+''')
+
+TRANSFORMERS_ORDERS = {
+    "plugin first": "import sys, starquant_plugin\n"
+                    "assert 'transformers' not in sys.modules and 'torch' not in sys.modules\n",
+    "transformers first": "import transformers\nimport starquant_plugin\n",
+    "a module that imports transformers first": "from starquant_plugin.pipeline import "
+                                                "quantize_dllm\n",
+    "the models package first": "from starquant_plugin.models import LLaDAConfig\n",
+    "the quantizer module first": "from starquant_plugin.integrations.hf_quantizer import "
+                                  "StarQuantConfig\n",
+}
+
+
+@pytest.mark.parametrize("order", TRANSFORMERS_ORDERS)
+def test_transformers_registration_whichever_is_imported_first(order):
+    """``import starquant_plugin`` imports neither torch nor transformers (the CLI starts in
+    a fraction of a second); the Auto classes and the quantizer are registered as soon as
+    transformers is, also when one of the package's own modules is what imports it."""
+    result = subprocess.run([sys.executable, "-c", TRANSFORMERS_ORDERS[order]
+                             + TRANSFORMERS_CHECK], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
