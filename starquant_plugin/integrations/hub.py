@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +72,19 @@ def validate_folder(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _quantized_from(path: Path) -> str | None:
+    """The MODEL ``starquant quantize`` read, from its report beside the checkpoint."""
+    report = path / "quantization_report.json"
+    try:
+        model = json.loads(report.read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
 def _read_quality(path: Path) -> dict[str, dict[str, Any]] | None:
     file = path / QUALITY_FILE
     if not file.is_file():
@@ -110,7 +124,8 @@ def build_model_card(path: str | os.PathLike, repo_id: str,
     args = block["args"]
     if quality is None:
         quality = _read_quality(path)
-    base_model = base_model or config.get("_name_or_path") or None
+    source = base_model or config.get("_name_or_path") or _quantized_from(path)
+    base_model = source if source and _HUB_ID.match(source) else None  # the card's metadata
     card_data = ModelCardData(
         base_model=base_model, library_name="transformers", license="apache-2.0",
         pipeline_tag="text-generation",
@@ -118,16 +133,20 @@ def build_model_card(path: str | os.PathLike, repo_id: str,
               block["family"]],
     )
     recipe = (path / "recipe.yaml").read_text(encoding="utf-8").strip()
+    source_text = f"`{source}`" + ("" if base_model else " (a local model)") if source \
+        else "unknown"
+    kv_source = ("" if args.get("kv_bits") is not None
+                 else f" (the {args['scheme']} default: `kv_bits` is null in the arguments)")
     body = f"""
 # {repo_id.split('/')[-1]}
 
 {block['family']} diffusion LM quantized to **{args['scheme']}** with STaR-Quant
 (state-gated activation transforms + temporal attention compensation), base model
-`{base_model or 'unknown'}`. Weights are stored in compressed-tensors'
+{source_text}. Weights are stored in compressed-tensors'
 `{quantization_config['format']}` layout; the STaR tensors (`sgat_*`, `tac_*`) of each group of
 linears that share an input sit under its first linear's `input_transform.` and are described
 by the `starquant` block (version {block['version']}) of `config.json`.
-K/V cache bits: {block['kv_bits']}.
+K/V cache bits: {block['kv_bits']}{kv_source}.
 
 ## Quality
 

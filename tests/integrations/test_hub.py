@@ -47,8 +47,25 @@ def test_dry_run_writes_exactly_the_upload_with_a_card(checkpoint, tmp_path):
     card = (Path(out) / "README.md").read_text()
     for expected in ("base_model: me/tiny-llada", "2606.04945", "STaR-Quant: State-Time",
                      "| W4A4 starquant | 11.5 |", "import starquant_plugin", "runner=\"pooling\"",
-                     "STaRQuantModifier", "pack-quantized", "MiB"):
+                     "STaRQuantModifier", "pack-quantized", "MiB",
+                     "K/V cache bits: 4 (the W4A4 default: `kv_bits` is null"):
         assert expected in card, expected
+
+
+def test_the_card_names_the_model_quantize_read(checkpoint, tmp_path):
+    """Without --base-model, the card takes the MODEL of ``starquant quantize``'s report: a
+    Hub id becomes the card's base_model, a local name is said to be one."""
+    for model, metadata, text in (("GSAI-ML/LLaDA-8B-Instruct",
+                                   "base_model: GSAI-ML/LLaDA-8B-Instruct",
+                                   "base model\n`GSAI-ML/LLaDA-8B-Instruct`."),
+                                  ("tiny-llada", None, "`tiny-llada` (a local model)")):
+        (checkpoint / "quantization_report.json").write_text(json.dumps({"model": model}))
+        try:
+            card = str(hub.build_model_card(checkpoint, "me/x"))
+        finally:
+            (checkpoint / "quantization_report.json").unlink()
+        assert text in card
+        assert (metadata in card) if metadata else "base_model:" not in card
 
 
 class FakeApi:
