@@ -29,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; tiny canvases need little
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # INFO shows vLLM's start-up log
     from transformers import AutoTokenizer
     from vllm import LLM
 
