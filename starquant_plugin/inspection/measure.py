@@ -79,6 +79,12 @@ class ChannelProfile:
         """Overall RMS of masked tokens over that of unmasked tokens."""
         return (self.masked.norm() / self.unmasked.norm().clamp_min(1e-12)).item()
 
+    def channel_ratios(self) -> torch.Tensor:
+        """Per channel, masked RMS over unmasked RMS: what the grid's two curves show, where
+        ``norm_ratio`` pools every channel (and is near 1 whenever a few large channels of
+        each state balance)."""
+        return self.masked / self.unmasked.clamp_min(1e-12)
+
     @property
     def profile_distance(self) -> float:
         """``1 - cos`` between the two channel profiles: 0 when masked and unmasked tokens

@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  after choosing the backend
+import torch  # noqa: E402
 
 from starquant_plugin.inspection.measure import ChannelProfile, DenoisingErrors  # noqa: E402
 
@@ -48,9 +49,10 @@ def plot_activation_by_state(profiles: dict[str, ChannelProfile], path: Path,
                 axis.plot(values, color=STATE_COLORS[state], linewidth=1,
                           label=f"{state} tokens")
             axis.set_yscale("log")
-            axis.set_title(f"block {block} · {group} input\nmasked/unmasked RMS "
-                           f"{profile.norm_ratio:.2f}, 1-cos {profile.profile_distance:.3f}",
-                           fontsize=8)
+            low, mid, high = profile.channel_ratios().quantile(
+                torch.tensor([0.1, 0.5, 0.9])).tolist()
+            axis.set_title(f"block {block} · {group} input\nmasked/unmasked: {mid:.2f} "
+                           f"({low:.2f}-{high:.2f})", fontsize=8)
             axis.tick_params(labelsize=7)
             if row == len(blocks) - 1:
                 axis.set_xlabel("channel (sorted by unmasked RMS)", fontsize=8)
@@ -58,8 +60,9 @@ def plot_activation_by_state(profiles: dict[str, ChannelProfile], path: Path,
                 axis.set_ylabel("RMS over tokens", fontsize=8)
     axes[0][0].legend(fontsize=7)
     figure.suptitle(f"{model_name}: activation magnitude per channel, masked vs unmasked "
-                    "tokens\n(a gap between the curves is the state disparity SGAT fits "
-                    "separate transforms for)", fontsize=10)
+                    "tokens (a gap between the curves is the state disparity SGAT fits "
+                    "separate transforms for)\npanel titles: masked/unmasked RMS per channel, "
+                    "median (10th-90th percentile over channels)", fontsize=10)
     figure.tight_layout()
     return _save(figure, path)
 
@@ -72,13 +75,13 @@ def plot_state_disparity(profiles: dict[str, ChannelProfile], path: Path,
     for group in groups:
         keys = sorted((k for k in profiles if _split_key(k)[1] == group), key=_split_key)
         blocks = [_split_key(k)[0] for k in keys]
-        ratio_axis.plot(blocks, [profiles[k].norm_ratio for k in keys], marker="o",
-                        label=group)
+        ratio_axis.plot(blocks, [profiles[k].channel_ratios().median().item() for k in keys],
+                        marker="o", label=group)
         distance_axis.plot(blocks, [profiles[k].profile_distance for k in keys], marker="o",
                            label=group)
     ratio_axis.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
-    ratio_axis.set(xlabel="decoder block", ylabel="RMS masked / RMS unmasked",
-                   title="overall magnitude gap")
+    ratio_axis.set(xlabel="decoder block", ylabel="masked / unmasked RMS (median channel)",
+                   yscale="log", title="magnitude gap per channel (1 = none)")
     distance_axis.set(xlabel="decoder block", ylabel="1 - cosine of channel profiles",
                       title="which channels are loaded")
     for axis in (ratio_axis, distance_axis):
@@ -108,8 +111,8 @@ def plot_denoising_error(errors: dict[str, DenoisingErrors], path: Path, model_n
         axis.set(xlabel="denoising step", ylabel=ylabel, title=title)
         axis.title.set_fontsize(9)
         axis.legend(fontsize=7)
-    figure.suptitle(f"{model_name}: quantization error vs FP across a sampler run ({sampler}); "
-                    "TAC is what separates 'SGAT, no TAC' from 'STaR-Quant'", fontsize=10)
+    figure.suptitle(f"{model_name}: quantization error vs FP across a sampler run ({sampler});"
+                    " 'SGAT, no TAC' and 'STaR-Quant' differ only by TAC", fontsize=10)
     figure.tight_layout()
     return _save(figure, path)
 
@@ -119,7 +122,7 @@ def plot_linear_group_error(errors: dict[str, dict[str, float]], path: Path,
     """One panel per linear group (q/k/v, attention output, gate/up, down): the relative
     output error of each model over the decoder blocks (log scale)."""
     keys = next(iter(errors.values()))
-    groups = list(dict.fromkeys(_split_key(k)[1] for k in sorted(keys, key=_split_key)))
+    groups = list(dict.fromkeys(_split_key(k)[1] for k in keys))  # data-flow order
     figure, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.6),
                                 sharey=True, squeeze=False)
     for axis, group in zip(axes[0], groups, strict=True):

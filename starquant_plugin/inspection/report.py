@@ -23,8 +23,10 @@ def render_report(model_name: str, setup: dict[str, object], figures: dict[str, 
     """Markdown embedding ``figures`` (``{key: file name}`` beside the report)."""
     setup_lines = "\n".join(f"* {key}: {value}" for key, value in setup.items())
     disparity = _table(
-        ["block:group input", "RMS masked / unmasked", "1 - cos(channel profiles)"],
-        [[key, p.norm_ratio, p.profile_distance] for key, p in profiles.items()])
+        ["block:group input", "RMS masked / unmasked, median channel",
+         "all channels pooled", "1 - cos(channel profiles)"],
+        [[key, p.channel_ratios().median().item(), p.norm_ratio, p.profile_distance]
+         for key, p in profiles.items()])
     steps = len(next(iter(denoising.values())).teacher_forced) if denoising else 0
     temporal = _table(
         ["model", "mean error, FP canvases", "error at last step, own trajectory",

@@ -8,6 +8,7 @@ import torch
 
 from starquant_plugin.config import StarQuantArgs
 from starquant_plugin.inspection.measure import (
+    ChannelProfile,
     SamplerSettings,
     activation_profiles,
     denoising_errors,
@@ -74,3 +75,13 @@ def test_group_errors_compare_a_rotated_v_in_the_fp_basis(make):
         errors[rotate] = linear_group_errors(fp, {"q": model}, denoising_rows())["q"]
     qkv = "0:q_proj/k_proj/v_proj"
     assert errors[True][qkv] < 0.1 and errors[False][qkv] < 0.1
+
+
+def test_channel_ratios_show_a_gap_that_the_pooled_ratio_hides():
+    """Masked tokens load channel 0, unmasked tokens channel 1, equally hard: the pooled RMS
+    ratio is 1, the per-channel ratios (what the grid's curves and titles show) are not."""
+    profile = ChannelProfile(masked=torch.tensor([10.0, 0.1, 1.0, 1.0]),
+                             unmasked=torch.tensor([0.1, 10.0, 0.5, 0.5]))
+    assert abs(profile.norm_ratio - 1.0) < 0.1
+    assert profile.channel_ratios().tolist() == pytest.approx([100.0, 0.01, 2.0, 2.0])
+    assert profile.channel_ratios().median().item() == pytest.approx(2.0)
