@@ -101,12 +101,13 @@ def _layers(spec: str | None, num_blocks: int) -> list[int]:
 
 
 def _quantized_variants(fp_model, calibration_rows, args) -> dict:
-    from starquant_plugin.config import method_args
+    from starquant_plugin.config import METHODS, method_args
     from starquant_plugin.pipeline import quantize_dllm
 
     models = {}
     for name, method in VARIANTS.items():
-        status(f"quantizing {name} ({args.scheme}, {args.epochs} epochs) ...")
+        fit = f", {args.epochs} epochs" if METHODS[method]["transform"] == "learned" else ""
+        status(f"quantizing {name} ({args.scheme}{fit}) ...")
         model = copy.deepcopy(fp_model)
         quantize_dllm(model, calibration_rows, method_args(
             method, scheme=args.scheme, epochs=args.epochs, seed=args.seed))
