@@ -26,6 +26,11 @@ class _CallbackLoader(importlib.abc.Loader):
         self._loader = loader
         self._callbacks = callbacks
 
+    def __getattr__(self, name: str):
+        # the rest of the real loader's interface (get_code for ``python -m``, is_package,
+        # get_resource_reader, ...)
+        return getattr(self._loader, name)
+
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self._loader.create_module(spec)
 

@@ -22,6 +22,15 @@ def test_importing_the_cli_loads_no_heavy_module():
     assert result.stdout.strip() == "[]"
 
 
+def test_python_m_runs_the_cli():
+    """``python -m starquant_plugin.cli`` (what the server tests start) gets the module's code
+    through the import hooks registration installs (runpy asks the loader for it)."""
+    result = subprocess.run([sys.executable, "-m", "starquant_plugin.cli", "--help"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("usage: starquant")
+
+
 DEFAULTS = {  # command -> defaults its --help must show
     "quantize": ["(default: bfloat16)", "(default: 0)", "(default: 32)"],
     "eval": ["(default: float32)", "(default: 0)", "(default: 64)"],
