@@ -49,7 +49,6 @@ from vllm.entrypoints.serve.engine.protocol import (
     UsageInfo,
 )
 
-from starquant_plugin.integrations.vllm.driver import check_settings
 from starquant_plugin.integrations.vllm.scheduler import (
     DenoiseScheduler,
     Overloaded,
@@ -100,26 +99,21 @@ class DiffusionRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     user: str | None = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    echo: Any = None
-    best_of: Any = None
-    suffix: Any = None
-    stop: Any = None
-    top_p: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    response_format: Any = None
 
-    @model_validator(mode="after")
-    def _refuse_meaningless_fields(self) -> DiffusionRequest:
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_meaningless_fields(cls, body: Any) -> Any:
+        """``REFUSED`` fields pass only at their neutral value (and are then dropped)."""
+        if not isinstance(body, dict):
+            return body
         for name, why in REFUSED.items():
-            value = getattr(self, name)
+            value = body.get(name)
             if value is not None and value != NEUTRAL.get(name, object()):
                 raise ValueError(f"`{name}` is not supported by a diffusion LM server: {why}.")
+        return {k: v for k, v in body.items() if k not in REFUSED}
+
+    @model_validator(mode="after")
+    def _one_length(self) -> DiffusionRequest:
         lengths = {v for v in (self.max_tokens, self.max_completion_tokens, self.gen_length)
                    if v is not None}
         if len(lengths) > 1:
@@ -176,7 +170,7 @@ class DiffusionServer:
 
     def settings(self, request: DiffusionRequest, prompt_length: int) -> dict[str, Any]:
         """The sampler settings of ``request``: its fields over the model-card defaults,
-        checked against the limits and against what the engine's statistics support."""
+        checked against the limits."""
         gen_length = request.requested_length() or self.default_gen_length
         if gen_length > self.max_gen_length or prompt_length + gen_length > self.max_model_len:
             raise BadRequest(
@@ -193,11 +187,7 @@ class DiffusionServer:
         if given:
             raise BadRequest(f"{', '.join(given)} do not apply to a {self.family} model.",
                              param=given[0])
-        try:
-            check_settings(self.scheduler.top_k, self.family, settings)
-        except ValueError as error:
-            raise BadRequest(str(error)) from None
-        return settings
+        return settings  # the sampler checks the rest (a 400 before its first step)
 
     def prompt_ids(self, request: CompletionRequest | ChatRequest) -> list[int]:
         if isinstance(request, ChatRequest):
