@@ -40,6 +40,7 @@ from starquant_plugin.method.input_transform import (
 from starquant_plugin.method.integer_gemm import (
     int4_weight_readable,
     int_gemm,
+    integer_kernel,
     log_once,
     prepack_refusal,
     prepack_weight,
@@ -337,6 +338,22 @@ class StarQuantLinear(nn.Module):
         if refusal is not None:
             return "prepack-reference", f"the layer runs the reference path ({refusal})."
         return prepack_refusal(self.weight_scale.device, self.weight_args.num_bits == 4)
+
+    def gemm_kernel(self, tokens: int) -> str:
+        """The kernel a forward over ``tokens`` tokens multiplies on: ``"reference"``
+        (dequantize-and-matmul), ``"onednn prepacked"`` (after ``prepack()``) or
+        ``integer_kernel``'s choice for this device and shape (``"int_mm"``, ``"onednn"``,
+        ``"float32"``), taking the largest code the activation bits allow. For benchmarks and
+        reports, which otherwise could only infer it from the logs."""
+        if not self.integer_gemm or self.integer_path_refusal() is not None:
+            return "reference"
+        if self._prepacked is not None:
+            return "onednn prepacked"
+        weight = self._buffers.get("weight_packed", self._buffers.get("weight"))
+        d = self.transform.sgat_channel_scale.shape[0]
+        max_abs_code = 2 ** (self.act_args.num_bits - 1)
+        return integer_kernel(weight.device, tokens, d, weight.shape[0],
+                              weight.dtype == torch.int32, max_abs_code)
 
     def prepack(self) -> int:
         """Keep the weight also as signed int8 codes in oneDNN's blocked layout, made once, for

@@ -363,3 +363,19 @@ def test_a_bf16_model_projects_in_bf16_and_moves_few_activation_codes():
     moved = codes[torch.float32] != codes[torch.bfloat16]
     assert 0 < moved.float().mean() < 0.02
     assert (codes[torch.float32] - codes[torch.bfloat16]).abs().max() == 1
+
+
+@pytest.mark.parametrize("scheme", ["W4A4", "W8A8"])
+def test_gemm_kernel_names_the_path_a_forward_takes(linear, scheme):
+    from starquant_plugin.method.integer_gemm import KERNELS, integer_kernel
+
+    layer = _layer(linear, _sgat(), _state(torch.zeros(1, 3, dtype=torch.bool)), scheme=scheme)
+    int4 = scheme.startswith("W4")
+    expected = integer_kernel(torch.device("cpu"), 300, D, OUT, int4, 8 if int4 else 128)
+    assert layer.gemm_kernel(300) == expected and expected in KERNELS
+    layer.integer_gemm = False
+    assert layer.gemm_kernel(300) == "reference"
+    layer.integer_gemm = True
+    if layer.prepack_refusal() is None:
+        layer.prepack()
+        assert layer.gemm_kernel(300) == "onednn prepacked"
