@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 SCHEMES = ("FP", "W8A8", "W4A4")
@@ -82,19 +83,18 @@ def make_checkpoints(family: str, out_dir: Path) -> dict[str, str]:
     return paths
 
 
-def make_8b_checkpoints(family: str, blocks: int, out_dir: Path) -> dict[str, str]:
-    """An 8B-shaped FP bf16 model with ``blocks`` blocks and random weights, and W8A8 / W4A8 /
-    W4A4 checkpoints quantized from it (``epochs=0``; TAC on every o_proj)."""
+def save_8b_model(family: str, blocks: int, path: Path, shape: dict | None = None):
+    """An FP bf16 ``family`` model at the published 8B widths (``SHAPE_8B[family]``, or
+    ``shape`` for a smaller run) with ``blocks`` blocks and random weights (seed 0), saved to
+    ``path`` without a tokenizer: for speed and size, not a trained model. Returns its config.
+    Shared with ``device_check.py``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from starquant_plugin.assets import TINY_MODELS
-    from starquant_plugin.config import StarQuantArgs
-    from starquant_plugin.integrations.saving import save_starquant
-    from starquant_plugin.pipeline import quantize_dllm
 
     config = AutoConfig.from_pretrained(TINY_MODELS[family])
-    for key, value in SHAPE_8B[family].items():
+    for key, value in (SHAPE_8B[family] if shape is None else shape).items():
         setattr(config, key, value)
     if family == "llada":
         config.n_layers = blocks
@@ -102,8 +102,22 @@ def make_8b_checkpoints(family: str, blocks: int, out_dir: Path) -> dict[str, st
         config.num_hidden_layers = config.max_window_layers = blocks
         config.layer_types = ["full_attention"] * blocks
     torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    return config
+
+
+def make_8b_checkpoints(family: str, blocks: int, out_dir: Path) -> dict[str, str]:
+    """An 8B-shaped FP bf16 model with ``blocks`` blocks and random weights, and W8A8 / W4A8 /
+    W4A4 checkpoints quantized from it (``epochs=0``; TAC on every o_proj)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from starquant_plugin.config import StarQuantArgs
+    from starquant_plugin.integrations.saving import save_starquant
+    from starquant_plugin.pipeline import quantize_dllm
+
     paths = {"FP": str(out_dir / f"{family}-8b-FP")}
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(paths["FP"])
+    config = save_8b_model(family, blocks, Path(paths["FP"]))
     rows = torch.randint(3, 2000, (4, 128), generator=torch.Generator().manual_seed(0))
     rows = rows.masked_fill(rows % 2 == 0, config.mask_token_id)
     with mock.patch("starquant_plugin.pipeline.fit_sgat", _speed_only_sgat):
@@ -135,13 +149,14 @@ def _speed_only_sgat(weight, x_masked, x_unmasked, weight_args, act_args, *, k, 
                       act_clip=torch.ones(2), weight_clip=torch.ones(weight.shape[0]))
 
 
-def run_settings(runtime: str, checkpoint: str, family: str, threads: int,
-                 settings: list[tuple[int, int]], steps: int) -> list[dict]:
-    """In this process, bf16, ``threads`` threads: load once, then per (canvas, batch) one
-    warm-up step and ``steps`` timed steps of a canvas of ``PROMPT_8B`` prompt tokens."""
+def load_for_speed(runtime: str, checkpoint: str, family: str, threads: int,
+                   max_canvas: int, max_batch: int, device: str = "cpu") -> tuple[Any, Any]:
+    """In this process, bf16, ``threads`` threads: ``(generate(prompts, sampler_kwargs), the
+    loaded transformers model or vLLM LLM)`` for canvases of up to ``max_canvas`` tokens and
+    batches of up to ``max_batch``. Transformers runs on ``device`` (prepacked where the CPU
+    takes it); vLLM on its platform's device."""
     import torch
 
-    max_canvas, max_batch = max(c for c, _ in settings), max(b for _, b in settings)
     if runtime == "transformers":
         torch.set_num_threads(threads)
         from transformers import AutoModelForCausalLM
@@ -150,7 +165,8 @@ def run_settings(runtime: str, checkpoint: str, family: str, threads: int,
         from starquant_plugin.method import StarQuantLinear, prepack_weights
         from starquant_plugin.models.sampling import dream_generate, llada_generate
 
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+        model = model.to(device).eval()
         if all(layer.prepack_refusal() is None for layer in model.modules()
                if isinstance(layer, StarQuantLinear)):
             prepack_weights(model)  # the fastest exact layout on x86 (docs/results.md)
@@ -158,34 +174,87 @@ def run_settings(runtime: str, checkpoint: str, family: str, threads: int,
 
         def generate(prompts, kw):
             with torch.no_grad():
-                return sampler(model, prompts, **kw)
+                return sampler(model, prompts.to(device), **kw)
+        return generate, model
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
+    from vllm import LLM
+
+    from starquant_plugin.integrations.vllm.driver import denoise
+
+    llm = LLM(checkpoint, runner="pooling", enforce_eager=True, dtype=torch.bfloat16,
+              max_model_len=max_canvas, max_num_seqs=max_batch, seed=0,
+              skip_tokenizer_init=True, distributed_executor_backend="uni",
+              max_num_batched_tokens=max_canvas * max_batch)
+
+    def generate(prompts, kw):
+        return denoise(llm, prompts, **kw)
+    return generate, llm
+
+
+def _vllm_gemm_routes(model: Any) -> list[str]:
+    """The GEMM route each STaR-Quant layer of a vLLM model chose at load (``star_gemm``)."""
+    return sorted({module.star_gemm for module in model.modules()
+                   if hasattr(module, "star_gemm")})
+
+
+def gemm_routes(runtime: str, loaded: Any, tokens: int) -> list[str]:
+    """The distinct GEMM kernels the quantized linears of a ``load_for_speed`` model run on
+    for ``tokens`` tokens per forward: transformers ``StarQuantLinear.gemm_kernel``, vLLM
+    the route chosen at load (``integrations/vllm/gemm.py``); ``dense`` for an FP model."""
+    if runtime == "transformers":
+        from starquant_plugin.method import StarQuantLinear
+
+        routes = sorted({layer.gemm_kernel(tokens) for layer in loaded.modules()
+                         if isinstance(layer, StarQuantLinear)})
     else:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
-        from vllm import LLM
+        routes = loaded.apply_model(_vllm_gemm_routes)[0]
+    return routes or ["dense"]
 
-        from starquant_plugin.integrations.vllm.driver import denoise
 
-        llm = LLM(checkpoint, runner="pooling", enforce_eager=True, dtype=torch.bfloat16,
-                  max_model_len=max_canvas, max_num_seqs=max_batch, seed=0,
-                  skip_tokenizer_init=True, distributed_executor_backend="uni",
-                  max_num_batched_tokens=max_canvas * max_batch)
+def _synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that a timer reads the work's end, not its launch."""
+    import torch
 
-        def generate(prompts, kw):
-            return denoise(llm, prompts, **kw)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_settings(generate: Any, family: str, settings: list[tuple[int, int]], steps: int,
+                  threads: int, device: str = "cpu") -> list[dict]:
+    """Per (canvas, batch) one warm-up step and ``steps`` timed steps of a canvas of
+    ``PROMPT_8B`` prompt tokens."""
+    import torch
+
     results = []
     for canvas, batch in settings:
         prompts = torch.randint(3, 2000, (batch, PROMPT_8B),
                                 generator=torch.Generator().manual_seed(0))
         gen_length = canvas - PROMPT_8B
         generate(prompts, _sampler_kwargs(family, 1, gen_length))
+        _synchronize(device)
         start = time.perf_counter()
         generate(prompts, _sampler_kwargs(family, steps, gen_length))
+        _synchronize(device)
         seconds = time.perf_counter() - start
         results.append({"canvas": canvas, "batch": batch, "threads": threads,
                         "step_ms": 1000 * seconds / steps,
                         "canvas_tokens_per_s": batch * canvas * steps / seconds})
+    return results
+
+
+def run_settings(runtime: str, checkpoint: str, family: str, threads: int,
+                 settings: list[tuple[int, int]], steps: int, device: str = "cpu"
+                 ) -> list[dict]:
+    """In this process: load once (``load_for_speed``), then ``time_settings``; each result
+    also names the GEMM kernels (``gemm_routes``)."""
+    max_canvas, max_batch = max(c for c, _ in settings), max(b for _, b in settings)
+    generate, loaded = load_for_speed(runtime, checkpoint, family, threads, max_canvas,
+                                      max_batch, device)
+    results = time_settings(generate, family, settings, steps, threads, device)
+    for result in results:
+        result["gemm"] = gemm_routes(runtime, loaded, result["canvas"] * result["batch"])
     return results
 
 
@@ -289,11 +358,13 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("RUNTIME", "CHECKPOINT"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--worker-8b", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="8b: the transformers runtime's device")
     args = parser.parse_args()
     if args.worker_8b:
         runtime, checkpoint, threads, settings = args.worker_8b
         print(json.dumps(run_settings(runtime, checkpoint, args.family, int(threads),
-                                      [tuple(s) for s in json.loads(settings)], args.steps)))
+                                      [tuple(s) for s in json.loads(settings)], args.steps,
+                                      args.device)))
         return
     if args.shape == "8b":
         main_8b(args)
