@@ -17,6 +17,7 @@ The math is in ``method.transforms``; this module finds the projections in a blo
 from __future__ import annotations
 
 import torch
+from compressed_tensors.offload import update_offload_parameter
 from torch import nn
 from torch.nn import functional as F
 
@@ -35,11 +36,21 @@ def _value_and_output(block: nn.Module, family: DLLMFamily) -> tuple[str, str]:
     return value, readers[0]
 
 
-def kv_folded_params(block: nn.Module, family: DLLMFamily) -> list[torch.Tensor]:
-    """The parameters the folds change in place (q/k/v projections, the output projection),
-    for ``quantize_block`` to restore if the block fails."""
+def kv_folded_params(block: nn.Module, family: DLLMFamily) -> list[tuple[nn.Module, str]]:
+    """The (module, parameter name) pairs the folds change in place (q/k/v projections, the
+    output projection), for ``quantize_block`` to restore if the block fails."""
     names = (*family.query_key, *_value_and_output(block, family))
-    return [p for name in names for p in block.get_submodule(name).parameters(recurse=False)]
+    modules = [block.get_submodule(name) for name in names]
+    return [(module, name) for module in modules
+            for name, _ in module.named_parameters(recurse=False)]
+
+
+def _write(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set a folded parameter in place. Through ``update_offload_parameter``: under
+    compressed-tensors offloading (llm-compressor's sequential pipeline) the parameter read
+    is an onloaded copy, and a fold written only there is lost once the pipeline offloads the
+    block, e.g. for an output projection that is not quantized in the same run."""
+    update_offload_parameter(module, name, value)
 
 
 def _linears(block: nn.Module, names: tuple[str, ...], option: str) -> list[nn.Linear]:
@@ -62,10 +73,10 @@ def rotate_value_heads_(block: nn.Module, family: DLLMFamily) -> torch.Tensor:
     with torch.no_grad():
         v_weight, v_bias, o_weight = rotate_value_heads(v_proj.weight, v_proj.bias,
                                                         o_proj.weight, head_dim)
-        v_proj.weight.copy_(v_weight)
-        o_proj.weight.copy_(o_weight)
+        _write(v_proj, "weight", v_weight)
+        _write(o_proj, "weight", o_weight)
         if v_bias is not None:
-            v_proj.bias.copy_(v_bias)
+            _write(v_proj, "bias", v_bias)
     return hadamard(head_dim).to(v_proj.weight.device)
 
 
@@ -81,8 +92,8 @@ def smooth_keys_(block: nn.Module, family: DLLMFamily, x: torch.Tensor, alpha: f
     scales = key_smoothing_scales(keys.float().abs().amax(0), head_dim, alpha)
     q_weight, q_bias, k_weight, k_bias = smooth_keys(q_proj.weight, q_proj.bias, k_proj.weight,
                                                      k_proj.bias, scales, head_dim)
-    for param, value in ((q_proj.weight, q_weight), (q_proj.bias, q_bias),
-                         (k_proj.weight, k_weight), (k_proj.bias, k_bias)):
-        if param is not None:
-            param.copy_(value)
+    for module, name, value in ((q_proj, "weight", q_weight), (q_proj, "bias", q_bias),
+                                (k_proj, "weight", k_weight), (k_proj, "bias", k_bias)):
+        if getattr(module, name) is not None:
+            _write(module, name, value)
     return scales

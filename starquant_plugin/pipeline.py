@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from compressed_tensors.offload import update_offload_parameter
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -272,7 +273,8 @@ def quantize_block(
     originals = {name: block.get_submodule(name) for group in groups for name in group}
     attention = block.get_submodule(family.attention_module)
     saved = {key: attention.__dict__.get(key) for key in ("kv_bits", "k_rotation")}
-    unfolded = [(p, p.detach().clone()) for p in kv_folded_params(block, family)]
+    unfolded = [(module, name, getattr(module, name).detach().clone())
+                for module, name in kv_folded_params(block, family)]
     try:
         value_rotation = None
         if args.resolved_kv_rotation:
@@ -287,9 +289,11 @@ def quantize_block(
     except BaseException:
         for name, linear in originals.items():  # leave the block as it was
             block.set_submodule(name, linear)
-        with torch.no_grad():  # undo the K/V transforms folded into the weights
-            for param, before in unfolded:
-                param.copy_(before)
+        # Undo the K/V transforms folded into the weights (written as the folds were, so an
+        # offloaded weight is restored where it lives, not only in its onloaded copy).
+        with torch.no_grad():
+            for module, name, before in unfolded:
+                update_offload_parameter(module, name, before)
         for key, value in saved.items():
             if value is None:
                 attention.__dict__.pop(key, None)

@@ -15,6 +15,13 @@ import time
 from contextlib import ExitStack
 
 import torch
+from compressed_tensors.offload import (
+    disable_onloading,
+    get_cache_init_kwargs,
+    offload_module,
+    remove_dispatch,
+)
+from compressed_tensors.offload.cache import OffloadCache
 from compressed_tensors.utils import match_named_modules, patch_attr
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
@@ -80,7 +87,9 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
     from the inputs the quantized blocks before it produced; the FP chain (TAC's target) is
     carried alongside, so memory is about two layers' activations. The pipeline's propagation
     pass then runs the new ``StarQuantLinear``s. With ``propagate_error=False`` blocks are fed
-    FP outputs instead (a documented difference from the core path).
+    FP outputs instead (a documented difference from the core path). Under compressed-tensors
+    offloading (a model bigger than the device, docs/recipes.md) the block is the one onloaded
+    block, and its quantized linears are offloaded where its linears were.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=False)
@@ -230,10 +239,12 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
             q_inputs = with_hidden(q_inputs, q_hidden)
         fp_inputs = q_inputs if self._fp_hidden is None else with_hidden(q_inputs,
                                                                          self._fp_hidden)
-        fp_block = copy.deepcopy(block)
+        fp_block = fp_copy(block)
         if self._groups.get(index):
+            offloading = offloading_of(block, self._groups[index])
             quantize_block(block, fp_block, q_inputs, fp_inputs, states, self._mask_state,
                            self._args, self._family, self._report, index, self._groups[index])
+            offload_like(block, offloading)
             self._quantized.add(index)
         self._fp_hidden = run_block(fp_block, fp_inputs, states, self._mask_state)
         self._done.add(index)
@@ -285,6 +296,48 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
         for handle in self._propagation_handles:
             handle.remove()
         self._propagation_handles = []
+
+
+def fp_copy(block: nn.Module) -> nn.Module:
+    """An unmodified, not offloaded copy of ``block`` for the FP chain, its tensors on the
+    block's execution device.
+
+    ``copy.deepcopy`` of a block under compressed-tensors offloading copies the caches'
+    handles, which the copy cannot onload (a disk cache finds a tensor's file by the original
+    handle, so the copy fails with a KeyError). So copy the structure without onloading, drop
+    the copy's offloading, and give it copies of the block's onloaded tensors (copies: the
+    K/V folds change the block's weights in place)."""
+    with disable_onloading():
+        twin = copy.deepcopy(block)
+    remove_dispatch(twin)
+    for original, copied in zip(block.modules(), twin.modules(), strict=True):
+        if isinstance(original._parameters, OffloadCache):
+            for name, tensor in original._parameters.items():
+                copied._parameters[name] = copy.deepcopy(tensor)
+            for name, tensor in original._buffers.items():
+                copied._buffers[name] = copy.deepcopy(tensor)
+    return twin
+
+
+def offloading_of(block: nn.Module, groups: tuple[tuple[str, ...], ...]
+                  ) -> dict[str, dict]:
+    """The compressed-tensors offload settings (``offload_module`` kwargs) of the offloaded
+    linears in ``groups``, read before ``quantize_block`` replaces them."""
+    linears = {name: block.get_submodule(name) for group in groups for name in group}
+    return {name: get_cache_init_kwargs(linear) for name, linear in linears.items()
+            if isinstance(linear._parameters, OffloadCache)}
+
+
+def offload_like(block: nn.Module, offloading: dict[str, dict]) -> None:
+    """Offload each ``StarQuantLinear`` (with its input transform) the way the linear it
+    replaced was (``offloading_of``).
+
+    The replacements are built from onloaded weights, so they sit on the onload device; left
+    there, a model bigger than the device would collect every quantized block on it."""
+    for name, kwargs in offloading.items():
+        for module in block.get_submodule(name).modules():
+            if not isinstance(module._parameters, OffloadCache):
+                offload_module(module, **kwargs)
 
 
 def resolve_block_groups(
