@@ -119,25 +119,24 @@ def _recipe(args: argparse.Namespace):
         STaRQuantModifier,
         load_starquant_recipe,
     )
-    from starquant_plugin.integrations.llmcompressor.recipe import read_recipe_text
+    from starquant_plugin.integrations.llmcompressor.recipe import recipe_that_ran
 
     if args.recipe:
         path = Path(args.recipe)
         if not path.exists():
             raise UserError(f"--recipe {path} does not exist; pass a recipe YAML file (e.g. "
                             "one from recipes/) or use --scheme.")
-        text, source = read_recipe_text(path), str(path)  # size-checked before it is read
+        given, source = path, str(path)
         recipe = load_starquant_recipe(path)  # messages name the file
     else:
-        text, source = scheme_recipe(args.scheme, args.method, args.seed), (
-            f"--scheme {args.scheme} --method {args.method}")
-        recipe = load_starquant_recipe(text)
+        given = scheme_recipe(args.scheme, args.method, args.seed)
+        source = f"--scheme {args.scheme} --method {args.method}"
+        recipe = load_starquant_recipe(given)
     modifiers = [m for m in recipe.modifiers if isinstance(m, STaRQuantModifier)]
     if args.epochs is not None:
         for modifier in modifiers:
             modifier.epochs = args.epochs
-        text = recipe.yaml()
-    return recipe, modifiers, text, source
+    return recipe, modifiers, recipe_that_ran(recipe, given), source
 
 
 def _calibration_texts(args: argparse.Namespace) -> tuple[list[str], str]:

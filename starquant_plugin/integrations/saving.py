@@ -208,7 +208,10 @@ def save_starquant(
     failed save would leave no copy; save to a new folder and move it. A symlinked ``out_dir``
     is written through. The folder is locked for the whole save, so a concurrent save to it is
     refused. The config's ``auto_map`` is dropped: the hub's remote code cannot load this
-    checkpoint, only ``import starquant_plugin`` can. ``extra_files``: ``{name: text}``
+    checkpoint, only ``import starquant_plugin`` can. ``recipe``: a file, YAML text or
+    Recipe, written as ``recipe.yaml``; by default the one the model ran, as oneshot recorded
+    it (the file's own text when it was given a file), so this and ``model.save_pretrained``
+    write the same file. ``extra_files``: ``{name: text}``
     written beside the checkpoint in the same atomic step (names from ``CHECKPOINT_FILES``
     that the save itself does not write, e.g. the run's report).
     """
@@ -221,6 +224,8 @@ def save_starquant(
             "No StarQuantArgs given and none recorded on model.config; pass args= (the "
             "StarQuantArgs or modifier.starquant_args() the model was quantized with)."
         )
+    if recipe is None:  # the recipe the model ran, as save_pretrained writes it
+        recipe = getattr(model, _RECIPE, None)
     recipe_text = None if recipe is None else recipe_yaml(recipe)
     extra_files = dict(extra_files or {})
     written_by_save = {"config.json", "generation_config.json", "model.safetensors.index.json",
@@ -288,8 +293,8 @@ def save_pretrained(
         raise ValueError(f"quantization_format={quantization_format!r}, but this model's "
                          f"weights are stored as {expected_format!r}; drop the argument.")
     if is_main_process:
-        save_starquant(model, save_directory, recipe=getattr(model, _RECIPE, None),
-                       overwrite=overwrite, max_shard_size=max_shard_size)
+        save_starquant(model, save_directory, overwrite=overwrite,
+                       max_shard_size=max_shard_size)
 
 
 save_pretrained._overridden = True

@@ -101,6 +101,20 @@ def test_loading_without_the_plugin_does_not_end_at_the_remote_code_prompt(onesh
     assert "llada" in result.stderr and "trust_remote_code" not in result.stderr
 
 
+def test_every_save_path_writes_the_recipe_file_that_ran_with_its_comments(tmp_path):
+    """oneshot from a commented recipe file: save_pretrained, save_starquant with the file and
+    save_starquant without one all write the same recipe.yaml, the file as the user wrote it."""
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("# W4A4 for the tiny model, no fit\n" + RECIPE.lstrip() + "# end\n")
+    model, tokenizer = tiny_model("llada")
+    run_oneshot(model, calibration_dataset(model, tokenizer, rows=4), str(recipe))
+    model.save_pretrained(tmp_path / "save_pretrained")
+    save_starquant(model, tmp_path / "with_recipe", recipe=recipe)
+    save_starquant(model, tmp_path / "without_recipe")
+    for name in ("save_pretrained", "with_recipe", "without_recipe"):
+        assert (tmp_path / name / "recipe.yaml").read_text() == recipe.read_text(), name
+
+
 # the bound save_pretrained
 
 

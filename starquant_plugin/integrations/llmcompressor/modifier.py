@@ -11,6 +11,8 @@ token state, so the wrappers would double-quantize and then be thrown away.
 """
 
 import copy
+import os
+import sys
 import time
 from contextlib import ExitStack
 
@@ -59,6 +61,23 @@ from starquant_plugin.safeguards import (
 )
 
 BlockInputs = dict[int, tuple[tuple, dict]]  # batch index -> the block's (args, kwargs)
+
+
+def _oneshot_recipe_source() -> str | os.PathLike | None:
+    """The ``recipe`` argument (file path or YAML text) of the ``oneshot`` call this modifier
+    runs in, so the saved recipe keeps the user's file as written; llm-compressor hands the
+    modifier only the parsed Recipe, so it is read off the calling ``Oneshot`` (None when the
+    modifier runs outside one or was given Recipe objects)."""
+    from llmcompressor.entrypoints.oneshot import Oneshot
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        caller = frame.f_locals.get("self")
+        if isinstance(caller, Oneshot):
+            source = caller.recipe
+            return source if isinstance(source, str | os.PathLike) else None
+        frame = frame.f_back
+    return None
 
 
 class STaRQuantModifier(Modifier, StarQuantArgs):
@@ -208,7 +227,11 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
         # model.save_pretrained (and oneshot's output_dir) now write a STaR-Quant checkpoint
         # with this recipe; llm-compressor's own wrapper would drop quantization_config.
         recipe = active_session().lifecycle.recipe
-        bind_save_pretrained(state.model, recipe=recipe.yaml() if recipe is not None else None)
+        if recipe is not None:
+            from starquant_plugin.integrations.llmcompressor.recipe import recipe_that_ran
+
+            recipe = recipe_that_ran(recipe, _oneshot_recipe_source())
+        bind_save_pretrained(state.model, recipe=recipe)
         self._states.clear()
         self._inputs.clear()
         self._fp_hidden = None

@@ -172,6 +172,44 @@ def _starquant_entries(recipe: dict[str, Any], where: str) -> list[str]:
     return found
 
 
+def _is_path(source: str | os.PathLike) -> bool:
+    """Whether a recipe argument names a file rather than holding YAML text."""
+    return isinstance(source, os.PathLike) or (
+        "\n" not in source and (os.path.isfile(source) or ":" not in source
+                                or Path(source).suffix in (".yaml", ".yml", ".json")))
+
+
+def _recipe_source(source: str | os.PathLike) -> tuple[str, str, bool]:
+    """(YAML text, how messages name it, whether it came from a file) of a recipe argument."""
+    if _is_path(source):
+        return read_recipe_text(source), f"recipe {shown(source)}", True
+    return str(source), "the recipe text", False
+
+
+def recipe_that_ran(recipe: Recipe, source: str | os.PathLike | None = None) -> str:
+    """The ``recipe.yaml`` text of a checkpoint, one kind whichever way it is saved.
+
+    ``recipe``: the Recipe oneshot ran; ``source``: the file path or YAML text it was parsed
+    from, if known. When ``source`` parses to the recipe that ran, its own text is kept (the
+    user's comments and layout); when the run changed its values (e.g. ``starquant quantize
+    --epochs``), the recipe that ran is written as llm-compressor writes it, with a source
+    file's lines kept below as comments.
+    """
+    ran = recipe.yaml()
+    if source is None:
+        return ran
+    text, _, is_file = _recipe_source(source)
+    if load_starquant_recipe(text).yaml() == ran:
+        return text
+    if not is_file:
+        return ran
+    original = "".join(f"# {line}" if line.strip() else "#\n"
+                       for line in text.splitlines(keepends=True))
+    return (f"# the recipe that ran: {Path(source).name} with values changed for the run; "
+            "the file as written follows, commented out\n"
+            f"{ran}\n# --- {Path(source).name}:\n{original.rstrip()}\n")
+
+
 def load_starquant_recipe(path_or_yaml: str | os.PathLike, stage: str | None = None) -> Recipe:
     """The recipe at ``path_or_yaml`` (a file path or a YAML string), checked to contain
     exactly one ``STaRQuantModifier``; pass the result to ``oneshot(recipe=...)``.
@@ -181,13 +219,7 @@ def load_starquant_recipe(path_or_yaml: str | os.PathLike, stage: str | None = N
     ``ValidationError`` here; an oversized recipe, an unknown modifier or a second
     STaRQuantModifier raise ``ValueError``.
     """
-    source = path_or_yaml
-    if isinstance(source, os.PathLike) or (
-            "\n" not in source and (os.path.isfile(source) or ":" not in source
-                                    or Path(source).suffix in (".yaml", ".yml", ".json"))):
-        text, where = read_recipe_text(source), f"recipe {shown(source)}"
-    else:
-        text, where = source, "the recipe text"
+    text, where, _ = _recipe_source(path_or_yaml)
     parsed = parse_recipe_yaml(text, where)
     if not isinstance(parsed, dict):
         raise ValueError(f"{where} parses to a {type(parsed).__name__}, not a mapping; a "

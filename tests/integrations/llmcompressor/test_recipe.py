@@ -11,6 +11,7 @@ from starquant_plugin.integrations.llmcompressor.recipe import (
     MAX_RECIPE_BYTES,
     MAX_RECIPE_NODES,
     parse_recipe_yaml,
+    recipe_that_ran,
 )
 
 RECIPE = """starquant_stage:
@@ -117,3 +118,17 @@ def test_modifier_fields_that_are_not_a_mapping_are_refused(fields, got):
 def test_not_a_recipe_is_refused(text, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_starquant_recipe(text)
+
+
+def test_the_saved_recipe_is_the_file_as_written_or_what_ran_with_the_file_as_comments(
+        tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("# my notes\n" + RECIPE.format(scheme="W4A4") + "      epochs: 3  # quick\n")
+    recipe = load_starquant_recipe(path)
+    assert recipe_that_ran(recipe, path) == path.read_text()  # comments and layout kept
+    assert recipe_that_ran(recipe, path.read_text()) == path.read_text()
+    recipe.modifiers[0].epochs = 0  # what starquant quantize --epochs 0 does
+    saved = recipe_that_ran(recipe, path)
+    assert load_starquant_recipe(saved).modifiers[0].epochs == 0  # the recipe that ran
+    assert "# # my notes\n" in saved and "#       epochs: 3  # quick" in saved
+    assert recipe_that_ran(recipe) == recipe.yaml()  # no source: llm-compressor's form
