@@ -71,7 +71,12 @@ def _print_plan(plan: UploadPlan, repo_id: str, private: bool) -> None:
 def run(args: argparse.Namespace) -> None:
     import httpx
 
-    from starquant_plugin.integrations.hub import prepare_upload, stage_upload, upload
+    from starquant_plugin.integrations.hub import (
+        CLI_WORDING,
+        prepare_upload,
+        stage_upload,
+        upload,
+    )
     from starquant_plugin.integrations.output_dirs import explain_interrupted_replace
 
     if not _REPO_ID.match(args.repo_id):
@@ -85,10 +90,12 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"DIR {shown(folder)} is not a directory; pass the folder "
                         "starquant quantize wrote.")
     plan, card = prepare_upload(folder, args.repo_id, base_model=args.base_model,
-                                include=args.include)  # validates the folder and its manifest
+                                include=args.include,  # validates the folder and its manifest
+                                wording=CLI_WORDING)
     if args.dry_run:
         staged = stage_upload(plan, card,
-                              args.dry_run_dir or f"{args.repo_id.split('/')[-1]}-upload")
+                              args.dry_run_dir or f"{args.repo_id.split('/')[-1]}-upload",
+                              CLI_WORDING)
         _print_plan(plan, args.repo_id, args.private)
         print(f"dry run: nothing uploaded; copies of exactly these files are staged in "
               f"{staged} (model card: {staged / 'README.md'})")

@@ -42,7 +42,28 @@ CITATION = """@article{starquant2026,
 }"""
 
 
-def validate_folder(path: str | os.PathLike) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Wording:
+    """How the caller's user names what the upload's messages refer to: ``push_to_hub``'s
+    arguments by default; ``starquant push`` passes ``CLI_WORDING``, its flags and commands,
+    so no message tells a CLI user about a Python argument."""
+
+    include: str = "include"
+    dry_run_dir: str = "dry_run_dir"
+    add_tokenizer: str = "Save with save_starquant(..., tokenizer=tokenizer)."
+    add_recipe: str = ("Save with save_starquant(..., recipe=...) or copy the recipe into the "
+                       "folder.")
+
+
+CLI_WORDING = Wording(
+    include="--include", dry_run_dir="--dry-run-dir",
+    add_tokenizer="Copy the tokenizer files of the model it was quantized from into it "
+    "(starquant quantize writes them).",
+    add_recipe="Copy the recipe it was quantized with into it as recipe.yaml (starquant "
+    "quantize writes it).")
+
+
+def validate_folder(path: str | os.PathLike, wording: Wording = Wording()) -> dict[str, Any]:
     """Check ``path`` holds a complete STaR-Quant checkpoint; return its config.json.
 
     Needs config.json (a JSON object) with a ``starquant`` quantization_config, readable
@@ -61,13 +82,12 @@ def validate_folder(path: str | os.PathLike) -> dict[str, Any]:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"{shown(path)} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); users cannot "
-            "run the model without it. Save with save_starquant(..., tokenizer=tokenizer)."
+            f"run the model without it. {wording.add_tokenizer}"
         )
     if not (path / "recipe.yaml").is_file():
         raise FileNotFoundError(
             f"{shown(path)} has no recipe.yaml; the card must say how the model was "
-            "quantized. Save with save_starquant(..., recipe=...) or copy the recipe into the "
-            "folder."
+            f"quantized. {wording.add_recipe}"
         )
     return config
 
@@ -115,10 +135,11 @@ def _size_mb(path: Path) -> float:
 
 def build_model_card(path: str | os.PathLike, repo_id: str,
                      quality: dict[str, dict[str, Any]] | None = None,
-                     base_model: str | None = None) -> ModelCard:
+                     base_model: str | None = None, wording: Wording = Wording()
+                     ) -> ModelCard:
     """The model card of the checkpoint at ``path`` (validated first)."""
     path = Path(path)
-    config = validate_folder(path)
+    config = validate_folder(path, wording)
     quantization_config = read_quantization_config(path)
     block = quantization_config["starquant"]
     args = block["args"]
@@ -236,27 +257,28 @@ def _outside(folder: Path, name: str) -> str | None:
             "inside it; a shard index must name shards beside it")
 
 
-def _included_name(folder: Path, name: str | os.PathLike) -> str:
+def _included_name(folder: Path, name: str | os.PathLike, option: str) -> str:
     """``name`` (relative to ``folder``, or a path inside it) as a path relative to
     ``folder``; refuses one outside it, a missing file, a folder and the card's name."""
     lexical = Path(os.path.normpath(folder.absolute() / name))
     if not lexical.is_relative_to(folder.absolute()) or lexical == folder.absolute():
-        raise ValueError(f"include {shown(name)} is not inside {shown(folder)}; name a file "
+        raise ValueError(f"{option} {shown(name)} is not inside {shown(folder)}; name a file "
                          "inside the checkpoint folder, relative to it (e.g. notes.md).")
     relative = lexical.relative_to(folder.absolute()).as_posix()
     if relative == README:
-        raise ValueError(f"include {README} would replace the generated model card; drop it "
+        raise ValueError(f"{option} {README} would replace the generated model card; drop it "
                          "(edit the card on the Hub after pushing if you need to).")
     if not lexical.exists() and not lexical.is_symlink():
-        raise FileNotFoundError(f"include {shown(name)}: {shown(lexical)} does not exist; "
+        raise FileNotFoundError(f"{option} {shown(name)}: {shown(lexical)} does not exist; "
                                 "name a file inside the checkpoint folder.")
     if lexical.is_dir():
-        raise ValueError(f"include {shown(name)} is a directory; name the files in it one "
+        raise ValueError(f"{option} {shown(name)} is a directory; name the files in it one "
                          "by one.")
     return relative
 
 
-def plan_upload(path: str | os.PathLike, include: Includes = ()) -> UploadPlan:
+def plan_upload(path: str | os.PathLike, include: Includes = (),
+                wording: Wording = Wording()) -> UploadPlan:
     """The upload of the checkpoint at ``path``: the files the format defines (the shards
     and their index, ``CHECKPOINT_FILES`` that exist) plus ``include`` (files inside
     ``path``). A planned file that leaves the folder (a symlink to, or a shard index
@@ -267,7 +289,8 @@ def plan_upload(path: str | os.PathLike, include: Includes = ()) -> UploadPlan:
                if (folder / name).is_file() or (folder / name).is_symlink()]
     defined += [os.path.relpath(file, folder) for file in shard_files(folder)]
     planned = dict.fromkeys(Path(name).as_posix() for name in defined)
-    planned.update(dict.fromkeys(_included_name(folder, name) for name in include))
+    planned.update(dict.fromkeys(_included_name(folder, name, wording.include)
+                                 for name in include))
     for name in planned:
         why = _outside(folder, name)
         if why is not None:
@@ -292,13 +315,13 @@ def plan_upload(path: str | os.PathLike, include: Includes = ()) -> UploadPlan:
     return UploadPlan(folder, tuple(sorted(planned)), tuple(left_out))
 
 
-def _check_dry_run_dir(dry_run_dir: Path, folder: Path) -> None:
+def _check_dry_run_dir(dry_run_dir: Path, folder: Path, option: str) -> None:
     if dry_run_dir.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(f"dry_run_dir {shown(dry_run_dir)} is inside the checkpoint folder "
+        raise ValueError(f"{option} {shown(dry_run_dir)} is inside the checkpoint folder "
                          f"{shown(folder)}, which must not change; pass a directory outside "
                          "it.")
     if dry_run_dir.exists() and (not dry_run_dir.is_dir() or any(dry_run_dir.iterdir())):
-        raise FileExistsError(f"dry_run_dir {shown(dry_run_dir)} is not an empty directory; "
+        raise FileExistsError(f"{option} {shown(dry_run_dir)} is not an empty directory; "
                               "pass an empty or new directory so it shows exactly what would "
                               "be uploaded.")
 
@@ -310,22 +333,25 @@ def prepare_upload(
     quality: dict[str, dict[str, Any]] | None = None,
     base_model: str | None = None,
     include: Includes = (),
+    wording: Wording = Wording(),
 ) -> tuple[UploadPlan, ModelCard]:
     """Validate the checkpoint at ``path`` (``validate_folder``, the plan's links, then every
     file against its manifest: ``integrity.check_saved_checkpoint``), write its card and plan
     the upload; nothing is written or sent. ``quality``: ``{row: {metric: value}}``; default
-    ``path/quality.json``."""
-    card = build_model_card(path, repo_id, quality=quality, base_model=base_model)
-    plan = plan_upload(path, include)
+    ``path/quality.json``; ``wording``: how the messages name the arguments."""
+    card = build_model_card(path, repo_id, quality=quality, base_model=base_model,
+                            wording=wording)
+    plan = plan_upload(path, include, wording)
     check_saved_checkpoint(path)
     return plan, card
 
 
-def stage_upload(plan: UploadPlan, card: ModelCard, stage_dir: str | os.PathLike) -> Path:
+def stage_upload(plan: UploadPlan, card: ModelCard, stage_dir: str | os.PathLike,
+                 wording: Wording = Wording()) -> Path:
     """Copy the planned files and write README.md into ``stage_dir`` (empty or new, outside
     the checkpoint): copies, never links, so editing them cannot edit the checkpoint."""
     stage_dir = Path(stage_dir)
-    _check_dry_run_dir(stage_dir, plan.folder)
+    _check_dry_run_dir(stage_dir, plan.folder, wording.dry_run_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     for name in plan.files:
         (stage_dir / name).parent.mkdir(parents=True, exist_ok=True)

@@ -63,8 +63,25 @@ def without_recipe(rtn_checkpoint, tmp_path):
 
 def test_incomplete_checkpoint_is_refused(without_recipe, tmp_path):
     result = starquant("push", without_recipe, "me/x", "--dry-run", cwd=tmp_path)
-    assert_user_error(result, "has no recipe.yaml")
+    line = assert_user_error(result, "has no recipe.yaml", "starquant quantize writes it")
+    assert "save_starquant" not in line and "recipe=" not in line  # the CLI's own words
     assert not (tmp_path / "x-upload").exists()
+
+
+def test_errors_name_the_flags_and_commands_not_python_arguments(rtn_checkpoint, tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(rtn_checkpoint, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    line = assert_user_error(starquant("push", folder, "me/x", "--dry-run", cwd=tmp_path),
+                             "has no tokenizer", "starquant quantize writes them")
+    assert "tokenizer=" not in line
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("mine")
+    assert_user_error(starquant("push", rtn_checkpoint, "me/x", "--dry-run", "--dry-run-dir",
+                                "full", cwd=tmp_path), "--dry-run-dir full is not an empty")
+    assert_user_error(starquant("push", rtn_checkpoint, "me/x", "--dry-run", "--include",
+                                "missing.txt", cwd=tmp_path), "--include missing.txt: ")
 
 
 def test_bad_repo_id_and_missing_folder(tmp_path):
@@ -86,7 +103,7 @@ def test_links_out_of_the_folder_and_bad_includes_are_one_line(cluttered, tmp_pa
     assert not (tmp_path / "x-upload").exists()
     result = starquant("push", cluttered, "me/x", "--dry-run", "--include", "../secret.json",
                        cwd=tmp_path)
-    assert_user_error(result, "include ../secret.json is not inside")
+    assert_user_error(result, "--include ../secret.json is not inside")
 
 
 def test_upload_without_network_is_one_line(rtn_checkpoint, tmp_path):
