@@ -67,9 +67,9 @@ def load_model(model: str, dtype: str = "float32", what: str = "MODEL"):
             # load_dllm's own check (no tokenizer, ...) already names the fix
             raise UserError(f"Could not load {what} {model}: {reason}") from error
         if Path(source).is_dir():
-            raise UserError(f"Could not load {what} {model}: {reason} (a starquant checkpoint "
-                            "needs its tokenizer: save with save_starquant(..., tokenizer=...) "
-                            "or starquant quantize).") from error
+            raise UserError(f"Could not load {what} {model}: {reason} (pass a complete LLaDA "
+                            "or Dream folder, or a checkpoint folder as starquant quantize "
+                            "writes it).") from error
         offline = " (HF_HUB_OFFLINE is set, so only the local cache is read)" if (
             hub_offline()) else ""
         raise UserError(f"Could not load {what} {model} from the Hugging Face Hub{offline}: "

@@ -247,7 +247,7 @@ def _quantize(args: argparse.Namespace, model_source: str, out: Path, start: flo
     status(f"saving to {out} ...")
     tick = time.time()
     save_starquant(model, out, tokenizer=tokenizer, recipe=recipe_text,
-                   overwrite=args.overwrite, extra_files={
+                   overwrite=args.overwrite, overwrite_option="--overwrite", extra_files={
                        REPORT_FILE: json.dumps(report, indent=2, default=str) + "\n"})
     timings["save_s"] = time.time() - tick
     print_summary(report, out, time.time() - start)

@@ -193,6 +193,7 @@ def save_starquant(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     extra_files: dict[str, str] | None = None,
+    overwrite_option: str | None = "overwrite=True",
 ) -> Path:
     """Write a STaR-Quant checkpoint of ``model`` to ``out_dir`` atomically.
 
@@ -213,11 +214,12 @@ def save_starquant(
     it (the file's own text when it was given a file), so this and ``model.save_pretrained``
     write the same file. ``extra_files``: ``{name: text}``
     written beside the checkpoint in the same atomic step (names from ``CHECKPOINT_FILES``
-    that the save itself does not write, e.g. the run's report).
+    that the save itself does not write, e.g. the run's report). ``overwrite_option``: how
+    the caller's user spells ``overwrite`` in messages (``check_output_dir``).
     """
     check_usable(model)
     source = _loaded_from(model)
-    check_output_dir(out_dir, overwrite, reading=source)
+    check_output_dir(out_dir, overwrite, reading=source, overwrite_option=overwrite_option)
     args = args or args_of(model)
     if args is None:
         raise ValueError(
@@ -239,7 +241,8 @@ def save_starquant(
         )
     quantization_config = quantization_config_dict(model, args)
     with output_lock(out_dir) as target:
-        check_output_dir(out_dir, overwrite, reading=source)  # again, now that it is ours
+        # again, now that it is ours
+        check_output_dir(out_dir, overwrite, reading=source, overwrite_option=overwrite_option)
         clean_interrupted_saves(target)
         check_free_space(out_dir, sum(module_tensor_bytes(model).values()) + SAVE_MARGIN_BYTES)
         tmp_dir = temporary_sibling(target)

@@ -33,8 +33,9 @@ def _write_inputs(root) -> None:
     (root / "big.yaml").write_text(STAGE.format(name="starquant", modifier="STaRQuantModifier",
                                                 scheme="W4A4") + "#" + "x" * 2_000_000 + "\n")
     (root / "corpus").mkdir()
-    for name in ("no-tokenizer", "list-config"):
+    for name in ("no-tokenizer", "list-config", "no-weights"):
         shutil.copytree(TINY_LLADA, root / name)
+    (root / "no-weights" / "model.safetensors").unlink()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (root / "no-tokenizer" / name).unlink()
     (root / "list-config" / "config.json").write_text("[1, 2]")
@@ -60,6 +61,8 @@ BAD_INPUTS = {
                                          "no-tokenizer has no tokenizer"),
     "config.json that is a list": (["list-config", "--scheme", "W4A4"],
                                    "config.json holds a JSON list, not an object"),
+    "model folder without weights": (["no-weights", "--scheme", "W4A4"],
+                                     "as starquant quantize writes it"),  # no Python advice
 }
 
 

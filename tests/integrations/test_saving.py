@@ -164,6 +164,16 @@ def test_a_file_as_output_directory_is_refused(quantized, tmp_path):
     assert target.read_text() == "keep me"
 
 
+def test_a_taken_folder_is_refused_in_the_callers_words(quantized, tmp_path):
+    """The CLI saves with overwrite_option="--overwrite": its users are told the flag."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="Pass overwrite=True to replace it"):
+        save_starquant(quantized, tmp_path / "taken")
+    with pytest.raises(FileExistsError, match="Pass --overwrite to replace it"):
+        save_starquant(quantized, tmp_path / "taken", overwrite_option="--overwrite")
+
+
 def test_overwrite_does_not_delete_files_that_are_not_part_of_a_checkpoint(quantized,
                                                                           tmp_path):
     target = tmp_path / "ckpt"
