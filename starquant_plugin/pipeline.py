@@ -364,6 +364,7 @@ def quantize_dllm(
     args: StarQuantArgs,
     batch_size: int = 8,
     progress: bool = True,
+    progress_label: str = "STaR-Quant",
 ) -> QuantizationReport:
     """Quantize ``model`` in place with STaR-Quant (or a baseline preset of ``args``).
 
@@ -372,6 +373,7 @@ def quantize_dllm(
     ``input_ids == mask_token_id`` by a hook on the embedding, and ``model.save_pretrained``
     writes the STaR-Quant checkpoint. Arguments are checked against the model before anything
     changes; if a block fails, the model goes back to FP (first block) or is marked unusable.
+    ``progress_label`` names the run on its progress bar (e.g. the baseline it is).
     """
     start_time = time.time()
     family = family_of(model)
@@ -393,7 +395,7 @@ def quantize_dllm(
             use_kv_quantized_attention(model)
         fp_hidden = [args_[0] for args_, _ in inputs]
         q_hidden = list(fp_hidden)
-        for index, block in enumerate(tqdm(blocks, desc="STaR-Quant blocks",
+        for index, block in enumerate(tqdm(blocks, desc=f"{progress_label} blocks",
                                            disable=not progress)):
             fp_block = copy.deepcopy(block)
             fp_inputs, q_inputs = with_hidden(inputs, fp_hidden), with_hidden(inputs, q_hidden)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from starquant_plugin.method.transforms import hadamard
@@ -159,33 +160,86 @@ class SamplerSettings:
                               return_canvases=True).canvases
 
 
-def _last_hidden(model: PreTrainedModel, canvas: torch.LongTensor) -> torch.Tensor:
-    last = decoder_blocks(model, family_of(model))[-1]
-    with _capture({"last": last}, inputs=False) as records:
-        model(canvas)
-    return records["last"][0]
+def _last_block(model: PreTrainedModel) -> nn.Module:
+    return decoder_blocks(model, family_of(model))[-1]
+
+
+@contextmanager
+def _ticks(model: PreTrainedModel, progress: tqdm) -> Iterator[None]:
+    """One ``progress`` tick per forward of ``model`` inside the context."""
+    def tick(*_) -> None:  # a forward hook's return value would replace the output
+        progress.update()
+
+    handle = _last_block(model).register_forward_hook(tick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _last_block_outputs(model: PreTrainedModel, progress: tqdm
+                        ) -> Iterator[list[torch.Tensor]]:
+    """The last decoder block's hidden states of every forward of ``model`` inside the
+    context, ticking ``progress``."""
+    with _capture({"last": _last_block(model)}, inputs=False) as records, _ticks(model,
+                                                                                 progress):
+        yield records["last"]
+
+
+def _hidden_on(model: PreTrainedModel, canvases: list[torch.LongTensor], batch_rows: int,
+               progress: tqdm) -> list[torch.Tensor]:
+    """The last block's hidden states on each canvas [batch, seq], all canvases stacked into
+    forwards of ``batch_rows`` rows (many small forwards cost more than a few large ones on a
+    CPU; each row's result does not depend on the others)."""
+    stacked = torch.cat(canvases)
+    with _last_block_outputs(model, progress) as outputs:
+        for start in range(0, len(stacked), batch_rows):
+            model(stacked[start:start + batch_rows])
+    return list(torch.cat(outputs).split([len(canvas) for canvas in canvases]))
+
+
+def _sampler_forwards(settings: SamplerSettings, prompts: torch.LongTensor,
+                      batch_rows: int) -> int:
+    """Forwards one model makes in ``denoising_errors``: a sampler step each, then the
+    stacked canvases (for the bar's total)."""
+    return settings.steps + -(-settings.steps * len(prompts) // batch_rows)
 
 
 @torch.no_grad()
 def denoising_errors(fp_model: PreTrainedModel, models: dict[str, PreTrainedModel],
-                     prompts: torch.LongTensor, settings: SamplerSettings
+                     prompts: torch.LongTensor, settings: SamplerSettings,
+                     batch_rows: int = 32, progress: bool = True
                      ) -> dict[str, DenoisingErrors]:
     """``DenoisingErrors`` of each of ``models`` against ``fp_model`` over one sampler run.
-    prompts: [batch, prompt] token ids."""
-    fp_canvases = settings.canvases(fp_model, prompts)
-    fp_hidden = [_last_hidden(fp_model, canvas) for canvas in fp_canvases]
-    prompt_len = prompts.shape[1]
-    results = {}
-    for name, model in models.items():
-        errors = DenoisingErrors()
-        own = settings.canvases(model, prompts)
-        for canvas, hidden, own_canvas in zip(fp_canvases, fp_hidden, own, strict=True):
-            errors.teacher_forced.append(relative_error(_last_hidden(model, canvas), hidden))
-            errors.free_running.append(relative_error(_last_hidden(model, own_canvas),
-                                                      hidden))
-            differs = own_canvas[:, prompt_len:] != canvas[:, prompt_len:]
-            errors.token_disagreement.append(differs.float().mean().item())
-        results[name] = errors
+    prompts: [batch, prompt] token ids.
+
+    Each model's own trajectory is scored by the forwards its sampler makes anyway (the
+    canvas before a step is what that step's forward reads); the FP canvases are scored in
+    stacked forwards of ``batch_rows`` rows, the same way for every model, so a model scores
+    exactly 0 against itself."""
+    per_model = _sampler_forwards(settings, prompts, batch_rows)
+    bar = tqdm(total=per_model * (len(models) + 1), desc="denoising run (forwards)",
+               disable=not progress)
+    with bar:
+        with _ticks(fp_model, bar):
+            fp_canvases = settings.canvases(fp_model, prompts)
+        fp_hidden = _hidden_on(fp_model, fp_canvases, batch_rows, bar)
+        prompt_len = prompts.shape[1]
+        results = {}
+        for name, model in models.items():
+            bar.set_postfix_str(name)
+            with _last_block_outputs(model, bar) as own_hidden:
+                own = settings.canvases(model, prompts)
+            teacher_forced = _hidden_on(model, fp_canvases, batch_rows, bar)
+            errors = DenoisingErrors()
+            for canvas, hidden, own_canvas, forced, free in zip(
+                    fp_canvases, fp_hidden, own, teacher_forced, own_hidden, strict=True):
+                errors.teacher_forced.append(relative_error(forced, hidden))
+                errors.free_running.append(relative_error(free, hidden))
+                differs = own_canvas[:, prompt_len:] != canvas[:, prompt_len:]
+                errors.token_disagreement.append(differs.float().mean().item())
+            results[name] = errors
     return results
 
 
@@ -216,24 +270,29 @@ def _group_outputs(model: PreTrainedModel, family: DLLMFamily, batch: torch.Long
 
 @torch.no_grad()
 def linear_group_errors(fp_model: PreTrainedModel, models: dict[str, PreTrainedModel],
-                        rows: torch.LongTensor, batch_size: int = 8
+                        rows: torch.LongTensor, batch_size: int = 8, progress: bool = True
                         ) -> dict[str, dict[str, float]]:
     """Per model, per ``"<block>:<group>"``, the relative error of the group's outputs (all
     its linears, all rows) against the FP model's, both run on ``rows`` [n, seq]."""
     family = family_of(fp_model)
     squared_error = {name: {} for name in models}
     squared_norm: dict[str, float] = {}
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        reference = _group_outputs(fp_model, family, batch)
-        for key, outputs in reference.items():
-            squared_norm[key] = squared_norm.get(key, 0.0) + sum(
-                y.square().sum().item() for y in outputs)
-        for name, model in models.items():
-            for key, outputs in _group_outputs(model, family, batch).items():
-                squared_error[name][key] = squared_error[name].get(key, 0.0) + sum(
-                    (y - y_fp).square().sum().item()
-                    for y, y_fp in zip(outputs, reference[key], strict=True))
+    starts = range(0, len(rows), batch_size)
+    with tqdm(total=len(starts) * (len(models) + 1), desc="per-layer errors (forwards)",
+              disable=not progress) as bar:
+        for start in starts:
+            batch = rows[start:start + batch_size]
+            reference = _group_outputs(fp_model, family, batch)
+            bar.update()
+            for key, outputs in reference.items():
+                squared_norm[key] = squared_norm.get(key, 0.0) + sum(
+                    y.square().sum().item() for y in outputs)
+            for name, model in models.items():
+                for key, outputs in _group_outputs(model, family, batch).items():
+                    squared_error[name][key] = squared_error[name].get(key, 0.0) + sum(
+                        (y - y_fp).square().sum().item()
+                        for y, y_fp in zip(outputs, reference[key], strict=True))
+                bar.update()
     return {name: {key: (error / max(squared_norm[key], 1e-24)) ** 0.5
                    for key, error in errors.items()}
             for name, errors in squared_error.items()}

@@ -16,6 +16,9 @@ def test_inspect_writes_figures_report_and_numbers(rtn_checkpoint, tmp_path):
     result = starquant("inspect", "tiny-llada", "--quantized", rtn_checkpoint, *SMALL,
                        "--out", "report", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    for bar in ("RTN blocks", "SGAT, no TAC blocks", "STaR-Quant blocks",
+                "denoising run (forwards)", "per-layer errors (forwards)"):
+        assert bar in result.stderr, bar  # a progress bar per phase, no silent stretch
     out = tmp_path / "report"
     assert {p.name for p in out.iterdir()} == {*FIGURES, "report.md", "inspect.json"}
     for figure in FIGURES:
