@@ -26,8 +26,8 @@ def text_rows(
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     n_rows = len(ids) // seq_len if max_rows is None else min(len(ids) // seq_len, max_rows)
     if n_rows == 0:
-        raise ValueError(f"Text has {len(ids)} tokens, fewer than one row of {seq_len}; pass "
-                         "more text or a smaller seq_len.")
+        raise ValueError(f"Text has {len(ids)} tokens, fewer than one row of {seq_len} "
+                         "tokens; pass more text or shorter rows.")
     return torch.tensor(ids[: n_rows * seq_len]).view(n_rows, seq_len)
 
 

@@ -33,6 +33,7 @@ def _write_inputs(root) -> None:
     (root / "big.yaml").write_text(STAGE.format(name="starquant", modifier="STaRQuantModifier",
                                                 scheme="W4A4") + "#" + "x" * 2_000_000 + "\n")
     (root / "corpus").mkdir()
+    (root / "short.txt").write_text("a text shorter than one row")
     for name in ("no-tokenizer", "list-config", "no-weights"):
         shutil.copytree(TINY_LLADA, root / name)
     (root / "no-weights" / "model.safetensors").unlink()
@@ -61,6 +62,9 @@ BAD_INPUTS = {
                                          "no-tokenizer has no tokenizer"),
     "config.json that is a list": (["list-config", "--scheme", "W4A4"],
                                    "config.json holds a JSON list, not an object"),
+    "calibration text shorter than one row": (
+        ["tiny-llada", "--scheme", "W4A4", "--calib-text", "short.txt"],
+        "fewer than one row of 48 tokens; pass more text or shorter rows"),
     "model folder without weights": (["no-weights", "--scheme", "W4A4"],
                                      "as starquant quantize writes it"),  # no Python advice
 }
