@@ -14,9 +14,9 @@ One epoch on one shared core takes hours at this width, so the default is ``--ep
 fit reports its setup and epoch time per linear group and the 15-epoch figure is extrapolated
 per epoch (setup + 15 x epoch + the non-fit work). Peak memory is resident-set size above the
 level before calibration (the block, its FP copy and the captured inputs are already there).
-The block runs in float32 by default (``--dtype``): this CPU has no native bf16 (AVX2), so its
-bf16 GEMMs are emulated about 4.7x slower than float32 and would measure the emulation, not
-the method; the fit itself is float32 either way.
+The block runs in float32 by default (``--dtype``): the fit is float32 whatever the block's
+dtype, and on a CPU without native bf16 (AVX2 only) bf16 block runs would measure the
+emulation, not the method.
 """
 
 import argparse
