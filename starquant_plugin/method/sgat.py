@@ -51,9 +51,15 @@ MASKED = 1
 """Row of ``drop`` (and value of ``mask_state.long()``) for ``[MASK]`` tokens."""
 
 _INIT_ACT_CLIP = 0.99
-_EVAL_CHUNK_TOKENS = 8192
-_MOMENT_CHUNK_TOKENS = 2048
-_WEIGHT_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 24
+"""Work on [n, d] tokens or [out, d] weights goes ``_CHUNK_ELEMENTS // d`` rows at a time:
+each temporary is then at most 64 MiB of float32, whatever the width (the fit's graph and
+the quantizers make several; at d = 12288 whole chunks of 8192 tokens took gigabytes)."""
+
+
+def _row_chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``x: [n, d]`` split into chunks of ``_CHUNK_ELEMENTS // d`` rows."""
+    return x.split(max(1, _CHUNK_ELEMENTS // x.shape[-1]))
 
 
 def dropped_directions(k: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -83,7 +89,7 @@ def second_moment(x: torch.Tensor) -> torch.Tensor:
     chunks of tokens so that no whole float64 copy of ``x`` is made (at 8B width ``x`` holds
     gigabytes)."""
     moment = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-    for chunk in x.split(_MOMENT_CHUNK_TOKENS):
+    for chunk in _row_chunks(x):
         chunk = chunk.double()
         moment.addmm_(chunk.T, chunk)
     return moment.div_(x.shape[0])
@@ -185,7 +191,7 @@ def exactness_residual(x: torch.Tensor, exclusive: torch.Tensor, state: int) -> 
         return 0.0
     v, drop = exclusive.double(), dropped_directions(k, x.device).double()[state]
     dropped = total = 0.0
-    for chunk in x.split(_EVAL_CHUNK_TOKENS):  # no whole float64 copy of x
+    for chunk in _row_chunks(x):  # no whole float64 copy of x
         chunk = chunk.double()
         dropped += ((chunk @ v) * drop).pow(2).sum().item()
         total += chunk.pow(2).sum().item()
@@ -357,7 +363,7 @@ def fit_sgat(
 
     # The weight side's graph (transform, quantizer) holds several [out, d] temporaries: it is
     # built for one chunk of output rows at a time (4 GiB for the 8B gate/up pair in one piece).
-    chunk_rows = max(1, _WEIGHT_CHUNK_ELEMENTS // d)
+    chunk_rows = max(1, _CHUNK_ELEMENTS // d)
     row_chunks = [slice(r, r + chunk_rows) for r in range(0, w.shape[0], chunk_rows)]
 
     def quantized_rows(rows: slice) -> torch.Tensor:
@@ -394,7 +400,7 @@ def fit_sgat(
         for rows in row_chunks:
             weight_q = quantized_rows(rows)
             for s, x in xs.items():
-                for chunk in x.split(_EVAL_CHUNK_TOKENS):
+                for chunk in _row_chunks(x):
                     y_fp = chunk @ w[rows].T
                     err[s] += (y_fp - quantized_input(chunk, s) @ weight_q.T).pow(2).sum()
                     ref[s] += y_fp.pow(2).sum()
