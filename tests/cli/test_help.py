@@ -34,7 +34,7 @@ def test_python_m_runs_the_cli():
 DEFAULTS = {  # command -> defaults its --help must show
     "quantize": ["(default: bfloat16)", "(default: 0)", "(default: 32)"],
     "eval": ["(default: float32)", "(default: 0)", "(default: 64)"],
-    "inspect": ["(default: 15)", "(default: 0)"],
+    "inspect": ["(default: 2)", "(default: 0)"],
     "serve": ["(default: 8000)", "(default: float32)"],
     "demo": ["(default: W4A4)"],
 }
