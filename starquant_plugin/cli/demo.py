@@ -24,7 +24,7 @@ from starquant_plugin.cli.table import markdown_table
 DEMO_PROMPT = "The history of the city"
 
 EXAMPLE = """examples:
-  starquant demo                          # about 6 minutes on 2 CPU cores
+  starquant demo                          # about 2 minutes on 2 CPU cores
   starquant demo --out demo-checkpoints   # keep the RTN and STaR-Quant checkpoints
   starquant demo --scheme W8A8 --samples 64
 """
@@ -32,7 +32,7 @@ EXAMPLE = """examples:
 AGREEMENT_PROMPTS = 16
 """Generation-agreement prompts (16 held-out rows x 32 tokens). With 4, one early divergence
 could put STaR-Quant's agreement below RTN's; more would lengthen a command meant to take
-about 6 minutes (64 prompts take ~30 s per model to generate on this CPU)."""
+about 2 minutes (64 prompts take ~30 s per model to generate on this CPU)."""
 
 CHECKPOINT_NAMES = {"RTN": "rtn", "STaR-Quant": "starquant"}
 """Sub-folders of ``--out``, one per quantized model."""

@@ -32,7 +32,7 @@ INSPECT_EPOCHS = 2
 """The in-process fits' default epochs: the plots compare methods, not a finished fit."""
 
 EXAMPLE = """examples:
-  starquant inspect tiny-llada --out inspect-llada                # under 3 min on 2 cores
+  starquant inspect tiny-llada --out inspect-llada                # under a minute on 2 cores
   starquant inspect tiny-llada --quantized tiny-llada-w4a4 --out inspect-llada-ckpt
   starquant inspect GSAI-ML/LLaDA-8B-Base --layers 0,15,31 --samples 64 --out inspect-8b
 
