@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> None:
     report = verify_checkpoint(folder)
     if not report.manifest_found:
         raise UserError(f"{folder} has no {MANIFEST_FILE}, so there is nothing to verify it "
-                        "against (saved by an older starquant-plugin, or not by "
-                        "save_starquant); save it again to add one.")
+                        "against (written by an older starquant-plugin, or not by starquant "
+                        "quantize or save_starquant); quantize it again to add one.")
     for what, names in (("changed", report.changed), ("missing", report.missing),
                         ("added", report.added)):
         for name in names:

@@ -50,13 +50,14 @@ class Wording:
 
     include: str = "include"
     dry_run_dir: str = "dry_run_dir"
+    writer: str = "save_starquant"
     add_tokenizer: str = "Save with save_starquant(..., tokenizer=tokenizer)."
     add_recipe: str = ("Save with save_starquant(..., recipe=...) or copy the recipe into the "
                        "folder.")
 
 
 CLI_WORDING = Wording(
-    include="--include", dry_run_dir="--dry-run-dir",
+    include="--include", dry_run_dir="--dry-run-dir", writer="starquant quantize",
     add_tokenizer="Copy the tokenizer files of the model it was quantized from into it "
     "(starquant quantize writes them).",
     add_recipe="Copy the recipe it was quantized with into it as recipe.yaml (starquant "
@@ -72,12 +73,12 @@ def validate_folder(path: str | os.PathLike, wording: Wording = Wording()) -> di
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{shown(path)} is not a directory; pass the folder "
-                                "save_starquant wrote.")
+                                f"{wording.writer} wrote.")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{shown(path)} has no config.json; pass the directory "
-                                "save_starquant wrote.")
+                                f"{wording.writer} wrote.")
     config = read_json_object(path / "config.json",
-                               "re-save the checkpoint with save_starquant.")
+                               f"write the checkpoint again with {wording.writer}.")
     check_checkpoint(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(
@@ -297,7 +298,7 @@ def plan_upload(path: str | os.PathLike, include: Includes = (),
             raise ValueError(f"{shown(folder / name)} {why}.")
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{shown(folder / name)} is not a file; the checkpoint "
-                                    "is incomplete. Re-save it with save_starquant.")
+                                    f"is incomplete. Write it again with {wording.writer}.")
     top_level = {name.split("/")[0] for name in planned}
     left_out = []
     for entry in sorted(folder.iterdir()):

@@ -82,6 +82,10 @@ def test_errors_name_the_flags_and_commands_not_python_arguments(rtn_checkpoint,
                                 "full", cwd=tmp_path), "--dry-run-dir full is not an empty")
     assert_user_error(starquant("push", rtn_checkpoint, "me/x", "--dry-run", "--include",
                                 "missing.txt", cwd=tmp_path), "--include missing.txt: ")
+    (tmp_path / "empty").mkdir()
+    line = assert_user_error(starquant("push", "empty", "me/x", "--dry-run", cwd=tmp_path),
+                             "has no config.json", "starquant quantize wrote")
+    assert "save_starquant" not in line
 
 
 def test_bad_repo_id_and_missing_folder(tmp_path):
