@@ -53,6 +53,8 @@ ruff check .
 # pyproject's addopts keep tests/serving out of this run (they need vLLM); they run below.
 python -m pytest -p no:cacheprovider -q "$@"
 wait_for $serve venv-serve
+# the serving tests make their composed-recipe checkpoints with this environment's CLI
+export STARQUANT_COMPRESS_PYTHON="$PWD/.venv/bin/python"
 start=$(date +%s)
 .venv-serve/bin/python -m pytest -p no:cacheprovider -q -o addopts="--import-mode=importlib" \
     tests/serving

@@ -11,8 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 QUANT_METHOD = "starquant"
 
 
-class StarQuantArgs(BaseModel):
-    """Knobs of STaR-Quant (see ``docs/method.md``); defaults are the method's."""
+class SGATArgs(BaseModel):
+    """Knobs of SGAT, the quantization of the targeted linears through (state-gated) input
+    transforms, and of the K/V quantizer (``SGATModifier``'s fields; the baselines are presets
+    of them); defaults are the method's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -38,14 +40,6 @@ class StarQuantArgs(BaseModel):
         "(FlatQuant)")
     smoothquant_alpha: float = Field(0.5, ge=0.0, le=1.0)
     weight_quantizer: Literal["rtn", "gptq"] = "rtn"
-    tac: bool = True
-    tac_group_size: int = Field(16, ge=1)
-    tac_damping: float = Field(1e-2, ge=0.0)
-    tac_shrinkage: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = Field(
-        "auto", description="shrinkage rho of TAC's map toward the identity; auto: chosen per "
-        "layer among 0.1-1.0 or no TAC, on every fourth calibration row held out from the fit "
-        "(by the error at the output projection's output), then refitted on all rows")
-    tac_method: Literal["ot", "whiten", "lstsq"] = "ot"
     kv_bits: Literal[4, 8, 16] | None = Field(
         None, description="K/V cache bits; None = 4 at W4A4, 16 otherwise"
     )
@@ -89,6 +83,34 @@ class StarQuantArgs(BaseModel):
         from starquant_plugin.method.transforms import kronecker_factors  # torch: lazily
 
         return kronecker_factors(d) if self.transform_factors == "kronecker" else (1, d)
+
+
+class TACArgs(BaseModel):
+    """Knobs of TAC, the closed-form affine correction of the attention output
+    (``TACModifier``'s fields); defaults are the method's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tac_group_size: int = Field(16, ge=1)
+    tac_damping: float = Field(1e-2, ge=0.0)
+    tac_shrinkage: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = Field(
+        "auto", description="shrinkage rho of TAC's map toward the identity; auto: chosen per "
+        "layer among 0.1-1.0 or no TAC, on every fourth calibration row held out from the fit "
+        "(by the error at the output projection's output), then refitted on all rows")
+    tac_method: Literal["ot", "whiten", "lstsq"] = "ot"
+
+
+class StarQuantArgs(TACArgs, SGATArgs):
+    """Knobs of STaR-Quant (see ``docs/method.md``): SGAT's and TAC's, and whether TAC runs;
+    the one schema the core path, the modifiers, the checkpoint and the loaders read."""
+
+    tac: bool = True
+
+    def sgat_args(self) -> SGATArgs:
+        return SGATArgs(**self.model_dump(include=set(SGATArgs.model_fields)))
+
+    def tac_args(self) -> TACArgs:
+        return TACArgs(**self.model_dump(include=set(TACArgs.model_fields)))
 
 
 _FLATQUANT = {"init_rotation": "random", "init_scale": "smoothquant", "init_scale_alpha": 0.3,

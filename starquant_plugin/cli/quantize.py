@@ -116,7 +116,7 @@ def _recipe(args: argparse.Namespace):
     """(llm-compressor Recipe, its YAML text, where it came from); parsed and validated now,
     before the model is loaded."""
     from starquant_plugin.integrations.llmcompressor import (
-        STaRQuantModifier,
+        DecoderBlockModifier,
         load_starquant_recipe,
     )
     from starquant_plugin.integrations.llmcompressor.recipe import recipe_that_ran
@@ -132,7 +132,7 @@ def _recipe(args: argparse.Namespace):
         given = scheme_recipe(args.scheme, args.method, args.seed)
         source = f"--scheme {args.scheme} --method {args.method}"
         recipe = load_starquant_recipe(given)
-    modifiers = [m for m in recipe.modifiers if isinstance(m, STaRQuantModifier)]
+    modifiers = [m for m in recipe.modifiers if isinstance(m, DecoderBlockModifier)]
     if args.epochs is not None:
         for modifier in modifiers:
             modifier.epochs = args.epochs

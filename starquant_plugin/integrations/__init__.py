@@ -4,8 +4,8 @@ and without paying for their imports.
 
 llm-compressor and lm-eval are registered with lazily: ``when_imported`` runs the
 registration as soon as the framework is imported (or at once if it already is), so recipes
-naming ``STaRQuantModifier`` and ``lm_eval --model starquant`` lookups resolve in whichever
-order the user imports.
+naming ``STaRQuantModifier``, ``SGATModifier`` or ``TACModifier`` and ``lm_eval --model
+starquant`` lookups resolve in whichever order the user imports.
 """
 
 import importlib
@@ -24,7 +24,7 @@ LM_EVAL_MODEL_PATH = "starquant_plugin.integrations.lm_eval:DiffusionLM"
 
 
 def _register_modifier() -> None:
-    # Importing the glue registers the modifier at its end; if it is already imported (or
+    # Importing the glue registers the modifiers at its end; if it is already imported (or
     # being imported, e.g. it is what triggered llm-compressor's import) that happened or
     # will happen there.
     if _LLMCOMPRESSOR_GLUE not in sys.modules:
@@ -32,7 +32,7 @@ def _register_modifier() -> None:
 
 
 def register_llmcompressor() -> None:
-    """Make ``STaRQuantModifier`` resolvable in llm-compressor recipes once llm-compressor is
+    """Make the STaR-Quant modifiers resolvable in llm-compressor recipes once llm-compressor is
     imported (the ``compress`` extra), without importing it. Idempotent."""
     when_imported("llmcompressor", _register_modifier)
 

@@ -49,8 +49,9 @@ BAD_INPUTS = {
         "llm-compressor does not know"),
     "recipe with two STaR-Quant stages": (
         ["tiny-llada", "--recipe", "two.yaml"],
-        "holds 2 STaRQuantModifiers ('first_stage.quantization_modifiers', "
-        "'second_stage.quantization_modifiers'); STaR-Quant quantizes a model once"),
+        "holds 2 block modifiers (STaRQuantModifier in 'first_stage.quantization_modifiers', "
+        "STaRQuantModifier in 'second_stage.quantization_modifiers'); STaR-Quant quantizes a "
+        "model once"),
     "recipe with exponential YAML aliases": (
         ["tiny-llada", "--recipe", "laughs.yaml"], "uses more than 32 YAML aliases"),
     "recipe over 1 MB": (["tiny-llada", "--recipe", "big.yaml"],

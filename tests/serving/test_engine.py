@@ -14,6 +14,8 @@ this process. Tolerances (float32 on both sides):
   the one-code change over its canvas (measured: tiny Dream W4A4, 5% of positions moved by
   up to 0.16 in log-prob, every top-1 id equal; LLaDA W4A4 3e-6).
 * Generation (4 steps, 8 tokens, greedy): the driver's tokens equal the sampler's.
+* The same for checkpoints of the stacked-modifier recipes (SGAT + GPTQ weights, QuaRot-style
+  + TACModifier), made by ``starquant quantize --recipe`` with llm-compressor's ``oneshot``.
 * The GEMM route of the quantized layers is the one ``gemm.py`` documents for the CPU, and
   K is rotated in exactly the checkpoints that record ``k_rotation`` (W4A4 by default).
 
@@ -118,9 +120,30 @@ def _serve(checkpoint: Path, inputs: Path, out: Path, family: str,
     return {**load_file(out), **metadata}
 
 
+COMPOSED = {"llada-sgat-gptq": "sgat_gptq_w4a4.yaml", "llada-quarot-tac": "quarot_tac_w4a4.yaml"}
+"""Checkpoints of the stacked-modifier recipes (recipes/composed/), made by ``starquant
+quantize`` in the compression environment."""
 CASES = [*(("fp", family) for family in BUNDLED),
          *((scheme, family) for family in BUNDLED for scheme in SCHEMES),
-         ("W4A4", "llada-mlp200")]
+         ("W4A4", "llada-mlp200"), *(("W4A4", name) for name in COMPOSED)]
+
+
+def _quantize_with_recipe(recipe: str, path: Path) -> Path:
+    """``starquant quantize tiny-llada --recipe recipes/composed/RECIPE`` (1 epoch), run with
+    the compression environment's Python (llm-compressor cannot share this one):
+    ``STARQUANT_COMPRESS_PYTHON``, by default the repository's ``.venv``."""
+    root = Path(__file__).resolve().parents[2]
+    python = os.environ.get("STARQUANT_COMPRESS_PYTHON", str(root / ".venv" / "bin" / "python"))
+    assert Path(python).is_file(), (
+        f"{python} does not exist; set STARQUANT_COMPRESS_PYTHON to a Python with the compress "
+        "extra (scripts/test.sh builds .venv) to make the composed-recipe checkpoints.")
+    result = subprocess.run(
+        [python, "-m", "starquant_plugin.cli", "quantize", "tiny-llada", "--recipe",
+         str(root / "recipes" / "composed" / recipe), "--epochs", "1", "--samples", "8",
+         "--seq-len", "32", "--dtype", "float32", "--out", str(path)],
+        capture_output=True, text=True, timeout=900, cwd=str(path.parent))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +158,8 @@ def served(tmp_path_factory) -> dict[tuple[str, str], dict]:
             reference_model = load_dllm(checkpoint)[0]
         elif name == "llada-mlp200":  # also the W4A4 path without K/V rotation
             checkpoint = _quantize(odd_width_llada(), scheme, work / "ckpt", kv_rotation=False)
+        elif name in COMPOSED:
+            checkpoint = _quantize_with_recipe(COMPOSED[name], work / "ckpt")
         else:  # the defaults: K and V rotated at W4A4
             checkpoint = _quantize(load_dllm(BUNDLED[family])[0], scheme, work / "ckpt")
         if scheme != "fp":

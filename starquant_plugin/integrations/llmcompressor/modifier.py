@@ -1,41 +1,47 @@
-"""``STaRQuantModifier``: STaR-Quant as an llm-compressor modifier for ``oneshot``.
+"""The STaR-Quant modifiers for ``oneshot`` recipes: ``STaRQuantModifier`` (the whole method
+in one line), ``SGATModifier`` (the state-gated transforms and the quantization of the
+targeted linears; the baselines are presets of it) and ``TACModifier`` (the attention-output
+correction, stacked after either).
 
-The modifier is glue only: it records what the sequential pipeline feeds each decoder block
-and hands it to ``starquant_plugin.pipeline.quantize_block``, the same per-block function the
-core path (``quantize_dllm``) runs, so both produce the same model for the same rows and seed.
+They are glue only: a block modifier records what the sequential pipeline feeds each decoder
+block and hands it to ``starquant_plugin.pipeline.quantize_block``, the same per-block function
+the core path (``quantize_dllm``) runs, so both produce the same model for the same rows and
+seed. TAC sits inside a block, between the attention and its output projection, whose
+transform is fitted on TAC-corrected inputs; so a ``TACModifier`` joins the block pass of the
+block modifier before it, and ``SGATModifier`` + ``TACModifier`` run exactly what
+``STaRQuantModifier`` runs.
 
-It does not mix in llm-compressor's ``QuantizationMixin``: that attaches compressed-tensors
+They do not mix in llm-compressor's ``QuantizationMixin``: that attaches compressed-tensors
 schemes, observers and fake-quant forwards to every targeted ``Linear``, while STaR-Quant
 replaces those linears by ``StarQuantLinear``s whose activation quantization depends on the
 token state, so the wrappers would double-quantize and then be thrown away.
 """
 
-import copy
 import os
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 
 import torch
-from compressed_tensors.offload import (
-    disable_onloading,
-    get_cache_init_kwargs,
-    offload_module,
-    remove_dispatch,
-)
-from compressed_tensors.offload.cache import OffloadCache
-from compressed_tensors.utils import match_named_modules, patch_attr
+from compressed_tensors.utils import patch_attr
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.quantization import QuantizationMixin
 from llmcompressor.modifiers.utils.hooks import HooksMixin
-from loguru import logger
 from pydantic import ConfigDict, PrivateAttr
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from starquant_plugin.config import StarQuantArgs
+from starquant_plugin.config import SGATArgs, StarQuantArgs, TACArgs
 from starquant_plugin.integrations.format import attach_quantization_config
+from starquant_plugin.integrations.llmcompressor.offloading import (
+    fp_copy,
+    offload_like,
+    offloading_of,
+)
+from starquant_plugin.integrations.llmcompressor.targets import resolve_block_groups
 from starquant_plugin.integrations.saving import bind_save_pretrained
 from starquant_plugin.method import MaskState, attach_mask_state
 from starquant_plugin.models.attention import (
@@ -80,19 +86,10 @@ def _oneshot_recipe_source() -> str | os.PathLike | None:
     return None
 
 
-class STaRQuantModifier(Modifier, StarQuantArgs):
-    """STaR-Quant (state-gated affine transforms + TAC) on a LLaDA or Dream model.
-
-    The fields are ``StarQuantArgs``'s (inherited, so the schema exists once) plus
-    ``targets``/``ignore``. Calibrate on rows of masked denoising states of equal length
-    (``integrations.calibration_dataset.dllm_calibration_dataset``). Example recipe::
-
-        starquant_stage:
-          quantization_modifiers:
-            STaRQuantModifier:
-              scheme: W4A4
-              epochs: 15
-              ignore: ['model.transformer.ff_out']
+class DecoderBlockModifier(Modifier):
+    """What ``STaRQuantModifier`` and ``SGATModifier`` share: fit each decoder block in the
+    sequential pipeline with ``quantize_block`` (and the TAC of a ``TACModifier`` that follows
+    in the recipe), carrying the FP chain alongside.
 
     :param targets: linears to quantize (names, ``re:`` patterns or class names); default
         every linear of the decoder blocks (LLaDA ``'re:model\\.transformer\\.blocks\\.\\d+\\.'``,
@@ -111,12 +108,11 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
     block, and its quantized linears are offloaded where its linears were.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=False)
-
     requires_calibration_data: bool = True
     targets: str | list[str] | None = None
     ignore: list[str] | None = None
 
+    _tac: TACArgs | None = PrivateAttr(None)
     _args: StarQuantArgs | None = PrivateAttr(None)
     _family: DLLMFamily | None = PrivateAttr(None)
     _blocks: list[nn.Module] = PrivateAttr(default_factory=list)
@@ -134,9 +130,15 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
     _progress: tqdm | None = PrivateAttr(None)
     _start_time: float = PrivateAttr(0.0)
 
+    def own_args(self) -> dict:
+        """This modifier's own knobs, as ``StarQuantArgs`` fields."""
+        raise NotImplementedError
+
     def starquant_args(self) -> StarQuantArgs:
-        """This modifier's knobs as the one schema the core path, checkpoint and loaders read."""
-        return StarQuantArgs(**{name: getattr(self, name) for name in StarQuantArgs.model_fields})
+        """The one schema the core path, checkpoint and loaders read: this modifier's knobs,
+        with TAC's from the ``TACModifier`` that joined it (known once initialized)."""
+        joined = {} if self._tac is None else {"tac": True, **self._tac.model_dump()}
+        return StarQuantArgs(**(self.own_args() | joined))
 
     @property
     def report(self) -> QuantizationReport | None:
@@ -150,15 +152,25 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
         model = state.model
         if state.data is None or state.data.calib is None:
             raise ValueError(
-                "STaRQuantModifier got no calibration data; it fits every block on denoising "
-                "states. Pass dataset= to oneshot (see dllm_calibration_dataset)."
+                f"{type(self).__name__} got no calibration data; it fits every block on "
+                "denoising states. Pass dataset= to oneshot (see dllm_calibration_dataset)."
             )
+        tac = check_composition(active_session().lifecycle.recipe.modifiers)
+        self._tac = None if tac is None else TACArgs(**tac.model_dump(
+            include=set(TACArgs.model_fields)))
         family = family_of(model)
         mask_id = mask_token_id(model)
         self._args, self._family = self.starquant_args(), family
         self._blocks = decoder_blocks(model, family)
         self._groups = resolve_block_groups(model, family, self._blocks, self.targets,
                                             self.ignore)
+        if tac is not None and not any((family.attention_output,) in groups
+                                       for groups in self._groups.values()):
+            raise ValueError(
+                f"TACModifier corrects the attention output that {type(self).__name__} "
+                f"quantizes, but its targets/ignore keep every {family.attention_output} in "
+                "16 bit. Target the attention output projections, or drop TACModifier."
+            )
         validate_for_model(model, self._args, family, self._groups)
         self._report = QuantizationReport(args=self._args)
         self._original_attn_implementation = model.config._attn_implementation
@@ -212,7 +224,7 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
             with undo_or_mark_unusable(state.model, self._quantized,
                                        self._original_attn_implementation, self._mask_state):
                 raise RuntimeError(
-                    f"STaRQuantModifier quantized decoder blocks {sorted(self._done)} but not "
+                    f"{type(self).__name__} quantized decoder blocks {sorted(self._done)} but not "
                     f"{missing}: it needs the sequential pipeline with the decoder blocks "
                     f"({self._family.block_class}) as sequential targets. Drop pipeline= and "
                     "sequential_targets= overrides from the oneshot call."
@@ -321,99 +333,119 @@ class STaRQuantModifier(Modifier, StarQuantArgs):
         self._propagation_handles = []
 
 
-def fp_copy(block: nn.Module) -> nn.Module:
-    """An unmodified, not offloaded copy of ``block`` for the FP chain, its tensors on the
-    block's execution device.
+class STaRQuantModifier(DecoderBlockModifier, StarQuantArgs):
+    """STaR-Quant (state-gated affine transforms + TAC) on a LLaDA or Dream model, in one
+    modifier; exactly ``SGATModifier`` then ``TACModifier`` with the same fields.
 
-    ``copy.deepcopy`` of a block under compressed-tensors offloading copies the caches'
-    handles, which the copy cannot onload (a disk cache finds a tensor's file by the original
-    handle, so the copy fails with a KeyError). So copy the structure without onloading, drop
-    the copy's offloading, and give it copies of the block's onloaded tensors (copies: the
-    K/V folds change the block's weights in place)."""
-    with disable_onloading():
-        twin = copy.deepcopy(block)
-    remove_dispatch(twin)
-    for original, copied in zip(block.modules(), twin.modules(), strict=True):
-        if isinstance(original._parameters, OffloadCache):
-            for name, tensor in original._parameters.items():
-                copied._parameters[name] = copy.deepcopy(tensor)
-            for name, tensor in original._buffers.items():
-                copied._buffers[name] = copy.deepcopy(tensor)
-    return twin
+    The fields are ``StarQuantArgs``'s (inherited, so the schema exists once) plus
+    ``targets``/``ignore`` (``DecoderBlockModifier``). Calibrate on rows of masked denoising
+    states of equal length (``integrations.calibration_dataset.dllm_calibration_dataset``).
+    Example recipe::
 
-
-def offloading_of(block: nn.Module, groups: tuple[tuple[str, ...], ...]
-                  ) -> dict[str, dict]:
-    """The compressed-tensors offload settings (``offload_module`` kwargs) of the offloaded
-    linears in ``groups``, read before ``quantize_block`` replaces them."""
-    linears = {name: block.get_submodule(name) for group in groups for name in group}
-    return {name: get_cache_init_kwargs(linear) for name, linear in linears.items()
-            if isinstance(linear._parameters, OffloadCache)}
-
-
-def offload_like(block: nn.Module, offloading: dict[str, dict]) -> None:
-    """Offload each ``StarQuantLinear`` (with its input transform) the way the linear it
-    replaced was (``offloading_of``).
-
-    The replacements are built from onloaded weights, so they sit on the onload device; left
-    there, a model bigger than the device would collect every quantized block on it."""
-    for name, kwargs in offloading.items():
-        for module in block.get_submodule(name).modules():
-            if not isinstance(module._parameters, OffloadCache):
-                offload_module(module, **kwargs)
-
-
-def resolve_block_groups(
-    model: nn.Module, family: DLLMFamily, blocks: list[nn.Module],
-    targets: str | list[str] | None, ignore: list[str] | None,
-) -> dict[int, tuple[tuple[str, ...], ...]]:
-    """Which linear groups of each block ``targets`` minus ``ignore`` select.
-
-    Defaults: every linear of the decoder blocks, ignoring the LM head. Raises when nothing
-    matches, when a group is only partly targeted, or when a non-block linear other than
-    the LM head is targeted; warns when the LM head is targeted (it stays 16 bit).
+        starquant_stage:
+          quantization_modifiers:
+            STaRQuantModifier:
+              scheme: W4A4
+              epochs: 15
+              ignore: ['model.transformer.ff_out']
     """
-    targets = [f"re:{family.block_pattern}"] if targets is None else targets
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    ignore = [family.lm_head] if ignore is None else list(ignore)
-    matched = {name for name, module in match_named_modules(model, targets, ignore)
-               if isinstance(module, nn.Linear)}
-    block_names = {id(module): name for name, module in model.named_modules()}
-    groups: dict[int, tuple[tuple[str, ...], ...]] = {}
-    for index, block in enumerate(blocks):
-        prefix = block_names[id(block)]
-        chosen = []
-        for group in family.linear_groups:
-            names = [f"{prefix}.{linear}" for linear in group]
-            hits = [name for name in names if name in matched]
-            if hits and len(hits) < len(names):
-                raise ValueError(
-                    f"targets/ignore select {hits} but not "
-                    f"{sorted(set(names) - set(hits))}: these linears share one STaR "
-                    "transform, so target all of them or none."
-                )
-            if hits:
-                chosen.append(group)
-            matched -= set(names)
-        groups[index] = tuple(chosen)
-    if family.lm_head in matched:
-        logger.warning(
-            f"targets {targets} match the LM head {family.lm_head!r} and ignore {ignore} does "
-            f"not exclude it; STaR-Quant keeps the LM head in 16 bit, so it is left as is. "
-            f"Add {family.lm_head!r} to ignore to silence this."
-        )
-        matched.discard(family.lm_head)
-    if matched:
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    def own_args(self) -> dict:
+        return {name: getattr(self, name) for name in StarQuantArgs.model_fields}
+
+
+class SGATModifier(DecoderBlockModifier, SGATArgs):
+    """SGAT: the (state-gated) input transforms and the quantization of the targeted linears,
+    without TAC unless a ``TACModifier`` follows it. Its fields are ``SGATArgs``'s plus
+    ``targets``/``ignore``; the baselines are presets of them (``config.METHODS``: RTN is
+    ``transform: identity, state_gating: false, kv_rotation: false, k_smoothing: 0``)::
+
+        sgat_stage:
+          quantization_modifiers:
+            SGATModifier: {scheme: W4A4, weight_quantizer: gptq}
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    def own_args(self) -> dict:
+        return {name: getattr(self, name) for name in SGATArgs.model_fields} | {"tac": False}
+
+
+class TACModifier(Modifier, TACArgs):
+    """TAC: the block-diagonal affine correction of the attention output, fitted in closed form
+    against the FP model, on the blocks whose attention output an earlier ``SGATModifier`` (or
+    ``STaRQuantModifier`` with ``tac: false``) of the same recipe quantizes. Its fields are
+    ``TACArgs``'s::
+
+        starquant_stage:
+          quantization_modifiers:
+            SGATModifier: {scheme: W4A4, transform: identity, state_gating: false}
+            TACModifier: {tac_shrinkage: auto}
+
+    The fit runs inside that modifier's block pass (the output projection's transform is
+    fitted on the corrected inputs), so this modifier only checks the recipe and hands over
+    its fields; its tensors are stored with the output projection's input transform.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        check_composition(active_session().lifecycle.recipe.modifiers)
+        return True
+
+
+def check_composition(modifiers: Sequence[Modifier]) -> TACModifier | None:
+    """Refuse a recipe whose STaR-Quant modifiers do not stack, before any of them changes the
+    model; return the ``TACModifier`` that joins the block modifier, if any.
+
+    Stacks: one block modifier (``STaRQuantModifier`` or ``SGATModifier``), optionally followed
+    by one ``TACModifier`` (then the block modifier must not fit TAC itself), next to
+    llm-compressor modifiers that do not quantize (e.g. ``SmoothQuantModifier``).
+    """
+    names = [type(modifier).__name__ for modifier in modifiers]
+    blocks = [i for i, m in enumerate(modifiers) if isinstance(m, DecoderBlockModifier)]
+    tacs = [i for i, m in enumerate(modifiers) if isinstance(m, TACModifier)]
+    foreign = [names[i] for i, m in enumerate(modifiers) if isinstance(m, QuantizationMixin)]
+    if not blocks and not tacs:
+        return None
+    if len(blocks) > 1:
         raise ValueError(
-            f"targets select linears outside the decoder blocks' groups: {sorted(matched)}; "
-            f"STaR-Quant fits only {[list(g) for g in family.linear_groups]} inside each "
-            f"{family.block_class}. Add them to ignore."
+            f"The recipe holds {[names[i] for i in blocks]}; a second would re-quantize the "
+            "linears the first replaced (and carry a wrong FP chain). Keep one "
+            "STaRQuantModifier or SGATModifier per recipe; choose linears by targets/ignore."
         )
-    if not any(groups.values()):
-        example = f"{block_names[id(blocks[0])]}.{family.linear_groups[0][0]}"
+    if len(tacs) > 1:
+        raise ValueError(f"The recipe holds {len(tacs)} TACModifiers; keep one (it corrects "
+                         "every quantized attention output).")
+    if foreign and tacs and not blocks:
         raise ValueError(
-            f"STaRQuantModifier targets {targets} (ignore {ignore}) match no decoder-block "
-            f"linear of {type(model).__name__}, e.g. {example!r}. Fix targets, or leave them "
-            f"unset for the {family.name} default ['re:{family.block_pattern}']."
+            f"TACModifier follows {foreign[0]}, which writes compressed-tensors linears with no "
+            "place for TAC's correction of the attention output. Quantize with SGATModifier "
+            "before TACModifier instead; round-to-nearest (RTN) is SGATModifier with "
+            "transform: identity, state_gating: false, kv_rotation: false, k_smoothing: 0.0."
         )
-    return groups
+    if foreign:
+        raise ValueError(
+            f"The recipe stacks {foreign[0]} with {names[blocks[0]]}; both quantize the "
+            f"decoder blocks' linears. For GPTQ's weights under SGAT's transforms, set "
+            f"weight_quantizer: gptq on {names[blocks[0]]} and drop {foreign[0]}."
+        )
+    if not tacs:
+        return None
+    if not blocks or tacs[0] < blocks[0]:
+        raise ValueError(
+            "TACModifier corrects the attention output of blocks an earlier modifier quantized, "
+            f"but the recipe's modifiers are {names}. Put SGATModifier (or a baseline preset of "
+            "it) before TACModifier."
+        )
+    block = modifiers[blocks[0]]
+    if isinstance(block, STaRQuantModifier) and block.tac:
+        raise ValueError(
+            "STaRQuantModifier already fits TAC (tac: true), so TACModifier would fit it "
+            "twice. Set tac: false on STaRQuantModifier, or use SGATModifier, to stack "
+            "TACModifier after it."
+        )
+    return modifiers[tacs[0]]
+

@@ -4,8 +4,9 @@ llm-compressor accepts a YAML without a ``<name>_stage:`` key (or a misspelled
 ``<group>_modifiers:`` key) and then runs zero modifiers without a word; this check turns that
 into an error before any calibration starts. It also refuses what llm-compressor would only
 fail on with a traceback (an unknown modifier name, modifier fields that are not a mapping, two
-STaR-Quant modifiers) and recipes too big to be one: a file over ``MAX_RECIPE_BYTES``, or YAML
-aliases that expand past ``MAX_RECIPE_NODES`` nodes ("billion laughs"). Those are checked on
+block modifiers, modifiers that do not stack) and recipes too big to be one: a file over
+``MAX_RECIPE_BYTES``, or YAML aliases that expand past ``MAX_RECIPE_NODES`` nodes ("billion
+laughs"). Those are checked on
 the composed YAML graph, where an alias is one shared node, so the check itself stays small.
 """
 
@@ -19,7 +20,12 @@ from typing import Any
 import yaml
 from llmcompressor.recipe import Recipe
 
-from starquant_plugin.integrations.llmcompressor.modifier import STaRQuantModifier
+from starquant_plugin.integrations.llmcompressor.modifier import (
+    DecoderBlockModifier,
+    SGATModifier,
+    STaRQuantModifier,
+    check_composition,
+)
 from starquant_plugin.messages import shown
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -138,9 +144,13 @@ def _known_modifiers() -> set[str] | None:
     return set().union(*registries)
 
 
-def _starquant_entries(recipe: dict[str, Any], where: str) -> list[str]:
-    """``stage.group`` of each STaRQuantModifier entry, after checking every modifier entry
-    the way ``Recipe.from_dict`` reads it: a known name with a mapping of fields."""
+_BLOCK_MODIFIERS = (STaRQuantModifier.__name__, SGATModifier.__name__)
+
+
+def _block_modifier_entries(recipe: dict[str, Any], where: str) -> list[str]:
+    """``stage.group`` of each STaRQuantModifier/SGATModifier entry, after checking every
+    modifier entry the way ``Recipe.from_dict`` reads it: a known name with a mapping of
+    fields."""
     known = _known_modifiers()
     found = []
     for stage, groups in recipe.items():
@@ -158,8 +168,8 @@ def _starquant_entries(recipe: dict[str, Any], where: str) -> list[str]:
                     hint = f"did you mean {close[0]!r}? " if close else ""
                     raise ValueError(
                         f"{where} names {at}, which llm-compressor does not know; {hint}"
-                        "STaR-Quant's is STaRQuantModifier (`import starquant_plugin` before "
-                        "parsing registers it)."
+                        "STaR-Quant's are STaRQuantModifier, SGATModifier and TACModifier "
+                        "(`import starquant_plugin` before parsing registers them)."
                     )
                 if not isinstance(fields, dict):
                     got = "no fields" if fields is None else f"a {type(fields).__name__}"
@@ -167,8 +177,8 @@ def _starquant_entries(recipe: dict[str, Any], where: str) -> list[str]:
                         f"{where} gives {at} {got} instead of a mapping of its fields; write "
                         "them as keys under it, e.g. 'STaRQuantModifier: {scheme: W4A4}'."
                     )
-                if name == STaRQuantModifier.__name__:
-                    found.append(repr(shown(f"{stage}.{group}")))
+                if name in _BLOCK_MODIFIERS:
+                    found.append(f"{name} in {shown(f'{stage}.{group}')!r}")
     return found
 
 
@@ -212,12 +222,13 @@ def recipe_that_ran(recipe: Recipe, source: str | os.PathLike | None = None) -> 
 
 def load_starquant_recipe(path_or_yaml: str | os.PathLike, stage: str | None = None) -> Recipe:
     """The recipe at ``path_or_yaml`` (a file path or a YAML string), checked to contain
-    exactly one ``STaRQuantModifier``; pass the result to ``oneshot(recipe=...)``.
+    exactly one ``STaRQuantModifier`` or ``SGATModifier`` and to stack as
+    ``check_composition`` allows; pass the result to ``oneshot(recipe=...)``.
 
     ``stage``: keep only the top-level keys starting with it (llm-compressor's
     ``target_stage``). Field errors (unknown keys, an unknown scheme) raise pydantic's
-    ``ValidationError`` here; an oversized recipe, an unknown modifier or a second
-    STaRQuantModifier raise ``ValueError``.
+    ``ValidationError`` here; an oversized recipe, an unknown modifier, a second block
+    modifier or a stack that does not compose raise ``ValueError``.
     """
     text, where, _ = _recipe_source(path_or_yaml)
     parsed = parse_recipe_yaml(text, where)
@@ -226,21 +237,25 @@ def load_starquant_recipe(path_or_yaml: str | os.PathLike, stage: str | None = N
                          f"recipe has a top-level '<name>_stage:' key, e.g.\n{_EXAMPLE}")
     if stage:
         parsed = {key: value for key, value in parsed.items() if str(key).startswith(stage)}
-    entries = _starquant_entries(parsed, where)
+    entries = _block_modifier_entries(parsed, where)
     if len(entries) > 1:
         raise ValueError(
-            f"{where} holds {len(entries)} STaRQuantModifiers ({', '.join(entries)}); "
+            f"{where} holds {len(entries)} block modifiers ({', '.join(entries)}); "
             "STaR-Quant quantizes a model once, and a second one would re-quantize quantized "
-            "linears. Keep one STaRQuantModifier in one stage."
+            "linears. Keep one STaRQuantModifier or SGATModifier in one stage."
         )
     recipe = Recipe.from_dict(parsed)
-    if not any(isinstance(modifier, STaRQuantModifier) for modifier in recipe.modifiers):
+    try:
+        check_composition(recipe.modifiers)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    if not any(isinstance(modifier, DecoderBlockModifier) for modifier in recipe.modifiers):
         found = [type(modifier).__name__ for modifier in recipe.modifiers]
         raise ValueError(
-            f"{where} resolves to modifiers {found} with no STaRQuantModifier, so oneshot would "
-            "not quantize anything. A recipe needs a top-level '<name>_stage:' key with a "
-            f"'<group>_modifiers:' key under it, e.g.\n{_EXAMPLE}\n(and `import "
-            "starquant_plugin` before parsing it, which registers the modifier)."
+            f"{where} resolves to modifiers {found} with no STaRQuantModifier or SGATModifier, "
+            "so oneshot would not quantize anything. A recipe needs a top-level "
+            f"'<name>_stage:' key with a '<group>_modifiers:' key under it, e.g.\n{_EXAMPLE}\n"
+            "(and `import starquant_plugin` before parsing it, which registers the modifiers)."
         )
     return recipe
 

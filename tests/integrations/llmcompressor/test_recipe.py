@@ -95,8 +95,9 @@ def test_a_long_unknown_name_is_cut_short_in_the_message():
 def test_two_starquant_stages_are_refused():
     text = RECIPE.format(scheme="W4A4") + RECIPE.format(scheme="W4A8").replace(
         "starquant_stage", "second_stage")
-    with pytest.raises(ValueError, match="holds 2 STaRQuantModifiers \\('starquant_stage."
-                                         "quantization_modifiers', 'second_stage.quantization"
+    with pytest.raises(ValueError, match="holds 2 block modifiers \\(STaRQuantModifier in "
+                                         "'starquant_stage.quantization_modifiers', "
+                                         "STaRQuantModifier in 'second_stage.quantization"
                                          "_modifiers'\\); STaR-Quant quantizes a model once"):
         load_starquant_recipe(text)
     (modifier,) = load_starquant_recipe(text, stage="second").modifiers  # one stage picked
