@@ -6,7 +6,8 @@ benchmark JSON.
 
 Reads ``benchmarks/results/quality-*.json`` (rows of ``benchmarks/quality.py``), the focused
 same-code re-runs beside them (``agreement-stress.json``, ``epochs15-stress.json``,
-``agreement-clean.json``), ``variants.json`` and ``calibration-cost.json``
+``agreement-clean.json``, ``tac-on-baselines.json``), ``variants.json`` and
+``calibration-cost.json``
 (``benchmarks/calibration_cost.py``). Every
 quality number is a mean ± sample standard deviation over the seeds a row was run with
 (``n`` in the tables). Gap closed is computed per seed against that seed's RTN and FP rows of
@@ -263,11 +264,20 @@ def sections(results: Path) -> dict[str, str]:
                            "tac")),
             ("sgat", ("flatquant", UNGATED)),
             (UNGATED, ("flatquant",))]),
+        "tac-on-baselines": same_code_section(
+            results, TAC_ON_BASELINES,
+            [(f"{method} (tac=true)", (method,)) for method in TAC_BASELINES]),
         "quality-final-w4a8-w8a8": same_code_section(
             results, FINAL_8BIT, [("starquant", ("flatquant", "rtn"))],
             schemes=("W4A8", "W8A8")),
     }
 
+
+TAC_ON_BASELINES = "tac-on-baselines.json"
+"""W4A4 RTN, QuaRot-style, FlatQuant-style and SGAT without and with TAC (``--set tac=true``:
+what ``TACModifier`` after each adds), clean and stress models, paired by seed. The rows
+without TAC ran with ``--set tac=false``, the presets' own value, stored without the override."""
+TAC_BASELINES = ("rtn", "quarot", "flatquant", "sgat")
 
 PRESETS = ("rtn", "smoothquant", "quarot", "quarot_gptq", "flatquant", "starquant")
 OLD_DEFAULT = "starquant (k_smoothing=0, kv_rotation=false, tac_shrinkage=0.2)"
