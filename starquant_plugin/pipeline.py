@@ -11,6 +11,7 @@ the same per-block function (``quantize_block``).
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -77,31 +78,22 @@ class _StopForward(Exception):
 
 
 def _static_transform(
-    args: StarQuantArgs, weight: torch.Tensor, x: torch.Tensor, generator: torch.Generator
+    args: StarQuantArgs, weight: torch.Tensor, input_absmax: torch.Tensor,
+    generator: torch.Generator,
 ) -> SGATResult:
-    """A fixed (not fitted), ungated transform for the baselines."""
+    """A fixed (not fitted), ungated transform for the baselines; ``input_absmax: [d]``."""
     weight_args, _ = scheme_args(args.scheme)
     factors = args.factors(weight.shape[1])
     if args.transform == "smoothquant":  # x -> x / s, W -> W * s
-        scales = smoothquant_scales(x.abs().amax(0), weight, args.smoothquant_alpha)
+        scales = smoothquant_scales(input_absmax, weight, args.smoothquant_alpha)
         return static_sgat(weight, weight_args, channel_scale=1.0 / scales, factors=factors)
     return static_sgat(weight, weight_args, factors=factors,
                        rotate=args.transform == "hadamard", generator=generator)
 
 
-def _split_by_state(x: torch.Tensor, mask_state: torch.Tensor) -> dict[int, torch.Tensor]:
-    """x: [batch, seq, d], mask_state: [batch, seq] -> {state: [tokens, d]}; an absent state
-    borrows the other's tokens (the fit needs both)."""
-    flat, state = x.reshape(-1, x.shape[-1]), mask_state.reshape(-1)
-    masked, unmasked = flat[state], flat[~state]
-    return {MASKED: masked if len(masked) else unmasked,
-            UNMASKED: unmasked if len(unmasked) else masked}
-
-
 def quantize_linear_group(
     linears: list[nn.Linear],
-    x: torch.Tensor,
-    mask_state: torch.Tensor,
+    by_state: dict[int, torch.Tensor],
     args: StarQuantArgs,
     shared_state: MaskState,
     tac: TACParams | None = None,
@@ -109,33 +101,38 @@ def quantize_linear_group(
     """Fit one transform for linears that read the same input and build their replacements,
     which share one ``StarQuantInputTransform`` (owned by the first).
 
-    x: [batch, seq, d] their common input (TAC already applied), mask_state: [batch, seq].
+    by_state: their common input (TAC already applied) by token state (``_capture_by_state``).
     """
     weight_args, act_args = scheme_args(args.scheme)
     weight = torch.cat([linear.weight.detach().float() for linear in linears])
-    x = x.detach().float()
     d = weight.shape[1]
-    by_state = _split_by_state(x, mask_state)
+    present = [x for x in by_state.values() if len(x)]
+    input_absmax = torch.stack([x.abs().amax(0) for x in present]).amax(0)
     generator = torch.Generator().manual_seed(args.seed)
     if args.transform == "learned":
         init_scale = None
         if args.init_scale == "smoothquant":  # x -> x / s
-            init_scale = 1.0 / smoothquant_scales(x.reshape(-1, d).abs().amax(0), weight,
-                                                  args.init_scale_alpha)
-        sgat = fit_sgat(weight, by_state[MASKED], by_state[UNMASKED], weight_args, act_args,
+            init_scale = 1.0 / smoothquant_scales(input_absmax, weight, args.init_scale_alpha)
+        # a state without tokens borrows the other's (the fit needs both)
+        masked = by_state[MASKED] if len(by_state[MASKED]) else by_state[UNMASKED]
+        unmasked = by_state[UNMASKED] if len(by_state[UNMASKED]) else by_state[MASKED]
+        sgat = fit_sgat(weight, masked, unmasked, weight_args, act_args,
                         k=args.exclusive_width(d), factors=args.factors(d), epochs=args.epochs,
                         lr=args.lr, lr_clip=args.lr_clip, seed=args.seed,
                         init_scale=init_scale, init_rotation=args.init_rotation,
                         lr_schedule=args.lr_schedule)
     else:
-        sgat = _static_transform(args, weight, x.reshape(-1, d), generator)
+        sgat = _static_transform(args, weight, input_absmax, generator)
     dtype = linears[0].weight.dtype  # STaR tensors and scales are stored in the model's dtype
     sgat = sgat.rounded_to(dtype)
     input_transform = StarQuantInputTransform(sgat, act_args, shared_state, tac, dtype)
     hessian = None
     if args.weight_quantizer == "gptq":
-        x_s = sgat.transform_input(x.reshape(-1, d), mask_state.reshape(-1).long())
-        hessian = x_s.T @ x_s / len(x_s)
+        hessian = torch.zeros(d, d, device=weight.device)
+        for state, x in by_state.items():
+            x_s = sgat.transform_input(x, torch.full(x.shape[:1], state, device=x.device))
+            hessian += x_s.T @ x_s
+        hessian /= sum(len(x) for x in by_state.values())
     replacements, start = [], 0
     for index, linear in enumerate(linears):
         rows = slice(start, start + linear.out_features)
@@ -184,30 +181,68 @@ def fit_attention_tac(z_fp: torch.Tensor, z_quant: torch.Tensor, out_weight: tor
     return fit_tac(zf, zq, shrinkage=shrinkage, **fit), shrinkage
 
 
-def _capture_input(
+def _capture(
     block: nn.Module, name: str, inputs: list[tuple[tuple, dict]],
     states: list[torch.Tensor], shared_state: MaskState,
-) -> torch.Tensor:
-    """Run ``block`` on each captured (args, kwargs), with that batch's token state, and return
-    ``name``'s input concatenated over batches: [batch, seq, d]."""
+    take: Callable[[torch.Tensor, torch.Tensor], None],
+) -> None:
+    """Run ``block`` on each captured (args, kwargs), with that batch's token state, up to
+    ``name``, and hand ``name``'s input and the state to ``take(x, state)``, batch by batch."""
     module = block.get_submodule(name)
-    captured = []
+    batch_state = []
 
     def hook(_module, args):
-        captured.append(args[0].detach())
+        take(args[0].detach(), batch_state[0])
         raise _StopForward
 
     handle = module.register_forward_pre_hook(hook)
     try:
         for (args, kwargs), state in zip(inputs, states, strict=True):
             shared_state.mask_state = state
+            batch_state[:] = [state]
             try:
                 block(*args, **kwargs)
             except _StopForward:
                 pass
     finally:
         handle.remove()
+
+
+def _capture_input(
+    block: nn.Module, name: str, inputs: list[tuple[tuple, dict]],
+    states: list[torch.Tensor], shared_state: MaskState,
+) -> torch.Tensor:
+    """``name``'s input over every batch (``_capture``): [batch, seq, d]."""
+    captured = []
+    _capture(block, name, inputs, states, shared_state, lambda x, _state: captured.append(x))
     return torch.cat(captured)
+
+
+def _capture_by_state(
+    block: nn.Module, name: str, inputs: list[tuple[tuple, dict]],
+    states: list[torch.Tensor], shared_state: MaskState, tac: TACParams | None,
+) -> dict[int, torch.Tensor]:
+    """``name``'s input over every batch, TAC applied, by token state: {state: [tokens, d]}
+    float32 (a state may have no tokens). Written batch by batch into one buffer per state,
+    so the fit's input is held once (at 8B width the down projection's is 1.5 GiB in
+    float32; capturing, concatenating and splitting held it two or three times)."""
+    counts = {MASKED: sum(int(s.sum()) for s in states)}
+    counts[UNMASKED] = sum(s.numel() for s in states) - counts[MASKED]
+    buffers: dict[int, torch.Tensor] = {}
+    filled = dict.fromkeys(counts, 0)
+
+    def take(x: torch.Tensor, state: torch.Tensor) -> None:
+        if tac is not None:
+            x = apply_tac(x, tac)
+        flat, state = x.reshape(-1, x.shape[-1]), state.reshape(-1)
+        for which, tokens in ((MASKED, flat[state]), (UNMASKED, flat[~state])):
+            if which not in buffers:
+                buffers[which] = torch.empty(counts[which], flat.shape[1], device=flat.device)
+            buffers[which][filled[which]:filled[which] + len(tokens)] = tokens
+            filled[which] += len(tokens)
+
+    _capture(block, name, inputs, states, shared_state, take)
+    return buffers
 
 
 def _block_inputs(model: PreTrainedModel, block: nn.Module, rows: torch.LongTensor,
@@ -304,7 +339,6 @@ def quantize_block(
 
 def _quantize_groups(block, fp_block, q_inputs, fp_inputs, states, shared_state, args, family,
                      report, index, groups, value_rotation) -> None:
-    all_states = torch.cat(states)
     block.get_submodule(family.attention_module).kv_bits = args.resolved_kv_bits
     for group in groups:
         where = group_location(index, group)
@@ -330,12 +364,11 @@ def _quantize_groups(block, fp_block, q_inputs, fp_inputs, states, shared_state,
             check_finite_fit({"tac_matrices": tac.matrices, "tac_bias": tac.bias}, where)
         linears = [block.get_submodule(name) for name in group]
         with torch.enable_grad():
-            x = _capture_input(block, group[0], q_inputs, states, shared_state)
-            check_finite_activations(x, "The input", where)
-            if tac is not None:
-                x = apply_tac(x, tac)
+            by_state = _capture_by_state(block, group[0], q_inputs, states, shared_state, tac)
+            for x in by_state.values():
+                check_finite_activations(x, "The input", where)
             try:
-                replacements, sgat = quantize_linear_group(linears, x, all_states, args,
+                replacements, sgat = quantize_linear_group(linears, by_state, args,
                                                            shared_state, tac)
             except torch.linalg.LinAlgError as error:
                 raise CalibrationError(f"A linear-algebra step failed for {where}: {error}."

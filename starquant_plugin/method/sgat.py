@@ -57,9 +57,10 @@ each temporary is then at most 64 MiB of float32, whatever the width (the fit's 
 the quantizers make several; at d = 12288 whole chunks of 8192 tokens took gigabytes)."""
 
 
-def _row_chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``x: [n, d]`` split into chunks of ``_CHUNK_ELEMENTS // d`` rows."""
-    return x.split(max(1, _CHUNK_ELEMENTS // x.shape[-1]))
+def _row_chunks(x: torch.Tensor, out_width: int = 0) -> tuple[torch.Tensor, ...]:
+    """``x: [n, d]`` split into chunks of ``_CHUNK_ELEMENTS // max(d, out_width)`` rows, for
+    work whose temporaries are ``[rows, d]`` or ``[rows, out_width]``."""
+    return x.split(max(1, _CHUNK_ELEMENTS // max(x.shape[-1], out_width)))
 
 
 def dropped_directions(k: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -97,27 +98,28 @@ def second_moment(x: torch.Tensor) -> torch.Tensor:
 
 def smallest_eigenvectors(symmetric: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` eigenvectors of the float64 ``symmetric: [d, d]`` with the smallest
-    eigenvalues: ``[d, k]`` on its device. The input may be overwritten.
+    eigenvalues: ``[d, k]`` on its device. A CPU input may be overwritten.
 
-    On the CPU LAPACK's ``syevr`` computes only those ``k``, in place with ``O(d)`` workspace,
-    through scipy (torch has no binding for it): 2.4x faster than ``torch.linalg.eigh`` at
-    d = 2048 on one core, which computes all ``d`` with ``2 d^2`` of workspace beside the ``d^2``
-    eigenvectors (4.5 GiB at d = 12288). On a GPU ``torch.linalg.eigh`` stays: its solver is
-    fast there and moving the matrix to the host would make the host's CPU the bottleneck.
+    LAPACK's ``syevr`` computes only those ``k``, in place with ``O(d)`` workspace, through
+    scipy (torch has no binding for it): 2.4x faster than ``torch.linalg.eigh`` at d = 2048 on
+    one core. It runs on the host CPU for a GPU input too: torch's only solver there,
+    ``eigh``, computes all ``d`` eigenvectors with ``2 d^2`` of workspace beside them, 4 d^2
+    doubles of device memory (4.5 GiB at LLaDA-8B's 12288, 10.7 GiB at Dream-7B's 18944), over
+    the 4 GiB a block's fit may use; the host holds one ``d^2`` copy instead, once per linear
+    group (not per epoch), and CPU and GPU runs get the same eigenvectors.
     """
-    if symmetric.device.type != "cpu":
-        return torch.linalg.eigh(symmetric).eigenvectors[:, :k]
     try:  # lazy: only calibration needs it (the `compress` extra)
         from scipy.linalg import eigh
     except ImportError as error:
         raise ImportError("SGAT's calibration needs scipy (LAPACK's subset eigensolver); "
                           "install the compress extra: pip install '.[compress]'"
                           ) from error
+    device = symmetric.device
     # The transpose of a symmetric C-ordered matrix is itself in Fortran order: LAPACK works
     # on it in place instead of on a copy.
-    _, vectors = eigh(symmetric.numpy().T, subset_by_index=[0, k - 1], driver="evr",
+    _, vectors = eigh(symmetric.cpu().numpy().T, subset_by_index=[0, k - 1], driver="evr",
                       overwrite_a=True, check_finite=False)
-    return torch.from_numpy(vectors)
+    return torch.from_numpy(vectors).to(device)
 
 
 def exclusive_subspaces(x_masked: torch.Tensor, x_unmasked: torch.Tensor, k: int) -> torch.Tensor:
@@ -129,8 +131,9 @@ def exclusive_subspaces(x_masked: torch.Tensor, x_unmasked: torch.Tensor, k: int
     smallest eigenvalues; ``U_m`` = the ``k`` directions orthogonal to ``U_u`` with the least
     unmasked energy: the smallest eigenvectors of ``P C_u P + s U_u U_u^T`` with ``P = I - U_u
     U_u^T`` and ``s`` above ``C_u``'s spectrum. Both in float64, one ``[d, d]`` matrix at a time,
-    the projection applied in place by rank-``k`` updates: on the CPU ``d^2`` doubles at the
-    peak (1.1 GiB at d = 12288) where explicit projectors and full eigensolvers took ~10x that
+    the projection applied in place by rank-``k`` updates: ``d^2`` doubles at the peak on the
+    tokens' device (1.1 GiB at d = 12288) where explicit projectors and full eigensolvers took
+    ~10x that
     (``docs/results.md``, calibration cost).
     ``k = 0`` gives ``[d, 0]``.
     """
@@ -400,7 +403,7 @@ def fit_sgat(
         for rows in row_chunks:
             weight_q = quantized_rows(rows)
             for s, x in xs.items():
-                for chunk in _row_chunks(x):
+                for chunk in _row_chunks(x, out_width=len(weight_q)):
                     y_fp = chunk @ w[rows].T
                     err[s] += (y_fp - quantized_input(chunk, s) @ weight_q.T).pow(2).sum()
                     ref[s] += y_fp.pow(2).sum()
