@@ -237,7 +237,8 @@ def _capture_by_state(
         flat, state = x.reshape(-1, x.shape[-1]), state.reshape(-1)
         for which, tokens in ((MASKED, flat[state]), (UNMASKED, flat[~state])):
             if which not in buffers:
-                buffers[which] = torch.empty(counts[which], flat.shape[1], device=flat.device)
+                buffers[which] = torch.empty(counts[which], flat.shape[1], dtype=torch.float32,
+                                             device=flat.device)
             buffers[which][filled[which]:filled[which] + len(tokens)] = tokens
             filled[which] += len(tokens)
 
