@@ -85,16 +85,20 @@ MODES = {
 }
 
 
+FP8_SCHEMES = ("W8A8-FP8", "W4A8-FP8")
+"""Run where the GPU has FP8 tensor cores (``recipes/llada_w8a8-fp8.yaml``, ...)."""
+
+
 def extra_schemes(device: str) -> tuple[str, ...]:
-    """Schemes beyond ``SCHEMES`` that this device would run. A Hopper GPU (compute
-    capability 9.0+) has FP8 tensor cores: FP8 schemes are another issue and not implemented;
-    when they are, their recipe names go here, and the rest of the check runs them as is."""
+    """Schemes beyond ``SCHEMES`` that this device runs: the FP8 ones on a GPU with FP8
+    tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell), where vLLM's FP8 GEMM
+    serves W8A8-FP8 (``integrations/vllm/gemm.py``)."""
     if device == "cuda":
         import torch
 
-        if torch.cuda.get_device_capability(0) >= (9, 0):
-            print("Hopper-class GPU: FP8 schemes would run here; not implemented yet "
-                  "(another issue).", flush=True)
+        if torch.cuda.get_device_capability(0) >= (8, 9):
+            print("GPU with FP8 tensor cores: the FP8 schemes run too.", flush=True)
+            return FP8_SCHEMES
     return ()
 
 

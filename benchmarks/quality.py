@@ -30,12 +30,13 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import get_args
 
 import psutil
 import torch
 
 from starquant_plugin.assets import TINY_MODELS, calibration_text, evaluation_text
-from starquant_plugin.config import METHODS, method_args
+from starquant_plugin.config import METHODS, SchemeName, method_args
 from starquant_plugin.models.calibration import build_calibration_states
 from starquant_plugin.models.evaluation import (
     MASK_RATIOS,
@@ -54,6 +55,7 @@ from starquant_plugin.models.outliers import add_stress_outliers_, outlier_ratio
 from starquant_plugin.pipeline import quantize_dllm
 
 SCHEMES = ("W4A4", "W4A8", "W8A8")
+"""The default schemes; ``--schemes`` takes every preset (FP8 ones too)."""
 FAMILY_SETS = {"tuning": TUNING_SEEDS, "held-out": HELD_OUT_SEEDS,
                "confirmation": CONFIRMATION_SEEDS}
 STRESS_ROWS, STRESS_SEED = 32, 0
@@ -124,7 +126,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", type=variant_names,
                         help="clean (as shipped), stress, outliers-N, tuning, held-out or "
                              "confirmation (repeatable; default clean)")
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES),
+                        choices=get_args(SchemeName))
     parser.add_argument("--methods", nargs="+", default=["fp", *METHODS],
                         choices=["fp", *METHODS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])

@@ -6,9 +6,13 @@ Baselines are presets of the same schema (``METHODS``), so every method runs in 
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 QUANT_METHOD = "starquant"
+
+SchemeName = Literal["W4A4", "W4A8", "W8A8", "W8A8-FP8", "W4A8-FP8"]
+"""The quantization presets (``method.quantizers.SCHEMES``): int weights and activations, or
+FP8 e4m3 where the name says so (W8A8-FP8: both; W4A8-FP8: int4 weights, FP8 activations)."""
 
 
 class SGATArgs(BaseModel):
@@ -18,7 +22,7 @@ class SGATArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    scheme: Literal["W4A4", "W4A8", "W8A8"] = "W4A4"
+    scheme: SchemeName = "W4A4"
     transform: Literal["identity", "smoothquant", "hadamard", "learned"] = "learned"
     transform_factors: Literal["kronecker", "dense"] = Field(
         "kronecker", description="M = diag(c) (L (x) R); dense = one [d, d] factor (small d)")
@@ -54,6 +58,15 @@ class SGATArgs(BaseModel):
         "calibration rows, K rows / s and the query rows that read them * s, folded into the "
         "weights; 0 = off; only with kv_bits < 16")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _gptq_needs_int_weights(self) -> "SGATArgs":
+        if self.weight_quantizer == "gptq" and self.scheme == "W8A8-FP8":
+            raise ValueError(
+                "weight_quantizer 'gptq' rounds onto integer codes, but scheme W8A8-FP8 stores "
+                "FP8 weights; use weight_quantizer 'rtn' with W8A8-FP8, or an int-weight "
+                "scheme (W4A8-FP8 keeps FP8 activations with int4 weights) for GPTQ.")
+        return self
 
     @property
     def resolved_kv_bits(self) -> int:

@@ -15,11 +15,13 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import get_args
 
 from starquant_plugin.cli.errors import add_command, non_negative_int, positive_int
 from starquant_plugin.cli.logs import route_llmcompressor_logs, status
 from starquant_plugin.cli.quantize import scheme_recipe
 from starquant_plugin.cli.table import markdown_table
+from starquant_plugin.config import SchemeName
 
 DEMO_PROMPT = "The history of the city"
 
@@ -42,7 +44,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = add_command(
         commands, "demo", "quantize the bundled tiny LLaDA and compare FP, RTN and STaR-Quant",
         __doc__, EXAMPLE)
-    parser.add_argument("--scheme", default="W4A4", choices=["W4A4", "W4A8", "W8A8"],
+    parser.add_argument("--scheme", default="W4A4", choices=get_args(SchemeName),
                         help="scheme of both quantized models")
     parser.add_argument("--samples", type=positive_int, metavar="N", default=32,
                         help="calibration rows")

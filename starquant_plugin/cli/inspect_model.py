@@ -16,10 +16,12 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import get_args
 
 from starquant_plugin.cli.errors import UserError, add_command, non_negative_int, positive_int
 from starquant_plugin.cli.loading import load_model
 from starquant_plugin.cli.logs import status
+from starquant_plugin.config import SchemeName
 
 FIGURES = {"activation_by_state": "activation_by_state.png",
            "state_disparity": "state_disparity.png",
@@ -58,7 +60,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--quantized", metavar="DIR",
                         help="a STaR-Quant checkpoint of MODEL to add to the comparison")
     parser.add_argument("--out", required=True, metavar="DIR", help="new report directory")
-    parser.add_argument("--scheme", choices=["W4A4", "W4A8", "W8A8"], default="W4A4",
+    parser.add_argument("--scheme", choices=get_args(SchemeName), default="W4A4",
                         help="scheme of the in-process RTN/SGAT/STaR-Quant models")
     parser.add_argument("--epochs", type=non_negative_int, metavar="N", default=INSPECT_EPOCHS,
                         help="SGAT fit epochs of the in-process SGAT and STaR-Quant models "

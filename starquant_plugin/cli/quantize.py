@@ -17,6 +17,7 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import get_args
 
 import yaml
 
@@ -25,7 +26,7 @@ from starquant_plugin.cli.errors import UserError, add_command, non_negative_int
 from starquant_plugin.cli.loading import DTYPES, load_model, resolve_model
 from starquant_plugin.cli.logs import route_llmcompressor_logs, status
 from starquant_plugin.cli.table import markdown_table
-from starquant_plugin.config import METHODS
+from starquant_plugin.config import METHODS, SchemeName
 
 REPORT_FILE = "quantization_report.json"
 
@@ -50,7 +51,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("model", metavar="MODEL", help="model folder, Hub id or tiny-llada/dream")
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--recipe", metavar="FILE", help="llm-compressor recipe YAML")
-    how.add_argument("--scheme", choices=["W4A4", "W4A8", "W8A8"],
+    how.add_argument("--scheme", choices=get_args(SchemeName),
                      help="quantization scheme (with --method)")
     parser.add_argument("--method", choices=sorted(METHODS), default="starquant",
                         help="with --scheme: STaR-Quant or a baseline preset")

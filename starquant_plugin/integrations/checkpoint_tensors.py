@@ -34,8 +34,12 @@ from torch import nn
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
 }
+
+_CODE_DTYPES = (torch.float8_e4m3fn,)
+"""Float dtypes that hold quantization codes (FP8 weights): stored as they are, whatever
+float dtype the checkpoint's other tensors have."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,14 @@ def tensor_specs(model: nn.Module, float_dtype: torch.dtype | None) -> dict[str,
     """Name -> spec of every tensor a checkpoint of ``model`` holds (its state dict, tied
     copies left out); float tensors in ``float_dtype`` (None: whatever float dtype)."""
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    return {name: TensorSpec(tuple(tensor.shape),
-                             float_dtype if tensor.is_floating_point() else tensor.dtype)
+    return {name: TensorSpec(tuple(tensor.shape), float_dtype if _is_model_float(tensor)
+                             else tensor.dtype)
             for name, tensor in model.state_dict().items() if name not in tied}
+
+
+def _is_model_float(tensor: torch.Tensor) -> bool:
+    """A float tensor in the model's float dtype (not FP8 codes)."""
+    return tensor.is_floating_point() and tensor.dtype not in _CODE_DTYPES
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:
@@ -72,7 +81,8 @@ def _matches(spec: TensorSpec, shape: tuple[int, ...], dtype: torch.dtype) -> st
     """What is wrong with a tensor of ``shape`` and ``dtype`` against ``spec`` (None: fine)."""
     if shape != spec.shape:
         return f"shape {list(shape)}, expected {list(spec.shape)}"
-    if dtype != spec.dtype and not (spec.dtype is None and dtype.is_floating_point):
+    if dtype != spec.dtype and not (spec.dtype is None and dtype.is_floating_point
+                                    and dtype not in _CODE_DTYPES):
         return f"dtype {_dtype_name(dtype)}, expected {_dtype_name(spec.dtype)}"
     return None
 
@@ -140,6 +150,8 @@ def value_problem(name: str, tensor: torch.Tensor) -> str | None:
     takes about a tenth of ``isfinite(t).all()``'s time on bf16 (``benchmarks/load_cost.py``)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return None
+    if tensor.dtype in _CODE_DTYPES:  # no aminmax kernel for FP8; e4m3 has NaN, no inf
+        tensor = tensor.float()
     low, high = (value.item() for value in torch.aminmax(tensor))
     if not (math.isfinite(low) and math.isfinite(high)):
         return "holds NaN or inf"

@@ -398,7 +398,7 @@ def shard_files(path: str | os.PathLike) -> list[Path]:
 
 
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2,
-                      "I8": 1, "U8": 1, "BOOL": 1}
+                      "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1}
 
 
 def checkpoint_tensor_bytes(path: str | os.PathLike) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Fake quantizers (quantize -> dequantize) whose integer grid matches a real INT kernel.
+"""Fake quantizers (quantize -> dequantize) whose grid matches a real INT or FP8 kernel.
 
 Quantizers are described by compressed-tensors' ``QuantizationArgs`` so the same object that
 configures calibration is written into the checkpoint. Integer semantics:
@@ -7,6 +7,11 @@ configures calibration is written into the checkpoint. Integer semantics:
   (int4: [-8, 7], /7; int8: [-128, 127], /127);
 * asymmetric ``b`` bits: codes in ``[0, 2^b - 1]``, ``scale = (max - min) / (2^b - 1)`` with the
   range widened to contain 0 and an integer zero point (compressed-tensors' convention).
+
+FP8 (``type="float"``, 8 bits): e4m3 codes (``torch.float8_e4m3fn``, largest 448), symmetric,
+``scale = max|x| / 448``, ``x / scale`` clamped to +-448 and cast with round-to-nearest-even:
+compressed-tensors' ``calculate_qparams`` and ``quantize`` for float args, so a stored weight
+is the same bytes whichever of the two computed it.
 
 Rounding uses a straight-through estimator everywhere, so every fake quantizer here can sit
 inside a gradient fit (SGAT) and pass gradients to its input and to a learnable clip ratio.
@@ -17,6 +22,8 @@ True
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs
@@ -37,12 +44,27 @@ def _act_args(num_bits: int) -> QuantizationArgs:
     )
 
 
+def _fp8_weight_args() -> QuantizationArgs:
+    return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel")
+
+
+def _fp8_act_args() -> QuantizationArgs:
+    return QuantizationArgs(
+        num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True
+    )
+
+
 SCHEMES: dict[str, tuple[QuantizationArgs, QuantizationArgs]] = {
     "W4A4": (_weight_args(4), _act_args(4)),
     "W4A8": (_weight_args(4), _act_args(8)),
     "W8A8": (_weight_args(8), _act_args(8)),
+    "W8A8-FP8": (_fp8_weight_args(), _fp8_act_args()),
+    "W4A8-FP8": (_weight_args(4), _fp8_act_args()),
 }
-"""Preset (weight args, activation args): weights per output channel, activations per token."""
+"""Preset (weight args, activation args): weights per output channel, activations per token
+(dynamic); int, or FP8 e4m3 where the name says so (compressed-tensors' ``FP8_DYNAMIC``
+preset for W8A8-FP8; int4 weights with it for W4A8-FP8). ``config.SchemeName`` lists the
+names for the schema and the CLI."""
 
 
 def scheme_args(name: str) -> tuple[QuantizationArgs, QuantizationArgs]:
@@ -56,12 +78,33 @@ def scheme_args(name: str) -> tuple[QuantizationArgs, QuantizationArgs]:
     return weight_args.model_copy(deep=True), act_args.model_copy(deep=True)
 
 
-def _check_int(args: QuantizationArgs) -> None:
+_FP8 = torch.float8_e4m3fn
+_FP8_MAX = torch.finfo(_FP8).max  # 448
+
+
+def _check_int(args: QuantizationArgs, what: str) -> None:
     if args.type != "int":
         raise ValueError(
-            f"Got QuantizationArgs(type={args.type!r}); starquant fake-quantizes integers only. "
-            "Use type='int'."
+            f"Got QuantizationArgs(type={args.type!r}) for {what}, which works on integer "
+            "grids only. Use an int scheme (W4A4, W4A8, W8A8) for it."
         )
+
+
+def _check_args(args: QuantizationArgs) -> None:
+    """Args this module fake-quantizes: int of any width, or symmetric FP8."""
+    if args.type == "int":
+        return
+    if args.type != "float" or args.num_bits != 8 or not args.symmetric:
+        raise ValueError(
+            f"Got QuantizationArgs(type={args.type!r}, num_bits={args.num_bits}, "
+            f"symmetric={args.symmetric}); starquant fake-quantizes int and symmetric 8-bit "
+            "float (FP8 e4m3). Use type='int', or type='float' with num_bits=8."
+        )
+
+
+def is_fp8(args: QuantizationArgs | None) -> bool:
+    """Whether ``args`` quantize to FP8 e4m3 (else int, or nothing for None)."""
+    return args is not None and args.type == "float"
 
 
 def _int_range(num_bits: int, symmetric: bool) -> tuple[int, int]:
@@ -80,13 +123,19 @@ def _round_ste(v: torch.Tensor) -> torch.Tensor:
     return v + (torch.round(v) - v).detach()
 
 
+def _grid_max(args: QuantizationArgs) -> float:
+    """The largest code of a symmetric grid: ``2^(b-1) - 1`` for int, 448 for FP8 e4m3."""
+    return _FP8_MAX if is_fp8(args) else float(_int_range(args.num_bits, symmetric=True)[1])
+
+
 def symmetric_scale(
-    x: torch.Tensor, num_bits: int, clip_ratio: torch.Tensor | float | None = None
+    x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None = None
 ) -> torch.Tensor:
-    """One scale per slice along the last dim of ``x: [..., k]``: ``max|x| * clip / qmax``,
-    floored at ``_MIN_SCALE``; ``[..., 1]``. The one definition the fake quantizers, the stored
-    weight scales and the integer path's activation codes all use, so their codes agree."""
-    qmax = _int_range(num_bits, symmetric=True)[1]
+    """One scale per slice along the last dim of ``x: [..., k]``: ``max|x| * clip / qmax``
+    (``qmax`` the grid's largest code), floored at ``_MIN_SCALE``; ``[..., 1]``. The one
+    definition the fake quantizers, the stored weight scales and the integer path's
+    activation codes all use, so their codes agree."""
+    qmax = _grid_max(args)
     ratio = 1.0 if clip_ratio is None else clip_ratio
     return (x.abs().amax(dim=-1, keepdim=True) * ratio / qmax).clamp_min(_MIN_SCALE)
 
@@ -105,19 +154,32 @@ def asymmetric_qparams(
     return scale, torch.clamp(torch.round(-x_min / scale), qmin, qmax).detach()
 
 
+def _cast_fp8_ste(v: torch.Tensor) -> torch.Tensor:
+    """``v`` (already within +-448) rounded onto the e4m3 grid (round to nearest even), kept in
+    ``v``'s dtype; identity in the backward pass."""
+    rounded = v.to(_FP8).to(v.dtype)
+    if not (v.requires_grad and torch.is_grad_enabled()):
+        return rounded
+    return v + (rounded - v).detach()
+
+
 def _fake_quantize_last_dim(
-    x: torch.Tensor, num_bits: int, symmetric: bool, clip_ratio: torch.Tensor | float | None
+    x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None
 ) -> torch.Tensor:
     """Quantize-dequantize with one scale (and zero point) per slice along the last dim.
 
     ``x: [..., k]``; ``clip_ratio`` broadcasts against ``[..., 1]`` and shrinks the range.
     Gradients flow to ``x`` and ``clip_ratio`` (rounding is straight-through).
     """
-    qmin, qmax = _int_range(num_bits, symmetric)
-    if symmetric:
-        scale = symmetric_scale(x, num_bits, clip_ratio)
+    _check_args(args)
+    if is_fp8(args):
+        scale = symmetric_scale(x, args, clip_ratio)
+        return _cast_fp8_ste(torch.clamp(x / scale, -_FP8_MAX, _FP8_MAX)) * scale
+    qmin, qmax = _int_range(args.num_bits, args.symmetric)
+    if args.symmetric:
+        scale = symmetric_scale(x, args, clip_ratio)
         return torch.clamp(_round_ste(x / scale), qmin, qmax) * scale
-    scale, zero = asymmetric_qparams(x, num_bits, clip_ratio)
+    scale, zero = asymmetric_qparams(x, args.num_bits, clip_ratio)
     return (torch.clamp(_round_ste(x / scale) + zero, qmin, qmax) - zero) * scale
 
 
@@ -155,11 +217,10 @@ def fake_quantize_weight(
     ``clip_ratio: [out]`` scales each row's range (all groups of a row share it). Rounding is
     straight-through, so this is usable with gradients (SGAT fits ``T`` through it).
     """
-    _check_int(args)
     _check_weight(weight)
     grouped = _weight_groups(weight, args)
     ratio = None if clip_ratio is None else clip_ratio.reshape(-1, 1, 1).to(weight.dtype)
-    return _fake_quantize_last_dim(grouped, args.num_bits, args.symmetric, ratio).reshape_as(weight)
+    return _fake_quantize_last_dim(grouped, args, ratio).reshape_as(weight)
 
 
 @torch.no_grad()
@@ -220,7 +281,7 @@ def gptq_quantize_weight(
     come from the error-updated group when its first column is reached. With groups the block
     size is rounded down to a multiple of ``group_size`` so a group never straddles two blocks.
     """
-    _check_int(args)
+    _check_int(args, "GPTQ (its column updates round onto integer codes)")
     _check_weight(weight)
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
@@ -270,7 +331,7 @@ def gptq_quantize_weight(
 
 
 def _check_activation_args(args: QuantizationArgs) -> None:
-    _check_int(args)
+    _check_args(args)
     if args.strategy != "token":
         raise ValueError(
             f"Activation quantization strategy {args.strategy!r} is not supported; expected "
@@ -287,7 +348,7 @@ def fake_quantize_activation(
     mask state). Straight-through rounding: gradients reach ``x`` and a learnable ``clip_ratio``.
     """
     _check_activation_args(args)
-    return _fake_quantize_last_dim(x, args.num_bits, args.symmetric, clip_ratio)
+    return _fake_quantize_last_dim(x, args, clip_ratio)
 
 
 @torch.no_grad()
@@ -305,14 +366,14 @@ def quantize_activation(
     ([[-7, 0, 4]], [[1.0]])
     """
     _check_activation_args(args)
-    if not args.symmetric or args.num_bits > 8:
+    if is_fp8(args) or not args.symmetric or args.num_bits > 8:
         raise ValueError(
-            f"Got activation QuantizationArgs(symmetric={args.symmetric}, "
+            f"Got activation QuantizationArgs(type={args.type!r}, symmetric={args.symmetric}, "
             f"num_bits={args.num_bits}); integer codes exist for symmetric int of at most 8 "
             "bits (int8 lanes, no zero point). Use fake_quantize_activation for the others."
         )
     qmin, qmax = _int_range(args.num_bits, symmetric=True)
-    scale = symmetric_scale(x, args.num_bits, clip_ratio)
+    scale = symmetric_scale(x, args, clip_ratio)
     return torch.clamp(torch.round(x / scale), qmin, qmax).to(torch.int8), scale
 
 
@@ -326,4 +387,9 @@ def fake_quantize_kv(x: torch.Tensor, num_bits: int = 4) -> torch.Tensor:
             f"Expected keys/values of shape [batch, heads, seq, head_dim], got "
             f"{tuple(x.shape)}; transpose the heads axis in before quantizing."
         )
-    return _fake_quantize_last_dim(x, num_bits, symmetric=False, clip_ratio=None)
+    return _fake_quantize_last_dim(x, _kv_args(num_bits), clip_ratio=None)
+
+
+@functools.cache
+def _kv_args(num_bits: int) -> QuantizationArgs:
+    return QuantizationArgs(num_bits=num_bits, type="int", symmetric=False)

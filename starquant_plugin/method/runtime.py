@@ -1,11 +1,11 @@
 """What runs in a quantized forward pass: the SGAT(+TAC) linear and how its weight is stored.
 
-A ``StarQuantLinear`` holds its weight the way the checkpoint and an INT kernel hold it: the
-integer codes under compressed-tensors' names and layouts (``pack-quantized`` for 4 bit,
-``int-quantized`` for 8 bit), produced by compressed-tensors' own compressors, so the
-checkpoint is the in-memory model. The STaR tensors (``sgat_*``, ``tac_*``) sit on the
-``StarQuantInputTransform`` that a group of linears reading the same input share
-(``input_transform.py``, with the token states).
+A ``StarQuantLinear`` holds its weight the way the checkpoint and an INT or FP8 kernel hold it:
+the codes under compressed-tensors' names and layouts (``pack-quantized`` for int4,
+``int-quantized`` for int8, ``float-quantized`` for FP8 e4m3), produced by
+compressed-tensors' own compressors, so the checkpoint is the in-memory model. The STaR
+tensors (``sgat_*``, ``tac_*``) sit on the ``StarQuantInputTransform`` that a group of
+linears reading the same input share (``input_transform.py``, with the token states).
 
 Two forwards compute the same layer:
 
@@ -14,8 +14,10 @@ Two forwards compute the same layer:
   (``integer_gemm.int_gemm``);
 * the reference path: compressed-tensors decompresses the weight (float32 scale, so
   ``codes * scale`` is exact) and ``F.linear`` multiplies it with the fake-quantized
-  activations. Used for weights the integer GEMM does not cover (asymmetric, per group,
-  dense) with one log line per reason, and selectable with ``integer_gemm = False``.
+  activations. Used for what the integer GEMM does not cover (asymmetric or per-group
+  weights, dense, FP8: an FP8 product of e4m3 codes is exact in float32, so this path is
+  that kernel's numbers up to summation order) with one log line per reason, and
+  selectable with ``integer_gemm = False``.
 
 The two agree to float32 rounding: the codes are identical and the integer accumulation is
 exact, so only the reference's float32 summation order differs.
@@ -47,8 +49,10 @@ from starquant_plugin.method.integer_gemm import (
     prepacked_gemm,
 )
 from starquant_plugin.method.quantizers import (
+    SCHEMES,
     asymmetric_qparams,
     fake_quantize_weight,
+    is_fp8,
     symmetric_scale,
 )
 from starquant_plugin.method.sgat import SGATResult
@@ -57,18 +61,22 @@ __all__ = ["MaskState", "StarQuantInputTransform", "StarQuantLinear", "attach_ma
            "compressed_weight_layout", "prepack_weights", "weight_format", "weight_qparams",
            "weight_scheme"]
 
-WEIGHT_FORMATS: dict[int, str] = {4: "pack-quantized", 8: "int-quantized"}
-"""compressed-tensors format per weight bit width (4 bit packed 8 per int32, 8 bit as int8)."""
+WEIGHT_FORMATS: dict[tuple[str, int], str] = {
+    ("int", 4): "pack-quantized", ("int", 8): "int-quantized", ("float", 8): "float-quantized"}
+"""compressed-tensors format per weight (type, bits): int4 packed 8 per int32, int8 as int8,
+FP8 as ``float8_e4m3fn``."""
+
 
 def weight_format(args: QuantizationArgs) -> str:
     """The compressed-tensors format that stores weights quantized with ``args``."""
-    if args.type != "int" or args.num_bits not in WEIGHT_FORMATS:
+    key = (args.type, args.num_bits)
+    if key not in WEIGHT_FORMATS:
         raise ValueError(
             f"Got weight QuantizationArgs(type={args.type!r}, num_bits={args.num_bits}); "
-            f"starquant stores int weights of {sorted(WEIGHT_FORMATS)} bits "
-            f"({WEIGHT_FORMATS}). Use one of the presets W4A4, W4A8 or W8A8."
+            f"starquant stores weights as {WEIGHT_FORMATS}. Use one of the presets "
+            f"{', '.join(SCHEMES)}."
         )
-    return WEIGHT_FORMATS[args.num_bits]
+    return WEIGHT_FORMATS[key]
 
 
 def weight_scheme(weight_args: QuantizationArgs, act_args: QuantizationArgs | None = None
@@ -104,7 +112,7 @@ def weight_qparams(
     x = weight.detach().reshape(out_features, groups, in_features // groups)
     ratio = None if clip_ratio is None else clip_ratio.reshape(-1, 1, 1).to(weight.dtype)
     if args.symmetric:
-        return symmetric_scale(x, args.num_bits, ratio).reshape(out_features, groups), None
+        return symmetric_scale(x, args, ratio).reshape(out_features, groups), None
     scale, zero = asymmetric_qparams(x, args.num_bits, ratio)
     zero = zero - 2 ** (args.num_bits - 1)  # compressed-tensors' signed grid
     return scale.reshape(out_features, groups), zero.reshape(out_features, groups).to(torch.int8)
@@ -124,7 +132,8 @@ def compressed_weight_layout(
     groups = _num_weight_groups(in_features, args)
     bits = args.num_bits
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    if weight_format(args) == "pack-quantized":
+    stored_as = weight_format(args)
+    if stored_as == "pack-quantized":
         layout["weight_packed"] = ((out_features, math.ceil(in_features * bits / 32)),
                                    torch.int32)
         layout["weight_shape"] = ((2,), torch.int64)
@@ -132,7 +141,8 @@ def compressed_weight_layout(
             layout["weight_zero_point"] = ((math.ceil(out_features * bits / 32), groups),
                                            torch.int32)
     else:
-        layout["weight"] = ((out_features, in_features), torch.int8)
+        codes_dtype = torch.float8_e4m3fn if stored_as == "float-quantized" else torch.int8
+        layout["weight"] = ((out_features, in_features), codes_dtype)
         if not args.symmetric:
             layout["weight_zero_point"] = ((out_features, groups), torch.int8)
     layout["weight_scale"] = ((out_features, groups), scale_dtype)
@@ -145,14 +155,15 @@ class StarQuantLinear(nn.Module):
 
     Buffers, in the checkpoint under these names: the weight ``W_q = Q_w(W M^{-T})`` as
     compressed-tensors stores it: 4 bit ``weight_packed: int32 [out, in / 8]`` +
-    ``weight_shape: [2]``, 8 bit ``weight: int8 [out, in]``; both with ``weight_scale: [out,
-    groups]`` (and ``weight_zero_point`` if asymmetric); ``bias: [out]`` or None.
+    ``weight_shape: [2]``, 8 bit ``weight: int8 [out, in]`` (FP8: ``float8_e4m3fn``); all
+    with ``weight_scale: [out, groups]`` (and ``weight_zero_point`` if asymmetric);
+    ``bias: [out]`` or None.
     ``dequantized_weight()`` returns ``[out, in]`` float. With ``weight_args`` unset the
     constructor keeps a dense float ``weight`` instead (experiments; not saveable).
 
     The group's first linear owns the input transform (submodule ``input_transform``, saved
     with it); the others borrow it (``owns_transform=False``: same object, not saved twice).
-    ``layer.weight`` is the int8 codes for 8 bit (compressed-tensors' name) and the dequantized
+    ``layer.weight`` is the 8-bit codes (compressed-tensors' name) and the dequantized
     weight for 4 bit (whose codes are ``weight_packed``).
 
     ``integer_gemm`` (default True) selects the exact integer path where it applies; set it
@@ -320,6 +331,8 @@ class StarQuantLinear(nn.Module):
         weight_args, act_args = self.weight_args, self.act_args
         if weight_args is None:
             return "a dense float weight (no integer codes)"
+        if is_fp8(weight_args) or is_fp8(act_args):
+            return "FP8 weights or activations (no integer codes; the CPU has no FP8 GEMM)"
         if not weight_args.symmetric:
             return "asymmetric weights (the integer GEMM has no zero-point term)"
         if weight_args.strategy != "channel":

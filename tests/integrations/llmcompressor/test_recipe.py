@@ -133,3 +133,12 @@ def test_the_saved_recipe_is_the_file_as_written_or_what_ran_with_the_file_as_co
     assert load_starquant_recipe(saved).modifiers[0].epochs == 0  # the recipe that ran
     assert "# # my notes\n" in saved and "#       epochs: 3  # quick" in saved
     assert recipe_that_ran(recipe) == recipe.yaml()  # no source: llm-compressor's form
+
+
+def test_gptq_on_fp8_weights_is_refused_with_the_fix():
+    recipe = RECIPE.format(scheme="W8A8-FP8") + "      weight_quantizer: gptq\n"
+    with pytest.raises(ValueError, match="use weight_quantizer 'rtn' with W8A8-FP8"):
+        load_starquant_recipe(recipe)
+    (modifier,) = load_starquant_recipe(RECIPE.format(scheme="W4A8-FP8")
+                                        + "      weight_quantizer: gptq\n").modifiers
+    assert modifier.weight_quantizer == "gptq"  # int4 weights: GPTQ applies
