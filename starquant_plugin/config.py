@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 QUANT_METHOD = "starquant"
 
-SchemeName = Literal["W4A4", "W4A8", "W8A8", "W8A8-FP8", "W4A8-FP8"]
+SchemeName = Literal["W4A4", "W4A8", "W8A8", "W8A8-FP8", "W4A8-FP8", "W4A4-MXFP4"]
 """The quantization presets (``method.quantizers.SCHEMES``): int weights and activations, or
-FP8 e4m3 where the name says so (W8A8-FP8: both; W4A8-FP8: int4 weights, FP8 activations)."""
+the float format the name says (W8A8-FP8: FP8 e4m3 both; W4A8-FP8: int4 weights, FP8
+activations; W4A4-MXFP4: MXFP4 both, one power-of-two scale per 32 channels)."""
 
 
 class SGATArgs(BaseModel):
@@ -61,11 +62,12 @@ class SGATArgs(BaseModel):
 
     @model_validator(mode="after")
     def _gptq_needs_int_weights(self) -> "SGATArgs":
-        if self.weight_quantizer == "gptq" and self.scheme == "W8A8-FP8":
+        if self.weight_quantizer == "gptq" and self.scheme in ("W8A8-FP8", "W4A4-MXFP4"):
             raise ValueError(
-                "weight_quantizer 'gptq' rounds onto integer codes, but scheme W8A8-FP8 stores "
-                "FP8 weights; use weight_quantizer 'rtn' with W8A8-FP8, or an int-weight "
-                "scheme (W4A8-FP8 keeps FP8 activations with int4 weights) for GPTQ.")
+                f"weight_quantizer 'gptq' rounds onto integer codes, but scheme {self.scheme} "
+                f"stores float weights; use weight_quantizer 'rtn' with {self.scheme}, or an "
+                "int-weight scheme (W4A8-FP8 keeps FP8 activations with int4 weights) for "
+                "GPTQ.")
         return self
 
     @property

@@ -13,6 +13,12 @@ FP8 (``type="float"``, 8 bits): e4m3 codes (``torch.float8_e4m3fn``, largest 448
 compressed-tensors' ``calculate_qparams`` and ``quantize`` for float args, so a stored weight
 is the same bytes whichever of the two computed it.
 
+MXFP4 (``type="float"``, 4 bits, ``strategy="group"``, ``group_size=32``, uint8 scales): e2m1
+codes (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives) times one power-of-two scale per 32
+consecutive input channels, ``2^(floor(log2(p)) - 2)`` with ``p`` the group's ``max|x|`` rounded
+to a power of two as compressed-tensors does (up from 1.75 x 2^e), so the largest value maps
+near 4-6 and saturates at 6; weights and activations (per token) alike.
+
 Rounding uses a straight-through estimator everywhere, so every fake quantizer here can sit
 inside a gradient fit (SGAT) and pass gradients to its input and to a learnable clip ratio.
 
@@ -54,17 +60,25 @@ def _fp8_act_args() -> QuantizationArgs:
     )
 
 
+def _mxfp4_args(dynamic: bool) -> QuantizationArgs:
+    return QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="group",
+                            group_size=32, dynamic=dynamic, scale_dtype=torch.uint8,
+                            zp_dtype=torch.uint8)
+
+
 SCHEMES: dict[str, tuple[QuantizationArgs, QuantizationArgs]] = {
     "W4A4": (_weight_args(4), _act_args(4)),
     "W4A8": (_weight_args(4), _act_args(8)),
     "W8A8": (_weight_args(8), _act_args(8)),
     "W8A8-FP8": (_fp8_weight_args(), _fp8_act_args()),
     "W4A8-FP8": (_weight_args(4), _fp8_act_args()),
+    "W4A4-MXFP4": (_mxfp4_args(dynamic=False), _mxfp4_args(dynamic=True)),
 }
 """Preset (weight args, activation args): weights per output channel, activations per token
 (dynamic); int, or FP8 e4m3 where the name says so (compressed-tensors' ``FP8_DYNAMIC``
-preset for W8A8-FP8; int4 weights with it for W4A8-FP8). ``config.SchemeName`` lists the
-names for the schema and the CLI."""
+preset for W8A8-FP8; int4 weights with it for W4A8-FP8); MXFP4 (compressed-tensors'
+``MXFP4`` preset) per group of 32 input channels for weights and activations.
+``config.SchemeName`` lists the names for the schema and the CLI."""
 
 
 def scheme_args(name: str) -> tuple[QuantizationArgs, QuantizationArgs]:
@@ -80,6 +94,8 @@ def scheme_args(name: str) -> tuple[QuantizationArgs, QuantizationArgs]:
 
 _FP8 = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(_FP8).max  # 448
+_FP4_MAX = 6.0  # e2m1
+_MX_GROUP = 32
 
 
 def _check_int(args: QuantizationArgs, what: str) -> None:
@@ -91,20 +107,33 @@ def _check_int(args: QuantizationArgs, what: str) -> None:
 
 
 def _check_args(args: QuantizationArgs) -> None:
-    """Args this module fake-quantizes: int of any width, or symmetric FP8."""
-    if args.type == "int":
+    """Args this module fake-quantizes: int of any width, symmetric FP8, or MXFP4."""
+    if args.type == "int" or is_fp8(args) or is_mxfp4(args):
         return
-    if args.type != "float" or args.num_bits != 8 or not args.symmetric:
-        raise ValueError(
-            f"Got QuantizationArgs(type={args.type!r}, num_bits={args.num_bits}, "
-            f"symmetric={args.symmetric}); starquant fake-quantizes int and symmetric 8-bit "
-            "float (FP8 e4m3). Use type='int', or type='float' with num_bits=8."
-        )
+    raise ValueError(
+        f"Got QuantizationArgs(type={args.type!r}, num_bits={args.num_bits}, "
+        f"symmetric={args.symmetric}, strategy={args.strategy!r}, "
+        f"group_size={args.group_size}); starquant fake-quantizes int, symmetric 8-bit float "
+        "(FP8 e4m3) and MXFP4 (4-bit float, strategy 'group', group_size 32, uint8 scales). "
+        "Use one of the presets " + ", ".join(SCHEMES) + "."
+    )
+
+
+def is_float(args: QuantizationArgs | None) -> bool:
+    """Whether ``args`` quantize to a float format (FP8 or FP4; else int, or None)."""
+    return args is not None and args.type == "float"
 
 
 def is_fp8(args: QuantizationArgs | None) -> bool:
-    """Whether ``args`` quantize to FP8 e4m3 (else int, or nothing for None)."""
-    return args is not None and args.type == "float"
+    """Whether ``args`` quantize to FP8 e4m3."""
+    return is_float(args) and args.num_bits == 8 and args.symmetric
+
+
+def is_mxfp4(args: QuantizationArgs | None) -> bool:
+    """Whether ``args`` quantize to MXFP4: e2m1 codes, one power-of-two scale per 32."""
+    return (is_float(args) and args.num_bits == 4 and args.symmetric
+            and args.strategy == "group" and args.group_size == _MX_GROUP
+            and args.scale_dtype == torch.uint8)
 
 
 def _int_range(num_bits: int, symmetric: bool) -> tuple[int, int]:
@@ -124,7 +153,8 @@ def _round_ste(v: torch.Tensor) -> torch.Tensor:
 
 
 def _grid_max(args: QuantizationArgs) -> float:
-    """The largest code of a symmetric grid: ``2^(b-1) - 1`` for int, 448 for FP8 e4m3."""
+    """The largest code of a symmetric grid: ``2^(b-1) - 1`` for int, 448 for FP8 e4m3 (MX
+    scales are powers of two instead: ``mx_scale``)."""
     return _FP8_MAX if is_fp8(args) else float(_int_range(args.num_bits, symmetric=True)[1])
 
 
@@ -135,8 +165,10 @@ def symmetric_scale(
     (``qmax`` the grid's largest code), floored at ``_MIN_SCALE``; ``[..., 1]``. The one
     definition the fake quantizers, the stored weight scales and the integer path's
     activation codes all use, so their codes agree."""
-    qmax = _grid_max(args)
     ratio = 1.0 if clip_ratio is None else clip_ratio
+    if is_mxfp4(args):
+        return mx_scale(x.abs().amax(dim=-1, keepdim=True) * ratio)
+    qmax = _grid_max(args)
     return (x.abs().amax(dim=-1, keepdim=True) * ratio / qmax).clamp_min(_MIN_SCALE)
 
 
@@ -152,6 +184,35 @@ def asymmetric_qparams(
     x_max = x.amax(dim=-1, keepdim=True).clamp_min(0.0) * ratio
     scale = ((x_max - x_min) / qmax).clamp_min(_MIN_SCALE)
     return scale, torch.clamp(torch.round(-x_min / scale), qmin, qmax).detach()
+
+
+@torch.no_grad()
+def mx_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The MXFP4 scale of groups whose (clipped) ``max|x|`` is ``amax``: ``2^(floor(log2(p)) -
+    2)``, ``p`` = ``amax`` rounded to a power of two by adding a quarter of the float32
+    mantissa range and truncating (compressed-tensors' ``round_to_power_2``, up from 1.75 x
+    2^e), the exponent clamped to E8M0's [-127, 128] (an all-zero group gets 2^-127). A power
+    of two: no gradient (the clip ratio of an MX quantizer is found by search, not learned).
+    Written out because compressed-tensors' version returns the biased uint8 exponent."""
+    bits = amax.float().contiguous().view(torch.int32)
+    power = torch.bitwise_and(bits + (1 << 21), 0x7F800000).view(torch.float32)
+    exponent = (torch.floor(torch.log2(power)) - 2).clamp(-127, 128)
+    return torch.exp2(exponent).to(amax.dtype)
+
+
+def _cast_fp4_ste(v: torch.Tensor) -> torch.Tensor:
+    """``v`` rounded to the nearest e2m1 value, halfway cases to the even code (0, 1, 2, 4),
+    and saturated at +-6 (compressed-tensors' ``cast_to_fp4`` thresholds); identity in the
+    backward pass. Written in torch because compressed-tensors' CPU version is compiled with
+    ``torch.compile`` per shape and has no gradient."""
+    a = v.detach().abs()
+    rounded = torch.where(a <= 0.25, 0.0, torch.where(a < 0.75, 0.5, torch.where(
+        a <= 1.25, 1.0, torch.where(a < 1.75, 1.5, torch.where(a <= 2.5, 2.0, torch.where(
+            a < 3.5, 3.0, torch.where(a <= 5.0, 4.0, 6.0)))))))
+    rounded = (rounded * torch.sign(v.detach())).to(v.dtype)
+    if not (v.requires_grad and torch.is_grad_enabled()):
+        return rounded
+    return v + (rounded - v).detach()
 
 
 def _cast_fp8_ste(v: torch.Tensor) -> torch.Tensor:
@@ -175,6 +236,9 @@ def _fake_quantize_last_dim(
     if is_fp8(args):
         scale = symmetric_scale(x, args, clip_ratio)
         return _cast_fp8_ste(torch.clamp(x / scale, -_FP8_MAX, _FP8_MAX)) * scale
+    if is_mxfp4(args):
+        scale = symmetric_scale(x, args, clip_ratio)
+        return _cast_fp4_ste(x / scale) * scale
     qmin, qmax = _int_range(args.num_bits, args.symmetric)
     if args.symmetric:
         scale = symmetric_scale(x, args, clip_ratio)
@@ -332,23 +396,35 @@ def gptq_quantize_weight(
 
 def _check_activation_args(args: QuantizationArgs) -> None:
     _check_args(args)
-    if args.strategy != "token":
+    if args.strategy != "token" and not is_mxfp4(args):
         raise ValueError(
             f"Activation quantization strategy {args.strategy!r} is not supported; expected "
-            "'token' (dynamic, one scale per token). Set strategy='token', dynamic=True."
+            "'token' (dynamic, one scale per token; MXFP4: one per 32 channels of a token). "
+            "Set strategy='token', dynamic=True."
         )
 
 
 def fake_quantize_activation(
     x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None = None
 ) -> torch.Tensor:
-    """Dynamic per-token fake quantization of ``x: [..., d]`` (one scale per row of ``d``).
+    """Dynamic per-token fake quantization of ``x: [..., d]`` (one scale per row of ``d``;
+    MXFP4: one per 32 consecutive channels of a row).
 
     ``clip_ratio`` is a scalar or broadcasts against ``[..., 1]`` (e.g. one ratio per token's
     mask state). Straight-through rounding: gradients reach ``x`` and a learnable ``clip_ratio``.
     """
     _check_activation_args(args)
-    return _fake_quantize_last_dim(x, args, clip_ratio)
+    if args.strategy != "group":
+        return _fake_quantize_last_dim(x, args, clip_ratio)
+    d = x.shape[-1]
+    if d % args.group_size:
+        raise ValueError(
+            f"Activations of width {d} cannot be quantized in groups of {args.group_size}; "
+            "MXFP4 needs every quantized linear's input width to be a multiple of 32.")
+    groups = x.unflatten(-1, (d // args.group_size, args.group_size))
+    ratio = clip_ratio.unsqueeze(-1) if isinstance(clip_ratio, torch.Tensor) \
+        and clip_ratio.dim() else clip_ratio
+    return _fake_quantize_last_dim(groups, args, ratio).flatten(-2)
 
 
 @torch.no_grad()

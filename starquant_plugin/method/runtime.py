@@ -52,24 +52,31 @@ from starquant_plugin.method.quantizers import (
     SCHEMES,
     asymmetric_qparams,
     fake_quantize_weight,
+    is_float,
     is_fp8,
+    is_mxfp4,
     symmetric_scale,
 )
 from starquant_plugin.method.sgat import SGATResult
+
+_FP8 = torch.float8_e4m3fn
 
 __all__ = ["MaskState", "StarQuantInputTransform", "StarQuantLinear", "attach_mask_state",
            "compressed_weight_layout", "prepack_weights", "weight_format", "weight_qparams",
            "weight_scheme"]
 
 WEIGHT_FORMATS: dict[tuple[str, int], str] = {
-    ("int", 4): "pack-quantized", ("int", 8): "int-quantized", ("float", 8): "float-quantized"}
+    ("int", 4): "pack-quantized", ("int", 8): "int-quantized", ("float", 8): "float-quantized",
+    ("float", 4): "mxfp4-pack-quantized"}
 """compressed-tensors format per weight (type, bits): int4 packed 8 per int32, int8 as int8,
-FP8 as ``float8_e4m3fn``."""
+FP8 as ``float8_e4m3fn``, MXFP4 as two e2m1 codes per uint8 with uint8 (E8M0) scales."""
 
 
 def weight_format(args: QuantizationArgs) -> str:
     """The compressed-tensors format that stores weights quantized with ``args``."""
     key = (args.type, args.num_bits)
+    if args.type == "float" and args.num_bits == 4 and not is_mxfp4(args):
+        key = ("float", 0)  # only MXFP4's group of 32 and uint8 scales
     if key not in WEIGHT_FORMATS:
         raise ValueError(
             f"Got weight QuantizationArgs(type={args.type!r}, num_bits={args.num_bits}); "
@@ -133,6 +140,10 @@ def compressed_weight_layout(
     bits = args.num_bits
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     stored_as = weight_format(args)
+    if stored_as == "mxfp4-pack-quantized":  # scales: one E8M0 exponent per group
+        layout["weight_packed"] = ((out_features, in_features // 2), torch.uint8)
+        layout["weight_scale"] = ((out_features, groups), torch.uint8)
+        return layout
     if stored_as == "pack-quantized":
         layout["weight_packed"] = ((out_features, math.ceil(in_features * bits / 32)),
                                    torch.int32)
@@ -317,8 +328,11 @@ class StarQuantLinear(nn.Module):
         scheme = weight_scheme(self.weight_args)
         compressor = BaseCompressor.get_value_from_registry(scheme.format)
         # float32 scale: codes * scale is then exact whatever dtype the scale is stored in
-        stored = self.compressed_weight() | {"weight_scale": self.weight_scale.float()}
-        return compressor.decompress(stored, scheme)["weight"]
+        # (MX scales are uint8 exponents, decoded by the compressor; codes * 2^k is exact)
+        stored = self.compressed_weight()
+        if self.weight_scale.is_floating_point():
+            stored["weight_scale"] = self.weight_scale.float()
+        return compressor.decompress(stored, scheme)["weight"].float()
 
     def __getattr__(self, name: str) -> Any:
         if name == "weight" and "weight_packed" in self.__dict__.get("_buffers", {}):
@@ -331,8 +345,9 @@ class StarQuantLinear(nn.Module):
         weight_args, act_args = self.weight_args, self.act_args
         if weight_args is None:
             return "a dense float weight (no integer codes)"
-        if is_fp8(weight_args) or is_fp8(act_args):
-            return "FP8 weights or activations (no integer codes; the CPU has no FP8 GEMM)"
+        if is_float(weight_args) or is_float(act_args):
+            return ("FP8/FP4 weights or activations (no integer codes; the CPU has no FP8 or "
+                    "FP4 GEMM)")
         if not weight_args.symmetric:
             return "asymmetric weights (the integer GEMM has no zero-point term)"
         if weight_args.strategy != "channel":
@@ -385,7 +400,13 @@ class StarQuantLinear(nn.Module):
 
     def _apply(self, *args: Any, **kwargs: Any) -> StarQuantLinear:
         self._prepacked = None  # .to() / .float() replace the stored weight
-        return super()._apply(*args, **kwargs)
+        super()._apply(*args, **kwargs)
+        weight = self._buffers.get("weight")
+        if is_fp8(self.weight_args) and weight is not None and weight.dtype != _FP8:
+            # model.to(dtype) casts every float tensor, FP8 codes too; their values are exact
+            # in any wider float, so this restores the stored codes bit for bit
+            self._buffers["weight"] = weight.to(_FP8)
+        return self
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._prepacked = None

@@ -44,6 +44,7 @@ ARGS = {
     "int4 channel": scheme_args("W4A4")[0],
     "int8 channel": scheme_args("W8A8")[0],
     "fp8 channel": scheme_args("W8A8-FP8")[0],
+    "mxfp4 group": scheme_args("W4A4-MXFP4")[0],
     "int4 asym group": QuantizationArgs(num_bits=4, symmetric=False, strategy="group",
                                         group_size=16),
     "int8 asym channel": QuantizationArgs(num_bits=8, symmetric=False, strategy="channel"),
@@ -227,10 +228,11 @@ def _expected_weights(model, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, saved):
     """(checkpoint, expected weights) for pack-quantized (W4A4 LLaDA), int-quantized
-    (W8A8 Dream) and float-quantized (W8A8-FP8 LLaDA)."""
+    (W8A8 Dream), float-quantized (W8A8-FP8 LLaDA) and mxfp4-pack-quantized (Dream)."""
     model, _, path = saved
     found = [(path, _expected_weights(model, path))]
-    for make, scheme in ((tiny_dream, "W8A8"), (tiny_llada, "W8A8-FP8")):
+    for make, scheme in ((tiny_dream, "W8A8"), (tiny_llada, "W8A8-FP8"),
+                         (tiny_dream, "W4A4-MXFP4")):
         other = make()
         args = StarQuantArgs(scheme=scheme, epochs=1)
         quantize_dllm(other, calibration_rows(), args, progress=False)

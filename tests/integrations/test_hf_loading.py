@@ -1,5 +1,5 @@
 """``AutoModelForCausalLM.from_pretrained`` on STaR-Quant checkpoints: exact round trip in a
-fresh process for both families and every scheme (int and FP8), the W4A4 size target, and a
+fresh process for both families and every scheme (int, FP8, MXFP4), the W4A4 size target, and a
 clear refusal for each kind of broken checkpoint."""
 
 import json
@@ -51,7 +51,7 @@ def quantized(family: str, scheme: str, tmp_path_factory, **overrides) -> tuple:
     return _CACHE[key]
 
 
-SCHEMES = ("W4A4", "W4A8", "W8A8", "W8A8-FP8", "W4A8-FP8")
+SCHEMES = ("W4A4", "W4A8", "W8A8", "W8A8-FP8", "W4A8-FP8", "W4A4-MXFP4")
 BUNDLED = {"llada": TINY_LLADA, "dream": TINY_DREAM}
 
 

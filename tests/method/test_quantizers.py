@@ -28,14 +28,17 @@ def _gen(seed: int = 0) -> torch.Generator:
 def test_schemes_are_weight_per_channel_and_dynamic_per_token_activation():
     assert set(SCHEMES) == set(get_args(SchemeName))  # the schema's names are the presets
     for name, (weight_args, act_args) in SCHEMES.items():
-        assert weight_args.strategy == "channel" and weight_args.symmetric
-        assert act_args.strategy == "token" and act_args.dynamic and act_args.symmetric
+        per_group = name.endswith("MXFP4")  # one scale per 32 input channels
+        assert weight_args.strategy == ("group" if per_group else "channel")
+        assert act_args.strategy == ("group" if per_group else "token")
+        assert weight_args.symmetric and act_args.dynamic and act_args.symmetric
         assert (weight_args.type, weight_args.num_bits, act_args.type, act_args.num_bits) == {
             "W4A4": ("int", 4, "int", 4),
             "W4A8": ("int", 4, "int", 8),
             "W8A8": ("int", 8, "int", 8),
             "W8A8-FP8": ("float", 8, "float", 8),
             "W4A8-FP8": ("int", 4, "float", 8),
+            "W4A4-MXFP4": ("float", 4, "float", 4),
         }[name]
 
 
@@ -71,13 +74,42 @@ def test_fp8_activations_quantize_per_token_with_clip_and_pass_gradients():
         quantize_activation(x.detach(), act_args)
 
 
+def test_mxfp4_is_compressed_tensors_own_quantization_bit_for_bit():
+    """Weights (per 32 input channels) and activations (per 32 channels of a token) equal
+    compressed-tensors' ``calculate_qparams`` + ``quantize`` / ``dequantize`` for its MXFP4
+    preset: power-of-two scales (rounded up from 1.75 x 2^e), e2m1 codes with halfway cases to
+    the even code, saturation at 6, and all-zero groups."""
+    weight_args, act_args = scheme_args("W4A4-MXFP4")
+    weight = torch.randn(16, 128, generator=_gen(6)) * torch.logspace(-3, 2, 16).reshape(16, 1)
+    weight[0, :8] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # scale 1: ties
+    weight[0, 8:32] = 0.0
+    weight[1, :32] = 0.0  # an all-zero group
+    weight[2, :2] = torch.tensor([7.0, 6.9])  # amax 7 = 1.75 x 4: scale 2, codes 4 and 3
+    groups = weight.reshape(16, 4, 32)
+    scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), weight_args)
+    ours = fake_quantize_weight(weight, weight_args)
+    codes = quantize(weight, scale, None, weight_args)
+    assert torch.equal(ours, dequantize(codes, scale, None, weight_args))
+    assert ours[0, :8].tolist() == [6.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+    assert ours[2, :2].tolist() == [8.0, 6.0] and not ours[1, :32].any()
+    x = torch.randn(3, 5, 96, generator=_gen(7)) * 4
+    per_group = x.unflatten(-1, (3, 32))
+    scale, _ = calculate_qparams(per_group.amin(-1), per_group.amax(-1), act_args)
+    expected = dequantize(quantize(per_group, scale.unsqueeze(-1), None, act_args),
+                          scale.unsqueeze(-1), None, act_args)
+    assert torch.equal(fake_quantize_activation(x, act_args), expected.flatten(-2))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fake_quantize_activation(torch.randn(2, 48), act_args)
+
+
 def test_fp8_weights_refuse_gptq_and_other_float_formats_are_refused():
     weight_args, _ = scheme_args("W8A8-FP8")
     with pytest.raises(ValueError, match="GPTQ"):
         gptq_quantize_weight(torch.randn(4, 8), torch.eye(8), weight_args)
-    fp4 = QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="channel")
-    with pytest.raises(ValueError, match="symmetric 8-bit float"):
-        fake_quantize_weight(torch.randn(4, 8), fp4)
+    nvfp4 = QuantizationArgs(num_bits=4, type="float", symmetric=True,
+                             strategy="tensor_group", group_size=16)
+    with pytest.raises(ValueError, match="MXFP4 .4-bit float, strategy 'group', group_size 32"):
+        fake_quantize_activation(torch.randn(4, 16), nvfp4)
 
 
 def test_scheme_args_returns_copies_and_rejects_unknown_names():

@@ -379,3 +379,20 @@ def test_gemm_kernel_names_the_path_a_forward_takes(linear, scheme):
     if layer.prepack_refusal() is None:
         layer.prepack()
         assert layer.gemm_kernel(300) == "onednn prepacked"
+
+
+@pytest.mark.parametrize("scheme", ["W8A8-FP8", "W4A4-MXFP4"])
+def test_float_schemes_keep_their_codes_through_dtype_casts_and_run_the_reference(scheme):
+    """``model.to(dtype)`` casts every float tensor: FP8 codes come back as FP8, bit for bit
+    (MXFP4's are uint8 and untouched); the forward is the fake-quantized reference."""
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(D, OUT), _sgat(), _state(torch.rand(2, 5) < 0.5), scheme=scheme)
+    stored = {name: tensor.clone() for name, tensor in layer.compressed_weight().items()}
+    x = torch.randn(2, 5, D)
+    expected = layer(x)
+    assert layer.gemm_kernel(10) == "reference"
+    layer.double().float()  # exact for the float32 scales and STaR tensors
+    for name, tensor in layer.compressed_weight().items():
+        assert tensor.dtype == stored[name].dtype, name
+        assert torch.equal(tensor.view(torch.uint8), stored[name].view(torch.uint8)), name
+    assert torch.equal(layer(x), expected)

@@ -35,11 +35,14 @@ from typing import Any
 
 import torch
 from compressed_tensors.compressors import unpack_from_int32
+from compressed_tensors.compressors.mx_utils import decompress_mx_scale
+from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from compressed_tensors.quantization import QuantizationArgs
 from vllm.logger import init_logger
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
     ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
     ModelWeightParameter,
     PackedvLLMParameter,
 )
@@ -52,7 +55,9 @@ from starquant_plugin.method.integer_gemm import (
 )
 from starquant_plugin.method.quantizers import (
     fake_quantize_activation,
+    is_float,
     is_fp8,
+    is_mxfp4,
     quantize_activation,
 )
 
@@ -79,16 +84,19 @@ def quantized_activation_matmul(
 
     ``x_s: [tokens, d]`` float32 (full width, so the per-token scale sees the whole row),
     ``clip: [tokens, 1]``, ``weight_codes: int8 [out, d_local]`` (or their ``prepack_weight``
-    copy; ``float8_e4m3fn`` for FP8 weights), ``weight_scale: [out, 1]``
+    copy; ``float8_e4m3fn`` for FP8 weights and for MXFP4's e2m1 values, which e4m3 holds
+    exactly), ``weight_scale: [out, 1]`` (MXFP4: ``[out, d_local / 32]``)
     float32, ``columns`` = this rank's input columns. The transformers runtime's integer GEMM
     (``method.integer_gemm``: our int8 codes, exact int32 accumulation, per-token x
-    per-channel rescale), so both stacks compute the same numbers; with FP8 activations its
+    per-channel rescale), so both stacks compute the same numbers; with float activations its
     reference path (fake-quantized activations times the weight decompressed in float32).
     """
-    if is_fp8(act_args):
+    if is_float(act_args):
         x_q = fake_quantize_activation(x_s.float(), act_args, clip)[:, columns]
         bias = None if bias is None else bias.float()
-        return torch.nn.functional.linear(x_q, weight_codes.float() * weight_scale, bias)
+        scale = weight_scale.repeat_interleave(weight_codes.shape[1] // weight_scale.shape[1],
+                                               dim=1)
+        return torch.nn.functional.linear(x_q, weight_codes.float() * scale, bias)
     codes, scale = quantize_activation(x_s.float(), act_args, clip)
     codes, bias = codes[:, columns].contiguous(), None if bias is None else bias.float()
     if weight_codes.is_mkldnn:  # prepack_weight's oneDNN layout (TorchGemm on x86 CPUs)
@@ -113,6 +121,16 @@ class TorchGemm:
                        weight_loader: Callable) -> None:
         out = sum(output_partition_sizes)
         bits = self.weight_args.num_bits
+        if is_mxfp4(self.weight_args):  # two e2m1 codes per uint8, one uint8 exponent per 32
+            layer.register_parameter("weight_packed", PackedvLLMParameter(
+                data=torch.empty(out, input_size_per_partition // 2, dtype=torch.uint8),
+                input_dim=1, output_dim=0, packed_dim=1, packed_factor=2,
+                weight_loader=weight_loader))
+            layer.register_parameter("weight_scale", GroupQuantScaleParameter(
+                data=torch.empty(out, input_size_per_partition // self.weight_args.group_size,
+                                 dtype=torch.uint8),
+                input_dim=1, output_dim=0, weight_loader=weight_loader))
+            return
         if bits == 4:  # compressed-tensors pack-quantized: 8 codes per int32 along the input
             weight = PackedvLLMParameter(
                 data=torch.empty(out, math.ceil(input_size_per_partition * bits / 32),
@@ -132,6 +150,14 @@ class TorchGemm:
             weight_loader=weight_loader))
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if is_mxfp4(self.weight_args):  # compressed-tensors' own decoders, kept 1 byte each
+            packed = layer.weight_packed.data
+            codes = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2,
+                                          dtype=torch.float32).to(torch.float8_e4m3fn)
+            layer.register_buffer("weight_codes", codes, persistent=False)
+            layer.weight_scale_fp32 = decompress_mx_scale(layer.weight_scale.data).float()
+            del layer.weight_packed, layer.weight_scale
+            return
         if self.weight_args.num_bits == 4:
             packed = layer.weight_packed.data
             shape = torch.Size((packed.shape[0], packed.shape[1] * 8))
@@ -141,7 +167,7 @@ class TorchGemm:
             codes = layer.weight.data
             del layer.weight
         codes = codes.contiguous() if is_fp8(self.weight_args) else codes.to(torch.int8)
-        if not is_fp8(self.act_args) and prepack_refusal(
+        if not is_float(self.act_args) and prepack_refusal(
                 codes.device, self.weight_args.num_bits == 4) is None:
             codes = prepack_weight(codes.contiguous(), codes.shape[1])
         layer.register_buffer("weight_codes", codes, persistent=False)
@@ -356,6 +382,9 @@ def choose_gemm(weight_args: QuantizationArgs, act_args: QuantizationArgs,
 
     if os.environ.get(FORCE_TORCH_ENV) == "1":
         reason = f"{FORCE_TORCH_ENV}=1"
+    elif is_mxfp4(weight_args):
+        reason = ("vLLM's MXFP4 kernels quantize the activations themselves, without the "
+                  "checkpoint's per-state clip")
     elif is_fp8(weight_args):
         fits, reason = _fp8_kernel_fits()
         if row_parallel_shard:
