@@ -94,8 +94,9 @@ def quantized_activation_matmul(
     if is_float(act_args):
         x_q = fake_quantize_activation(x_s.float(), act_args, clip)[:, columns]
         bias = None if bias is None else bias.float()
-        scale = weight_scale.repeat_interleave(weight_codes.shape[1] // weight_scale.shape[1],
-                                               dim=1)
+        groups = weight_scale.shape[1]  # 1 per channel, d_local / 32 for MXFP4
+        scale = weight_scale if groups == 1 else weight_scale.repeat_interleave(
+            weight_codes.shape[1] // groups, dim=1)
         return torch.nn.functional.linear(x_q, weight_codes.float() * scale, bias)
     codes, scale = quantize_activation(x_s.float(), act_args, clip)
     codes, bias = codes[:, columns].contiguous(), None if bias is None else bias.float()
