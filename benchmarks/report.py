@@ -6,7 +6,8 @@ benchmark JSON.
 
 Reads ``benchmarks/results/quality-*.json`` (rows of ``benchmarks/quality.py``), the focused
 same-code re-runs beside them (``agreement-stress.json``, ``epochs15-stress.json``,
-``agreement-clean.json``, ``tac-on-baselines.json``), ``variants.json`` and
+``agreement-clean.json``, ``tac-on-baselines.json``, ``float-quality-*.json``),
+``variants.json`` and
 ``calibration-cost.json``
 (``benchmarks/calibration_cost.py``). Every
 quality number is a mean ± sample standard deviation over the seeds a row was run with
@@ -270,7 +271,16 @@ def sections(results: Path) -> dict[str, str]:
         "quality-final-w4a8-w8a8": same_code_section(
             results, FINAL_8BIT, [("starquant", ("flatquant", "rtn"))],
             schemes=("W4A8", "W8A8")),
+        "quality-float-formats": same_code_section(
+            results, FLOAT_FORMATS, [("starquant", ("flatquant", "quarot", "rtn"))],
+            schemes=FLOAT_SCHEMES),
     }
+
+
+FLOAT_FORMATS = "float-quality-*.json"
+"""The float schemes (issue 26): RTN, QuaRot-style, FlatQuant-style and STaR-Quant, clean and
+stress models, 3 seeds."""
+FLOAT_SCHEMES = ("W8A8-FP8", "W4A8-FP8", "W4A4-MXFP4")
 
 
 TAC_ON_BASELINES = "tac-on-baselines.json"
