@@ -66,21 +66,22 @@ __all__ = ["MaskState", "StarQuantInputTransform", "StarQuantLinear", "attach_ma
            "weight_scheme"]
 
 WEIGHT_FORMATS: dict[tuple[str, int], str] = {
-    ("int", 4): "pack-quantized", ("int", 8): "int-quantized", ("float", 8): "float-quantized",
-    ("float", 4): "mxfp4-pack-quantized"}
+    ("int", 4): "pack-quantized", ("int", 8): "int-quantized", ("float", 8): "float-quantized"}
 """compressed-tensors format per weight (type, bits): int4 packed 8 per int32, int8 as int8,
-FP8 as ``float8_e4m3fn``, MXFP4 as two e2m1 codes per uint8 with uint8 (E8M0) scales."""
+FP8 as ``float8_e4m3fn``; MXFP4 (``is_mxfp4``) is ``mxfp4-pack-quantized``, two e2m1 codes
+per uint8 with uint8 (E8M0) scales."""
 
 
 def weight_format(args: QuantizationArgs) -> str:
     """The compressed-tensors format that stores weights quantized with ``args``."""
+    if is_mxfp4(args):
+        return "mxfp4-pack-quantized"
     key = (args.type, args.num_bits)
-    if args.type == "float" and args.num_bits == 4 and not is_mxfp4(args):
-        key = ("float", 0)  # only MXFP4's group of 32 and uint8 scales
     if key not in WEIGHT_FORMATS:
         raise ValueError(
             f"Got weight QuantizationArgs(type={args.type!r}, num_bits={args.num_bits}); "
-            f"starquant stores weights as {WEIGHT_FORMATS}. Use one of the presets "
+            f"starquant stores weights as {WEIGHT_FORMATS} or MXFP4 (4-bit float, group_size "
+            "32, uint8 scales) as mxfp4-pack-quantized. Use one of the presets "
             f"{', '.join(SCHEMES)}."
         )
     return WEIGHT_FORMATS[key]

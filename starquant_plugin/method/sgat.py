@@ -133,8 +133,7 @@ def exclusive_subspaces(x_masked: torch.Tensor, x_unmasked: torch.Tensor, k: int
     U_u^T`` and ``s`` above ``C_u``'s spectrum. Both in float64, one ``[d, d]`` matrix at a time,
     the projection applied in place by rank-``k`` updates: ``d^2`` doubles at the peak on the
     tokens' device (1.1 GiB at d = 12288) where explicit projectors and full eigensolvers took
-    ~10x that
-    (``docs/results.md``, calibration cost).
+    ~10x that (``docs/results.md``, calibration cost).
     ``k = 0`` gives ``[d, 0]``.
     """
     d = x_masked.shape[-1]

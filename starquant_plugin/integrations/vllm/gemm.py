@@ -167,10 +167,10 @@ class TorchGemm:
         else:
             codes = layer.weight.data
             del layer.weight
-        codes = codes.contiguous() if is_fp8(self.weight_args) else codes.to(torch.int8)
+        codes = (codes if is_fp8(self.weight_args) else codes.to(torch.int8)).contiguous()
         if not is_float(self.act_args) and prepack_refusal(
                 codes.device, self.weight_args.num_bits == 4) is None:
-            codes = prepack_weight(codes.contiguous(), codes.shape[1])
+            codes = prepack_weight(codes, codes.shape[1])
         layer.register_buffer("weight_codes", codes, persistent=False)
         layer.weight_scale_fp32 = layer.weight_scale.data.float()
 
