@@ -280,7 +280,7 @@ def sections(results: Path) -> dict[str, str]:
 FLOAT_FORMATS = "float-quality-*.json"
 """The float schemes (issue 26): RTN, QuaRot-style, FlatQuant-style and STaR-Quant, clean and
 stress models, 3 seeds."""
-FLOAT_SCHEMES = ("W8A8-FP8", "W4A8-FP8", "W4A4-MXFP4")
+FLOAT_SCHEMES = ("W8A8-FP8", "W4A8-FP8", "W4A4-MXFP4", "W4A4-NVFP4")
 
 
 TAC_ON_BASELINES = "tac-on-baselines.json"

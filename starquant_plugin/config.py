@@ -10,10 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 QUANT_METHOD = "starquant"
 
-SchemeName = Literal["W4A4", "W4A8", "W8A8", "W8A8-FP8", "W4A8-FP8", "W4A4-MXFP4"]
+SchemeName = Literal["W4A4", "W4A8", "W8A8", "W8A8-FP8", "W4A8-FP8", "W4A4-MXFP4",
+                     "W4A4-NVFP4"]
 """The quantization presets (``method.quantizers.SCHEMES``): int weights and activations, or
 the float format the name says (W8A8-FP8: FP8 e4m3 both; W4A8-FP8: int4 weights, FP8
-activations; W4A4-MXFP4: MXFP4 both, one power-of-two scale per 32 channels)."""
+activations; W4A4-MXFP4: MXFP4 both, one power-of-two scale per 32 channels; W4A4-NVFP4:
+NVFP4 both, one e4m3 scale per 16 channels under a per-tensor global scale)."""
+
+FLOAT_WEIGHT_SCHEMES = ("W8A8-FP8", "W4A4-MXFP4", "W4A4-NVFP4")
+"""The presets whose weights are floats (GPTQ's column updates need integer codes)."""
 
 
 class SGATArgs(BaseModel):
@@ -62,7 +67,7 @@ class SGATArgs(BaseModel):
 
     @model_validator(mode="after")
     def _gptq_needs_int_weights(self) -> "SGATArgs":
-        if self.weight_quantizer == "gptq" and self.scheme in ("W8A8-FP8", "W4A4-MXFP4"):
+        if self.weight_quantizer == "gptq" and self.scheme in FLOAT_WEIGHT_SCHEMES:
             raise ValueError(
                 f"weight_quantizer 'gptq' rounds onto integer codes, but scheme {self.scheme} "
                 f"stores float weights; use weight_quantizer 'rtn' with {self.scheme}, or an "

@@ -43,7 +43,8 @@ from starquant_plugin.method import (
     smoothquant_scales,
     static_sgat,
 )
-from starquant_plugin.method.runtime import weight_qparams
+from starquant_plugin.method.quantizers import is_nvfp4, nvfp4_global_scale
+from starquant_plugin.method.runtime import stored_global_scale, weight_qparams
 from starquant_plugin.models.attention import use_kv_quantized_attention
 from starquant_plugin.models.families import (
     DLLMFamily,
@@ -91,6 +92,23 @@ def _static_transform(
                        rotate=args.transform == "hadamard", generator=generator)
 
 
+_GLOBAL_SCALE_CHUNK = 4096
+
+
+@torch.no_grad()
+def _activation_global_scale(sgat: SGATResult, by_state: dict[int, torch.Tensor]
+                             ) -> torch.Tensor:
+    """NVFP4's static activation global scale of a group: ``nvfp4_global_scale`` of its
+    transformed calibration inputs over both token states (one GEMM takes both), the
+    statistic of compressed-tensors' static min-max observer. In token chunks, so the
+    transform's temporaries stay small."""
+    amax = max(sgat.transform_input(chunk.float(), torch.full(chunk.shape[:1], state,
+                                                              device=chunk.device)).abs().amax()
+               for state, x in by_state.items() if len(x)
+               for chunk in x.split(_GLOBAL_SCALE_CHUNK))
+    return nvfp4_global_scale(amax)
+
+
 def quantize_linear_group(
     linears: list[nn.Linear],
     by_state: dict[int, torch.Tensor],
@@ -123,9 +141,14 @@ def quantize_linear_group(
                         lr_schedule=args.lr_schedule)
     else:
         sgat = _static_transform(args, weight, input_absmax, generator)
+    if is_nvfp4(act_args):
+        sgat.act_global_scale = _activation_global_scale(sgat, by_state)
     dtype = linears[0].weight.dtype  # STaR tensors and scales are stored in the model's dtype
     sgat = sgat.rounded_to(dtype)
     input_transform = StarQuantInputTransform(sgat, act_args, shared_state, tac, dtype)
+    weight_global_scale = None  # NVFP4: one for the group, as vLLM loads fused q/k/v, gate/up
+    if is_nvfp4(weight_args):
+        weight_global_scale = stored_global_scale(sgat.transformed_weight(weight), dtype)
     hessian = None
     if args.weight_quantizer == "gptq":
         hessian = torch.zeros(d, d, device=weight.device)
@@ -140,7 +163,8 @@ def quantize_linear_group(
         owns = index == 0
         if hessian is None:
             replacements.append(StarQuantLinear.from_linear(
-                linear, sgat, weight_args, input_transform, owns, weight_clip_rows=rows))
+                linear, sgat, weight_args, input_transform, owns, weight_clip_rows=rows,
+                weight_global_scale=weight_global_scale))
             continue
         # GPTQ's scales come from the unclipped transformed weight.
         weight_t = sgat.transformed_weight(linear.weight.detach().float())

@@ -8,6 +8,7 @@ import torch
 
 from starquant_plugin.config import METHODS, StarQuantArgs, method_args
 from starquant_plugin.method import StarQuantLinear
+from starquant_plugin.method.quantizers import nvfp4_global_scale
 from starquant_plugin.pipeline import quantize_dllm
 from tests.devices import DevicelessTensors
 from tests.models.tiny import MASK_ID, tiny_dream, tiny_llada
@@ -124,3 +125,24 @@ def test_kv_rotation_cuts_the_kv4_error_of_a_value_outlier():
         assert getattr(attention, "k_rotation", False) == rotate
         errors[rotate] = (model(ids).logits - fp).pow(2).mean().item()
     assert errors[True] < errors[False] / 2
+
+
+def test_nvfp4_global_scales_are_shared_by_fused_linears_and_calibrated_on_both_states():
+    """W4A4-NVFP4: q/k/v (and gate/up) carry one weight global scale, as vLLM loads fused
+    layers; the activations' static global scale is ``448 * 6 / max|x_s|`` over the group's
+    transformed calibration inputs, both token states."""
+    model = tiny_llada()
+    rows = calibration_rows()
+    quantize_dllm(model, rows, StarQuantArgs(scheme="W4A4-NVFP4", epochs=1), progress=False)
+    block = model.model.transformer.blocks[0]
+    for group in (("q_proj", "k_proj", "v_proj"), ("ff_proj", "up_proj")):
+        scales = [getattr(block, name).weight_global_scale for name in group]
+        assert all(torch.equal(scale, scales[0]) for scale in scales), group
+    captured = []
+    handle = block.q_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    model(rows)
+    handle.remove()
+    transform = block.q_proj.transform
+    x_s = transform._transformed(captured[0], transform.mask_state.mask_state,
+                                 transform._float32_params())[0]
+    assert torch.equal(transform.sgat_act_global_scale, nvfp4_global_scale(x_s))

@@ -137,11 +137,12 @@ def check_headers(specs: dict[str, TensorSpec], files: Iterable[str | Path], whe
 
 VALUE_RANGES: dict[str, tuple[float, float]] = {
     "weight_scale": (0.0, math.inf), "sgat_channel_scale": (0.0, math.inf),
-    "sgat_act_clip": (0.0, 1.0)}
+    "sgat_act_clip": (0.0, 1.0), "weight_global_scale": (0.0, math.inf),
+    "sgat_act_global_scale": (0.0, math.inf)}
 """Bounds ``(low, high]`` of the tensors whose values the method fixes, by the name's last
-part: quantization scales are ``max / qmax`` clamped above 0, ``c = exp(log c)``, clip ratios
-are sigmoids. A finite value outside them (a zeroed scale or clip) loads and computes garbage
-without a NaN to show it."""
+part: quantization scales (NVFP4's global scales too) are ``max / qmax`` clamped above 0,
+``c = exp(log c)``, clip ratios are sigmoids. A finite value outside them (a zeroed scale or
+clip) loads and computes garbage without a NaN to show it."""
 
 
 def value_problem(name: str, tensor: torch.Tensor) -> str | None:

@@ -62,6 +62,8 @@ STAR_TENSORS: dict[str, str] = {
     "tac_matrices": "[in / g, g, g] float: TAC block-diagonal map on the input (groups with "
                     "a tac_group_size)",
     "tac_bias": "[in] float: TAC bias (groups with a tac_group_size)",
+    "sgat_act_global_scale": "[1] float: NVFP4 only, the activations' static global scale g "
+                             "(block scale e4m3(g * max / 6), codes x / (scale / g))",
 }
 """Per group of linears sharing an input, the tensors under ``<first linear>.input_transform.``"""
 

@@ -26,7 +26,11 @@ from compressed_tensors.quantization import QuantizationArgs
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from starquant_plugin.method.quantizers import fake_quantize_activation, quantize_activation
+from starquant_plugin.method.quantizers import (
+    fake_quantize_activation,
+    is_nvfp4,
+    quantize_activation,
+)
 from starquant_plugin.method.sgat import SGATResult, transform_input
 from starquant_plugin.method.tac import TACParams, apply_tac
 
@@ -122,7 +126,8 @@ class StarQuantInputTransform(nn.Module):
 
     * ``sgat_exclusive: [d, 2k]`` (``V``; None when ``k = 0``), ``sgat_channel_scale: [d]``,
       ``sgat_left: [n1, n1]``, ``sgat_right: [n2, n2]``, ``sgat_act_clip: [2]`` (per state);
-    * ``tac_matrices: [d / g, g, g]``, ``tac_bias: [d]``, or None.
+    * ``tac_matrices: [d / g, g, g]``, ``tac_bias: [d]``, or None;
+    * ``sgat_act_global_scale: [1]``: NVFP4's static activation global scale (else None).
     """
 
     def __init__(self, sgat: SGATResult, act_args: QuantizationArgs, mask_state: MaskState,
@@ -130,13 +135,19 @@ class StarQuantInputTransform(nn.Module):
         """``dtype``: how the tensors are stored (the model's dtype, as compressed-tensors
         stores scales); the forward computes in float32 either way."""
         super().__init__()
+        if is_nvfp4(act_args) != (sgat.act_global_scale is not None):
+            raise ValueError(
+                "NVFP4 activations need a static global scale and other schemes have none; "
+                "set SGATResult.act_global_scale for NVFP4 (pipeline._activation_global_scale)"
+                " and only for it.")
         self._init_state(act_args, mask_state)
         exclusive = sgat.exclusive if sgat.exclusive.shape[1] else None
         tensors = {"sgat_exclusive": exclusive, "sgat_channel_scale": sgat.channel_scale,
                    "sgat_left": sgat.left, "sgat_right": sgat.right,
                    "sgat_act_clip": sgat.act_clip.reshape(-1).expand(2),
                    "tac_matrices": None if tac is None else tac.matrices,
-                   "tac_bias": None if tac is None else tac.bias}
+                   "tac_bias": None if tac is None else tac.bias,
+                   "sgat_act_global_scale": sgat.act_global_scale}
         for name, tensor in tensors.items():
             self.register_buffer(name, None if tensor is None
                                  else tensor.detach().to(dtype).contiguous().clone())
@@ -165,7 +176,8 @@ class StarQuantInputTransform(nn.Module):
         layer._init_state(act_args, mask_state)
         shapes = {"sgat_exclusive": (d, 2 * k) if k else None, "sgat_channel_scale": (d,),
                   "sgat_left": (n1, n1), "sgat_right": (n2, n2), "sgat_act_clip": (2,),
-                  "tac_matrices": None, "tac_bias": None}
+                  "tac_matrices": None, "tac_bias": None,
+                  "sgat_act_global_scale": (1,) if is_nvfp4(act_args) else None}
         if tac_group_size is not None:
             shapes |= {"tac_matrices": (d // tac_group_size, tac_group_size, tac_group_size),
                        "tac_bias": (d,)}
@@ -231,7 +243,9 @@ class StarQuantInputTransform(nn.Module):
                 else TACParams(self.tac_matrices.float(), self.tac_bias.float()),
                 "exclusive": self.exclusive, "scale": self.sgat_channel_scale.float(),
                 "left": self.sgat_left.float(), "right": self.sgat_right.float(),
-                "clip": self.sgat_act_clip.float()}
+                "clip": self.sgat_act_clip.float(),
+                "global": None if self.sgat_act_global_scale is None
+                else self.sgat_act_global_scale.float()}
 
     def _mask_state_for(self, x: torch.Tensor) -> torch.Tensor:
         mask_state = self.mask_state.mask_state
@@ -249,14 +263,14 @@ class StarQuantInputTransform(nn.Module):
         return mask_state
 
     def _transformed(self, x: torch.Tensor, mask_state: torch.Tensor, params: dict[str, Any]
-                     ) -> tuple[torch.Tensor, QuantizationArgs, torch.Tensor]:
-        """``(x_s: float32 [batch, seq, d], act_args, clip: [batch, seq, 1])``: TAC and the
-        state-gated SGAT map, and each token's state's activation clip; ``params`` from
-        ``_float32_params``."""
+                     ) -> tuple[torch.Tensor, QuantizationArgs, torch.Tensor, torch.Tensor | None]:
+        """``(x_s: float32 [batch, seq, d], act_args, clip: [batch, seq, 1], global scale)``:
+        TAC and the state-gated SGAT map, each token's state's activation clip and NVFP4's
+        static global scale (None otherwise); ``params`` from ``_float32_params``."""
         x = x.float()
         if params["tac"] is not None:
             x = apply_tac(x, params["tac"])
         state = mask_state.long()
         x_s = transform_input(x, state, params["exclusive"], params["scale"], params["left"],
                               params["right"])
-        return x_s, self.act_args, params["clip"][state].unsqueeze(-1)
+        return x_s, self.act_args, params["clip"][state].unsqueeze(-1), params["global"]

@@ -19,6 +19,14 @@ consecutive input channels, ``2^(floor(log2(p)) - 2)`` with ``p`` the group's ``
 to a power of two as compressed-tensors does (up from 1.75 x 2^e), so the largest value maps
 near 4-6 and saturates at 6; weights and activations (per token) alike.
 
+NVFP4 (``type="float"``, 4 bits, ``strategy="tensor_group"``, ``group_size=16``): e2m1 codes
+times ``s / g`` per 16 consecutive input channels, ``s = e4m3(g * max|x| / 6)`` an FP8 block
+scale and ``g = 448 * 6 / max|X|`` one float global scale per tensor that keeps the block
+scales inside e4m3's range (compressed-tensors' ``generate_gparam`` and ``calculate_qparams``).
+A weight's ``g`` comes from the weight (one per fused q/k/v or gate/up group, as vLLM loads
+them); an activation's is static, calibrated on the transformed calibration inputs
+(``nvfp4_global_scale``), and taken from the tensor itself where none is given (the fit).
+
 Rounding uses a straight-through estimator everywhere, so every fake quantizer here can sit
 inside a gradient fit (SGAT) and pass gradients to its input and to a learnable clip ratio.
 
@@ -33,6 +41,7 @@ import functools
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.utils import generate_gparam
 
 DEFAULT_CLIP_GRID: tuple[float, ...] = tuple(1.0 - 0.05 * i for i in range(11))
 """Clip ratios tried by ``search_weight_clip``: 1.0, 0.95, ..., 0.5."""
@@ -66,6 +75,12 @@ def _mxfp4_args(dynamic: bool) -> QuantizationArgs:
                             zp_dtype=torch.uint8)
 
 
+def _nvfp4_args(dynamic: bool | str) -> QuantizationArgs:
+    return QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group",
+                            group_size=16, dynamic=dynamic, scale_dtype=torch.float8_e4m3fn,
+                            zp_dtype=torch.float8_e4m3fn)
+
+
 SCHEMES: dict[str, tuple[QuantizationArgs, QuantizationArgs]] = {
     "W4A4": (_weight_args(4), _act_args(4)),
     "W4A8": (_weight_args(4), _act_args(8)),
@@ -73,11 +88,13 @@ SCHEMES: dict[str, tuple[QuantizationArgs, QuantizationArgs]] = {
     "W8A8-FP8": (_fp8_weight_args(), _fp8_act_args()),
     "W4A8-FP8": (_weight_args(4), _fp8_act_args()),
     "W4A4-MXFP4": (_mxfp4_args(dynamic=False), _mxfp4_args(dynamic=True)),
+    "W4A4-NVFP4": (_nvfp4_args(dynamic=False), _nvfp4_args(dynamic="local")),
 }
 """Preset (weight args, activation args): weights per output channel, activations per token
 (dynamic); int, or FP8 e4m3 where the name says so (compressed-tensors' ``FP8_DYNAMIC``
-preset for W8A8-FP8; int4 weights with it for W4A8-FP8); MXFP4 (compressed-tensors'
-``MXFP4`` preset) per group of 32 input channels for weights and activations.
+preset for W8A8-FP8; int4 weights with it for W4A8-FP8); MXFP4 and NVFP4 (compressed-tensors'
+``MXFP4`` and ``NVFP4`` presets) per group of 32 or 16 input channels for weights and
+activations (NVFP4 activations: dynamic block scales under a static global scale).
 ``config.SchemeName`` lists the names for the schema and the CLI."""
 
 
@@ -96,6 +113,8 @@ _FP8 = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(_FP8).max  # 448
 _FP4_MAX = 6.0  # e2m1
 _MX_GROUP = 32
+_NV_GROUP = 16
+_FP8_EPS = 0.125  # compressed-tensors' stand-in for a zero e4m3 block scale
 
 
 def _check_int(args: QuantizationArgs, what: str) -> None:
@@ -107,14 +126,15 @@ def _check_int(args: QuantizationArgs, what: str) -> None:
 
 
 def _check_args(args: QuantizationArgs) -> None:
-    """Args this module fake-quantizes: int of any width, symmetric FP8, or MXFP4."""
-    if args.type == "int" or is_fp8(args) or is_mxfp4(args):
+    """Args this module fake-quantizes: int of any width, symmetric FP8, MXFP4 or NVFP4."""
+    if args.type == "int" or is_fp8(args) or is_fp4(args):
         return
     raise ValueError(
         f"Got QuantizationArgs(type={args.type!r}, num_bits={args.num_bits}, "
         f"symmetric={args.symmetric}, strategy={args.strategy!r}, "
         f"group_size={args.group_size}); starquant fake-quantizes int, symmetric 8-bit float "
-        "(FP8 e4m3) and MXFP4 (4-bit float, strategy 'group', group_size 32, uint8 scales). "
+        "(FP8 e4m3), MXFP4 (4-bit float, strategy 'group', group_size 32, uint8 scales) and "
+        "NVFP4 (4-bit float, strategy 'tensor_group', group_size 16). "
         "Use one of the presets " + ", ".join(SCHEMES) + "."
     )
 
@@ -134,6 +154,17 @@ def is_mxfp4(args: QuantizationArgs | None) -> bool:
     return (is_float(args) and args.num_bits == 4 and args.symmetric
             and args.strategy == "group" and args.group_size == _MX_GROUP
             and args.scale_dtype == torch.uint8)
+
+
+def is_nvfp4(args: QuantizationArgs | None) -> bool:
+    """Whether ``args`` quantize to NVFP4: e2m1 codes, an e4m3 scale per 16 under a global."""
+    return (is_float(args) and args.num_bits == 4 and args.symmetric
+            and args.strategy == "tensor_group" and args.group_size == _NV_GROUP)
+
+
+def is_fp4(args: QuantizationArgs | None) -> bool:
+    """Whether ``args`` quantize to a 4-bit float format with block scales (MX or NV)."""
+    return is_mxfp4(args) or is_nvfp4(args)
 
 
 def _int_range(num_bits: int, symmetric: bool) -> tuple[int, int]:
@@ -159,15 +190,22 @@ def _grid_max(args: QuantizationArgs) -> float:
 
 
 def symmetric_scale(
-    x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None = None
+    x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One scale per slice along the last dim of ``x: [..., k]``: ``max|x| * clip / qmax``
     (``qmax`` the grid's largest code), floored at ``_MIN_SCALE``; ``[..., 1]``. The one
     definition the fake quantizers, the stored weight scales and the integer path's
-    activation codes all use, so their codes agree."""
+    activation codes all use, so their codes agree. NVFP4: the effective ``s / g``
+    (``nvfp4_block_scale``; ``global_scale`` ``g`` from ``x`` itself when not given)."""
     ratio = 1.0 if clip_ratio is None else clip_ratio
     if is_mxfp4(args):
         return mx_scale(x.abs().amax(dim=-1, keepdim=True) * ratio)
+    if is_nvfp4(args):
+        if global_scale is None:
+            global_scale = nvfp4_global_scale(x)
+        amax = x.abs().amax(dim=-1, keepdim=True) * ratio
+        return nvfp4_block_scale(amax, global_scale) / global_scale
     qmax = _grid_max(args)
     return (x.abs().amax(dim=-1, keepdim=True) * ratio / qmax).clamp_min(_MIN_SCALE)
 
@@ -200,6 +238,26 @@ def mx_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.exp2(exponent).to(amax.dtype)
 
 
+@torch.no_grad()
+def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4's per-tensor ``g = 448 * 6 / max|x|``, float32 ``[1]``, 1 where that is not
+    finite: compressed-tensors' ``generate_gparam`` on ``x``'s range, so the largest block
+    scale lands on e4m3's 448."""
+    x = x.detach().float()
+    return generate_gparam(x.amin(), x.amax())
+
+
+def nvfp4_block_scale(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """The e4m3 block scale ``s = e4m3(g * (amax / 6))`` (clamped to +-448, a zero scale
+    replaced by 0.125) of groups whose clipped ``max|x|`` is ``amax``, as floats; the
+    quantizer divides by ``s / g``. compressed-tensors' ``calculate_qparams`` arithmetic, so
+    the stored ``weight_scale`` is the same bytes; the e4m3 rounding is straight-through, so
+    a learnable clip ratio still gets a gradient."""
+    scale = global_scale * (amax / _FP4_MAX)
+    rounded = _cast_fp8_ste(scale.clamp(-_FP8_MAX, _FP8_MAX))
+    return torch.where(rounded == 0, torch.full_like(rounded, _FP8_EPS), rounded)
+
+
 def _cast_fp4_ste(v: torch.Tensor) -> torch.Tensor:
     """``v`` rounded to the nearest e2m1 value, halfway cases to the even code (0, 1, 2, 4),
     and saturated at +-6 (compressed-tensors' ``cast_to_fp4`` thresholds); identity in the
@@ -225,19 +283,21 @@ def _cast_fp8_ste(v: torch.Tensor) -> torch.Tensor:
 
 
 def _fake_quantize_last_dim(
-    x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None
+    x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize with one scale (and zero point) per slice along the last dim.
 
-    ``x: [..., k]``; ``clip_ratio`` broadcasts against ``[..., 1]`` and shrinks the range.
-    Gradients flow to ``x`` and ``clip_ratio`` (rounding is straight-through).
+    ``x: [..., k]``; ``clip_ratio`` broadcasts against ``[..., 1]`` and shrinks the range;
+    ``global_scale``: NVFP4's ``g`` (else unused). Gradients flow to ``x`` and
+    ``clip_ratio`` (rounding is straight-through).
     """
     _check_args(args)
     if is_fp8(args):
         scale = symmetric_scale(x, args, clip_ratio)
         return _cast_fp8_ste(torch.clamp(x / scale, -_FP8_MAX, _FP8_MAX)) * scale
-    if is_mxfp4(args):
-        scale = symmetric_scale(x, args, clip_ratio)
+    if is_fp4(args):
+        scale = symmetric_scale(x, args, clip_ratio, global_scale)
         return _cast_fp4_ste(x / scale) * scale
     qmin, qmax = _int_range(args.num_bits, args.symmetric)
     if args.symmetric:
@@ -252,7 +312,7 @@ def _weight_groups(weight: torch.Tensor, args: QuantizationArgs) -> torch.Tensor
     out_features, in_features = weight.shape
     if args.strategy == "channel":
         return weight.reshape(out_features, 1, in_features)
-    if args.strategy == "group":
+    if args.strategy in ("group", "tensor_group"):
         if in_features % args.group_size != 0:
             raise ValueError(
                 f"Weight has {in_features} input columns, not a multiple of "
@@ -261,7 +321,8 @@ def _weight_groups(weight: torch.Tensor, args: QuantizationArgs) -> torch.Tensor
         return weight.reshape(out_features, in_features // args.group_size, args.group_size)
     raise ValueError(
         f"Weight quantization strategy {args.strategy!r} is not supported; expected 'channel' "
-        "or 'group'. Set strategy='channel' (per output row) or 'group' with a group_size."
+        "or 'group' ('tensor_group' for NVFP4). Set strategy='channel' (per output row) or "
+        "'group' with a group_size."
     )
 
 
@@ -274,17 +335,19 @@ def _check_weight(weight: torch.Tensor) -> None:
 
 
 def fake_quantize_weight(
-    weight: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | None = None
+    weight: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Round-to-nearest fake quantization of ``weight: [out, in]`` per channel or per group.
 
-    ``clip_ratio: [out]`` scales each row's range (all groups of a row share it). Rounding is
+    ``clip_ratio: [out]`` scales each row's range (all groups of a row share it);
+    ``global_scale``: NVFP4's ``g`` (default: from this weight). Rounding is
     straight-through, so this is usable with gradients (SGAT fits ``T`` through it).
     """
     _check_weight(weight)
     grouped = _weight_groups(weight, args)
     ratio = None if clip_ratio is None else clip_ratio.reshape(-1, 1, 1).to(weight.dtype)
-    return _fake_quantize_last_dim(grouped, args, ratio).reshape_as(weight)
+    return _fake_quantize_last_dim(grouped, args, ratio, global_scale).reshape_as(weight)
 
 
 @torch.no_grad()
@@ -396,53 +459,60 @@ def gptq_quantize_weight(
 
 def _check_activation_args(args: QuantizationArgs) -> None:
     _check_args(args)
-    if args.strategy != "token" and not is_mxfp4(args):
+    if args.strategy != "token" and not is_fp4(args):
         raise ValueError(
             f"Activation quantization strategy {args.strategy!r} is not supported; expected "
-            "'token' (dynamic, one scale per token; MXFP4: one per 32 channels of a token). "
-            "Set strategy='token', dynamic=True."
+            "'token' (dynamic, one scale per token; MXFP4 / NVFP4: one per 32 / 16 channels "
+            "of a token). Set strategy='token', dynamic=True."
         )
 
 
 def fake_quantize_activation(
-    x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None = None
+    x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dynamic per-token fake quantization of ``x: [..., d]`` (one scale per row of ``d``;
-    MXFP4: one per 32 consecutive channels of a row).
+    MXFP4 / NVFP4: one per 32 / 16 consecutive channels of a row).
 
     ``clip_ratio`` is a scalar or broadcasts against ``[..., 1]`` (e.g. one ratio per token's
-    mask state). Straight-through rounding: gradients reach ``x`` and a learnable ``clip_ratio``.
+    mask state); ``global_scale``: NVFP4's static ``g`` (default: from ``x``, as in the fit).
+    Straight-through rounding: gradients reach ``x`` and a learnable ``clip_ratio``.
     """
     _check_activation_args(args)
-    if args.strategy != "group":
+    if not is_fp4(args):
         return _fake_quantize_last_dim(x, args, clip_ratio)
     d = x.shape[-1]
     if d % args.group_size:
         raise ValueError(
             f"Activations of width {d} cannot be quantized in groups of {args.group_size}; "
-            "MXFP4 needs every quantized linear's input width to be a multiple of 32.")
+            f"this scheme needs every quantized linear's input width to be a multiple of "
+            f"{args.group_size}.")
+    if is_nvfp4(args) and global_scale is None:
+        global_scale = nvfp4_global_scale(x)
     groups = x.unflatten(-1, (d // args.group_size, args.group_size))
     ratio = clip_ratio.unsqueeze(-1) if isinstance(clip_ratio, torch.Tensor) \
         and clip_ratio.dim() else clip_ratio
-    return _fake_quantize_last_dim(groups, args, ratio).flatten(-2)
+    return _fake_quantize_last_dim(groups, args, ratio, global_scale).flatten(-2)
 
 
 @torch.no_grad()
 def quantize_activation(
-    x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None = None
+    x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer codes behind ``fake_quantize_activation``: ``x: [..., d]`` ->
     ``(codes: int8 [..., d], scale: [..., 1])`` in ``x``'s dtype, with
     ``codes * scale == fake_quantize_activation(x, args, clip_ratio)`` bit for bit (same
     ``symmetric_scale``, same ``x / scale``; the straight-through rounding rounds exactly).
-    Symmetric int of at most 8 bits only: what an int8 GEMM takes.
+    Symmetric int of at most 8 bits only: what an int8 GEMM takes (``global_scale``, for
+    ``fake_quantize_activation``'s signature, must be None: integer grids have none).
 
     >>> codes, scale = quantize_activation(torch.tensor([[-7.0, 0.4, 3.5]]), scheme_args("W4A4")[1])
     >>> codes.tolist(), scale.tolist()
     ([[-7, 0, 4]], [[1.0]])
     """
     _check_activation_args(args)
-    if is_fp8(args) or not args.symmetric or args.num_bits > 8:
+    if is_float(args) or not args.symmetric or args.num_bits > 8 or global_scale is not None:
         raise ValueError(
             f"Got activation QuantizationArgs(type={args.type!r}, symmetric={args.symmetric}, "
             f"num_bits={args.num_bits}); integer codes exist for symmetric int of at most 8 "

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from torch import nn
 
@@ -55,6 +56,9 @@ from starquant_plugin.method.quantizers import (
     is_float,
     is_fp8,
     is_mxfp4,
+    is_nvfp4,
+    nvfp4_block_scale,
+    nvfp4_global_scale,
     symmetric_scale,
 )
 from starquant_plugin.method.sgat import SGATResult
@@ -69,19 +73,23 @@ WEIGHT_FORMATS: dict[tuple[str, int], str] = {
     ("int", 4): "pack-quantized", ("int", 8): "int-quantized", ("float", 8): "float-quantized"}
 """compressed-tensors format per weight (type, bits): int4 packed 8 per int32, int8 as int8,
 FP8 as ``float8_e4m3fn``; MXFP4 (``is_mxfp4``) is ``mxfp4-pack-quantized``, two e2m1 codes
-per uint8 with uint8 (E8M0) scales."""
+per uint8 with uint8 (E8M0) scales; NVFP4 (``is_nvfp4``) is ``nvfp4-pack-quantized``, the same
+codes with e4m3 block scales and a ``weight_global_scale``."""
 
 
 def weight_format(args: QuantizationArgs) -> str:
     """The compressed-tensors format that stores weights quantized with ``args``."""
     if is_mxfp4(args):
         return "mxfp4-pack-quantized"
+    if is_nvfp4(args):
+        return "nvfp4-pack-quantized"
     key = (args.type, args.num_bits)
     if key not in WEIGHT_FORMATS:
         raise ValueError(
             f"Got weight QuantizationArgs(type={args.type!r}, num_bits={args.num_bits}); "
-            f"starquant stores weights as {WEIGHT_FORMATS} or MXFP4 (4-bit float, group_size "
-            "32, uint8 scales) as mxfp4-pack-quantized. Use one of the presets "
+            f"starquant stores weights as {WEIGHT_FORMATS}, MXFP4 (4-bit float, group_size "
+            "32, uint8 scales) as mxfp4-pack-quantized or NVFP4 (4-bit float, tensor_group "
+            "of 16) as nvfp4-pack-quantized. Use one of the presets "
             f"{', '.join(SCHEMES)}."
         )
     return WEIGHT_FORMATS[key]
@@ -97,7 +105,7 @@ def weight_scheme(weight_args: QuantizationArgs, act_args: QuantizationArgs | No
 def _num_weight_groups(in_features: int, args: QuantizationArgs) -> int:
     if args.strategy == "channel":
         return 1
-    if args.strategy == "group" and in_features % args.group_size == 0:
+    if args.strategy in ("group", "tensor_group") and in_features % args.group_size == 0:
         return in_features // args.group_size
     raise ValueError(
         f"Weight strategy {args.strategy!r} (group_size={args.group_size}) cannot store "
@@ -106,19 +114,25 @@ def _num_weight_groups(in_features: int, args: QuantizationArgs) -> int:
 
 
 def weight_qparams(
-    weight: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | None = None
+    weight: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``fake_quantize_weight``'s scale (and zero point) in compressed-tensors' convention.
 
     ``weight: [out, in]``, ``clip_ratio: [out]`` -> ``scale: [out, groups]`` (groups = 1 per
     channel) and, if asymmetric, ``zero_point: [out, groups]`` int8 on compressed-tensors'
     signed grid (our unsigned zero point minus ``2^(b-1)``), else None. Same arithmetic as the
-    fake quantizer, so ``codes * scale`` reproduces its output bit for bit.
+    fake quantizer, so ``codes * scale`` reproduces its output bit for bit. NVFP4: the e4m3
+    block scales ``s`` under ``global_scale`` (the codes are then ``w / (s / g)``).
     """
     out_features, in_features = weight.shape
     groups = _num_weight_groups(in_features, args)
     x = weight.detach().reshape(out_features, groups, in_features // groups)
     ratio = None if clip_ratio is None else clip_ratio.reshape(-1, 1, 1).to(weight.dtype)
+    if is_nvfp4(args):  # the block scales s; the codes are w / (s / g)
+        g = nvfp4_global_scale(weight) if global_scale is None else global_scale
+        amax = x.abs().amax(dim=-1, keepdim=True) * (1.0 if ratio is None else ratio)
+        return nvfp4_block_scale(amax, g).reshape(out_features, groups), None
     if args.symmetric:
         return symmetric_scale(x, args, ratio).reshape(out_features, groups), None
     scale, zero = asymmetric_qparams(x, args.num_bits, ratio)
@@ -144,6 +158,11 @@ def compressed_weight_layout(
     if stored_as == "mxfp4-pack-quantized":  # scales: one E8M0 exponent per group
         layout["weight_packed"] = ((out_features, in_features // 2), torch.uint8)
         layout["weight_scale"] = ((out_features, groups), torch.uint8)
+        return layout
+    if stored_as == "nvfp4-pack-quantized":  # e4m3 block scales under one global scale
+        layout["weight_packed"] = ((out_features, in_features // 2), torch.uint8)
+        layout["weight_scale"] = ((out_features, groups), _FP8)
+        layout["weight_global_scale"] = ((1,), scale_dtype)
         return layout
     if stored_as == "pack-quantized":
         layout["weight_packed"] = ((out_features, math.ceil(in_features * bits / 32)),
@@ -197,11 +216,13 @@ class StarQuantLinear(nn.Module):
         weight_args: QuantizationArgs | None = None,
         weight_scale: torch.Tensor | None = None,
         weight_zero_point: torch.Tensor | None = None,
+        weight_global_scale: torch.Tensor | None = None,
     ) -> None:
         """``weight_q: [out, d]`` the transformed weight; with ``weight_args`` and its
-        ``weight_scale: [out, groups]`` (``weight_qparams``, in the storage dtype)
-        compressed-tensors' compressor rounds it onto the scale's integer grid and stores the
-        codes (a weight already fake-quantized with that scale keeps its values)."""
+        ``weight_scale: [out, groups]`` (``weight_qparams``, in the storage dtype; NVFP4 also
+        its ``weight_global_scale: [1]``) compressed-tensors' compressor rounds it onto the
+        scale's grid and stores the codes (a weight already fake-quantized with that scale
+        keeps its values)."""
         super().__init__()
         d = input_transform.sgat_channel_scale.shape[0]
         if weight_q.dim() != 2 or weight_q.shape[1] != d:
@@ -214,7 +235,8 @@ class StarQuantLinear(nn.Module):
         if weight_args is None:
             self.register_buffer("weight", weight_q.detach().clone())
         else:
-            self._store_weight(weight_q.detach(), weight_args, weight_scale, weight_zero_point)
+            self._store_weight(weight_q.detach(), weight_args, weight_scale, weight_zero_point,
+                               weight_global_scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def _attach_transform(self, input_transform: StarQuantInputTransform, owns: bool) -> None:
@@ -238,18 +260,25 @@ class StarQuantLinear(nn.Module):
         return self.transform.act_args
 
     def _store_weight(self, weight: torch.Tensor, weight_args: QuantizationArgs,
-                      scale: torch.Tensor | None, zero_point: torch.Tensor | None) -> None:
-        if scale is None or (zero_point is None) != weight_args.symmetric:
+                      scale: torch.Tensor | None, zero_point: torch.Tensor | None,
+                      global_scale: torch.Tensor | None) -> None:
+        if scale is None or (zero_point is None) != weight_args.symmetric \
+                or (global_scale is None) == is_nvfp4(weight_args):
             raise ValueError(
-                f"Got weight_args (symmetric={weight_args.symmetric}) with weight_scale "
-                f"{'missing' if scale is None else 'set'} and weight_zero_point "
-                f"{'missing' if zero_point is None else 'set'}; pass both from "
-                "weight_qparams(weight, weight_args, clip) (a zero point only if asymmetric)."
+                f"Got weight_args (symmetric={weight_args.symmetric}, NVFP4: "
+                f"{is_nvfp4(weight_args)}) with weight_scale "
+                f"{'missing' if scale is None else 'set'}, weight_zero_point "
+                f"{'missing' if zero_point is None else 'set'} and weight_global_scale "
+                f"{'missing' if global_scale is None else 'set'}; pass them from "
+                "weight_qparams(weight, weight_args, clip, global_scale) (a zero point only if "
+                "asymmetric, a global scale only for NVFP4)."
             )
         scheme = weight_scheme(weight_args, self.act_args)
         uncompressed = {"weight": weight.float(), "weight_scale": scale.detach().clone()}
         if zero_point is not None:
             uncompressed["weight_zero_point"] = zero_point.detach()
+        if global_scale is not None:
+            uncompressed["weight_global_scale"] = global_scale.detach().clone().reshape(1)
         compressor = BaseCompressor.get_value_from_registry(scheme.format)
         for name, tensor in compressor.compress(uncompressed, scheme).items():
             self.register_buffer(name, tensor.contiguous())
@@ -290,14 +319,18 @@ class StarQuantLinear(nn.Module):
         input_transform: StarQuantInputTransform,
         owns_transform: bool = True,
         weight_clip_rows: slice | None = None,
+        weight_global_scale: torch.Tensor | None = None,
     ) -> StarQuantLinear:
         """Quantize ``linear`` under a fitted SGAT by RTN with the fitted per-row weight clip
         (the scale stored in the linear's dtype; equal to ``fake_quantize_weight`` in float32).
 
         When one SGAT serves several linears (q/k/v), ``weight_clip_rows`` selects this
-        linear's rows of ``sgat.weight_clip``, e.g. ``slice(q_out, q_out + k_out)`` for k.
+        linear's rows of ``sgat.weight_clip``, e.g. ``slice(q_out, q_out + k_out)`` for k,
+        and NVFP4's ``weight_global_scale`` is the group's (``group_weight_global_scale``; by
+        default this weight's own).
         """
         weight_clip = sgat.weight_clip[weight_clip_rows or slice(None)]
+        dtype = linear.weight.dtype
         if weight_clip.shape[0] != linear.out_features:
             raise ValueError(
                 f"Got {weight_clip.shape[0]} weight clip ratios for a linear with "
@@ -306,11 +339,17 @@ class StarQuantLinear(nn.Module):
             )
         with torch.no_grad():
             weight_t = sgat.transformed_weight(linear.weight.float())
-            weight_q = fake_quantize_weight(weight_t, weight_args, weight_clip)
-            scale, zero_point = weight_qparams(weight_t, weight_args, weight_clip)
+            if is_nvfp4(weight_args) and weight_global_scale is None:
+                weight_global_scale = stored_global_scale(weight_t, dtype)
+            weight_q = fake_quantize_weight(weight_t, weight_args, weight_clip,
+                                            weight_global_scale)
+            scale, zero_point = weight_qparams(weight_t, weight_args, weight_clip,
+                                               weight_global_scale)
         return cls(weight_q, linear.bias, input_transform, owns_transform=owns_transform,
-                   weight_args=weight_args, weight_scale=scale.to(linear.weight.dtype),
-                   weight_zero_point=zero_point)
+                   weight_args=weight_args, weight_scale=scale.to(dtype),
+                   weight_zero_point=zero_point,
+                   weight_global_scale=None if weight_global_scale is None
+                   else weight_global_scale.to(dtype))
 
     @property
     def weight_format(self) -> str:
@@ -319,13 +358,17 @@ class StarQuantLinear(nn.Module):
 
     def compressed_weight(self) -> dict[str, torch.Tensor]:
         """The weight tensors under compressed-tensors' local names (``weight_packed``, ...)."""
-        names = ("weight", "weight_packed", "weight_shape", "weight_scale", "weight_zero_point")
+        names = ("weight", "weight_packed", "weight_shape", "weight_scale", "weight_zero_point",
+                 "weight_global_scale")
         return {name: self._buffers[name] for name in names if name in self._buffers}
 
     def dequantized_weight(self) -> torch.Tensor:
         """``[out, d]`` float32, decompressed by compressed-tensors' own compressor."""
         if self.weight_args is None:
             return self._buffers["weight"]
+        if is_nvfp4(self.weight_args):
+            return nvfp4_dequantize(self.weight_packed, self.weight_scale,
+                                    self.weight_global_scale)
         scheme = weight_scheme(self.weight_args)
         compressor = BaseCompressor.get_value_from_registry(scheme.format)
         # float32 scale: codes * scale is then exact whatever dtype the scale is stored in
@@ -402,11 +445,14 @@ class StarQuantLinear(nn.Module):
     def _apply(self, *args: Any, **kwargs: Any) -> StarQuantLinear:
         self._prepacked = None  # .to() / .float() replace the stored weight
         super()._apply(*args, **kwargs)
-        weight = self._buffers.get("weight")
-        if is_fp8(self.weight_args) and weight is not None and weight.dtype != _FP8:
-            # model.to(dtype) casts every float tensor, FP8 codes too; their values are exact
-            # in any wider float, so this restores the stored codes bit for bit
-            self._buffers["weight"] = weight.to(_FP8)
+        # model.to(dtype) casts every float tensor, FP8 codes and e4m3 block scales too; their
+        # values are exact in any wider float, so this restores the stored bytes
+        fp8_names = ("weight",) if is_fp8(self.weight_args) \
+            else ("weight_scale",) if is_nvfp4(self.weight_args) else ()
+        for name in fp8_names:
+            tensor = self._buffers.get(name)
+            if tensor is not None and tensor.dtype != _FP8:
+                self._buffers[name] = tensor.to(_FP8)
         return self
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -438,6 +484,25 @@ class StarQuantLinear(nn.Module):
                      "dequantize-and-matmul reference path instead (same result, slower).")
         y = F.linear(self.transform(x), self.dequantized_weight().float(), bias)
         return y.to(x.dtype)
+
+
+def stored_global_scale(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """NVFP4's ``weight_global_scale`` of ``weight`` (``[out, in]``, or the concatenated
+    weights of a fused q/k/v or gate/up group, which vLLM loads with one global scale) as a
+    checkpoint in ``dtype`` stores it, in float32: the quantizer uses the stored value, so
+    a model cast to another dtype or reloaded computes the same codes."""
+    return nvfp4_global_scale(weight).to(dtype).float()
+
+
+def nvfp4_dequantize(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor
+                     ) -> torch.Tensor:
+    """``[out, in]`` float32 of an ``nvfp4-pack-quantized`` weight: codes times ``s / g`` per
+    16 input columns, the fake quantizer's arithmetic. compressed-tensors' decompressor
+    computes in bfloat16, which rounds ``s / g``; this stays exact."""
+    out_features, half = packed.shape
+    codes = unpack_fp4_from_uint8(packed, out_features, 2 * half, dtype=torch.float32)
+    block = scale.float() / global_scale.float()
+    return (codes.unflatten(1, (scale.shape[1], -1)) * block.unsqueeze(-1)).flatten(1)
 
 
 def prepack_weights(model: nn.Module) -> int:

@@ -209,7 +209,9 @@ class SGATResult:
     [out]``; residuals from ``exactness_residual``; ``loss_history[0]`` is the initial loss,
     then one entry per epoch (the returned parameters are those with the lowest loss);
     ``seconds``: wall time of the fit's setup (second moments, subspaces, clip search, first
-    loss) and of its epochs in total (empty for a static transform).
+    loss) and of its epochs in total (empty for a static transform); ``act_global_scale:
+    [1]``: NVFP4's static activation global scale, set after the fit from the transformed
+    calibration inputs (``nvfp4_global_scale``), None for the other schemes.
     """
 
     exclusive: torch.Tensor
@@ -222,12 +224,14 @@ class SGATResult:
     residual_unmasked: float = 0.0
     loss_history: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    act_global_scale: torch.Tensor | None = None
 
     def rounded_to(self, dtype: torch.dtype) -> SGATResult:
         """The transform a checkpoint in ``dtype`` holds (float32 tensors): quantize the weight
         with this one, so ``W M^{-T}`` inverts exactly the ``M`` inference applies."""
-        return replace(self, **{name: getattr(self, name).to(dtype).float() for name in
-                                ("exclusive", "channel_scale", "left", "right", "act_clip")})
+        names = ("exclusive", "channel_scale", "left", "right", "act_clip", "act_global_scale")
+        return replace(self, **{name: getattr(self, name).to(dtype).float() for name in names
+                                if getattr(self, name) is not None})
 
     def transform_input(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """``x_s`` for ``x: [..., d]`` with per-token ``state: [...]`` (before ``Q_a``)."""

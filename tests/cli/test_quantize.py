@@ -67,7 +67,8 @@ BAD_INPUTS = {
                                    "not valid YAML"),
     "recipe with an unknown scheme": (["quantize", "tiny-llada", "--recipe", "w3.yaml"],
                                       "scheme: Input should be 'W4A4', 'W4A8', 'W8A8', "
-                                      "'W8A8-FP8', 'W4A8-FP8' or 'W4A4-MXFP4'"),
+                                      "'W8A8-FP8', 'W4A8-FP8', 'W4A4-MXFP4' or "
+                                      "'W4A4-NVFP4'"),
     "recipe without a stage": (["quantize", "tiny-llada", "--recipe", "flat.yaml"],
                                "no STaRQuantModifier"),
     "missing recipe file": (["quantize", "tiny-llada", "--recipe", "nope.yaml"],

@@ -7,7 +7,8 @@ environment with compressed-tensors 0.17 (vLLM's pin) as well as 0.19 (llm-compr
 
 EXPECTED holds ``{module_name: dequantized weight [out, in]}`` (.safetensors or a torch .pt
 dict). Every quantized module of the checkpoint must appear there and decompress to exactly
-that tensor; exits 1 on any mismatch or missing module, 0 otherwise.
+that tensor (in the dtype the decompressor returns: bfloat16 for NVFP4); exits 1 on any
+mismatch or missing module, 0 otherwise.
 """
 
 import argparse
@@ -22,7 +23,8 @@ from compressed_tensors.quantization import QuantizationScheme
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-WEIGHT_TENSORS = ("weight", "weight_packed", "weight_shape", "weight_scale", "weight_zero_point")
+WEIGHT_TENSORS = ("weight", "weight_packed", "weight_shape", "weight_scale", "weight_zero_point",
+                  "weight_global_scale")
 
 
 def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from starquant_plugin.method import (
     scheme_args,
     static_sgat,
 )
+from starquant_plugin.method.quantizers import is_nvfp4, nvfp4_global_scale
 from starquant_plugin.method.runtime import (
     MaskState,
     compressed_weight_layout,
@@ -45,6 +46,7 @@ ARGS = {
     "int8 channel": scheme_args("W8A8")[0],
     "fp8 channel": scheme_args("W8A8-FP8")[0],
     "mxfp4 group": scheme_args("W4A4-MXFP4")[0],
+    "nvfp4 tensor_group": scheme_args("W4A4-NVFP4")[0],
     "int4 asym group": QuantizationArgs(num_bits=4, symmetric=False, strategy="group",
                                         group_size=16),
     "int8 asym channel": QuantizationArgs(num_bits=8, symmetric=False, strategy="channel"),
@@ -63,10 +65,12 @@ def _identity_transform(weight: torch.Tensor) -> StarQuantInputTransform:
 
 
 def _layer(weight: torch.Tensor, args: QuantizationArgs, clip: torch.Tensor) -> StarQuantLinear:
-    scale, zero_point = weight_qparams(weight, args, clip)
+    global_scale = nvfp4_global_scale(weight) if is_nvfp4(args) else None
+    scale, zero_point = weight_qparams(weight, args, clip, global_scale)
     return StarQuantLinear(
-        fake_quantize_weight(weight, args, clip), None, _identity_transform(weight),
-        weight_args=args, weight_scale=scale, weight_zero_point=zero_point)
+        fake_quantize_weight(weight, args, clip, global_scale), None,
+        _identity_transform(weight), weight_args=args, weight_scale=scale,
+        weight_zero_point=zero_point, weight_global_scale=global_scale)
 
 
 @pytest.mark.parametrize("name", sorted(ARGS))
@@ -228,11 +232,12 @@ def _expected_weights(model, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, saved):
     """(checkpoint, expected weights) for pack-quantized (W4A4 LLaDA), int-quantized
-    (W8A8 Dream), float-quantized (W8A8-FP8 LLaDA) and mxfp4-pack-quantized (Dream)."""
+    (W8A8 Dream), float-quantized (W8A8-FP8 LLaDA), mxfp4-pack-quantized (Dream) and
+    nvfp4-pack-quantized (LLaDA)."""
     model, _, path = saved
     found = [(path, _expected_weights(model, path))]
     for make, scheme in ((tiny_dream, "W8A8"), (tiny_llada, "W8A8-FP8"),
-                         (tiny_dream, "W4A4-MXFP4")):
+                         (tiny_dream, "W4A4-MXFP4"), (tiny_llada, "W4A4-NVFP4")):
         other = make()
         args = StarQuantArgs(scheme=scheme, epochs=1)
         quantize_dllm(other, calibration_rows(), args, progress=False)

@@ -51,7 +51,7 @@ def quantized(family: str, scheme: str, tmp_path_factory, **overrides) -> tuple:
     return _CACHE[key]
 
 
-SCHEMES = ("W4A4", "W4A8", "W8A8", "W8A8-FP8", "W4A8-FP8", "W4A4-MXFP4")
+SCHEMES = ("W4A4", "W4A8", "W8A8", "W8A8-FP8", "W4A8-FP8", "W4A4-MXFP4", "W4A4-NVFP4")
 BUNDLED = {"llada": TINY_LLADA, "dream": TINY_DREAM}
 
 

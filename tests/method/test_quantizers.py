@@ -6,7 +6,7 @@ import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
-from compressed_tensors.quantization.utils import calculate_qparams
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
 from starquant_plugin.config import SchemeName
 from starquant_plugin.method.quantizers import (
@@ -28,9 +28,9 @@ def _gen(seed: int = 0) -> torch.Generator:
 def test_schemes_are_weight_per_channel_and_dynamic_per_token_activation():
     assert set(SCHEMES) == set(get_args(SchemeName))  # the schema's names are the presets
     for name, (weight_args, act_args) in SCHEMES.items():
-        per_group = name.endswith("MXFP4")  # one scale per 32 input channels
-        assert weight_args.strategy == ("group" if per_group else "channel")
-        assert act_args.strategy == ("group" if per_group else "token")
+        per_group = {"MXFP4": "group", "NVFP4": "tensor_group"}.get(name[-5:])
+        assert weight_args.strategy == (per_group or "channel")
+        assert act_args.strategy == (per_group or "token")
         assert weight_args.symmetric and act_args.dynamic and act_args.symmetric
         assert (weight_args.type, weight_args.num_bits, act_args.type, act_args.num_bits) == {
             "W4A4": ("int", 4, "int", 4),
@@ -39,6 +39,7 @@ def test_schemes_are_weight_per_channel_and_dynamic_per_token_activation():
             "W8A8-FP8": ("float", 8, "float", 8),
             "W4A8-FP8": ("int", 4, "float", 8),
             "W4A4-MXFP4": ("float", 4, "float", 4),
+            "W4A4-NVFP4": ("float", 4, "float", 4),
         }[name]
 
 
@@ -102,14 +103,51 @@ def test_mxfp4_is_compressed_tensors_own_quantization_bit_for_bit():
         fake_quantize_activation(torch.randn(2, 48), act_args)
 
 
+def test_nvfp4_is_compressed_tensors_own_quantization_bit_for_bit():
+    """Weights (per 16 input channels) and activations (per 16 channels of a token) equal
+    compressed-tensors' ``generate_gparam`` + ``calculate_qparams`` + ``quantize`` /
+    ``dequantize`` for its NVFP4 preset: a global scale per tensor, e4m3 block scales, e2m1
+    codes, all-zero groups; a given static global scale is used as given; the clip ratio
+    gets a gradient through the e4m3 rounding of the block scale."""
+    weight_args, act_args = scheme_args("W4A4-NVFP4")
+    weight = torch.randn(16, 128, generator=_gen(6)) * torch.logspace(-3, 2, 16).reshape(16, 1)
+    weight[1, :16] = 0.0  # an all-zero group
+    global_scale = generate_gparam(weight.min(), weight.max())
+    groups = weight.reshape(16, 8, 16)
+    scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), weight_args,
+                                 global_scale=global_scale)
+    codes = quantize(weight, scale, None, weight_args, global_scale=global_scale)
+    ours = fake_quantize_weight(weight, weight_args)
+    assert torch.equal(ours, dequantize(codes, scale, None, weight_args,
+                                        global_scale=global_scale))
+    assert not ours[1, :16].any()
+    x = torch.randn(3, 5, 96, generator=_gen(7)) * 4
+    static = generate_gparam(x.min() * 2, x.max() * 2)  # calibrated on larger inputs
+    per_group = x.unflatten(-1, (6, 16))
+    for given in (None, static):
+        g = generate_gparam(x.min(), x.max()) if given is None else given
+        scale, _ = calculate_qparams(per_group.amin(-1), per_group.amax(-1), act_args,
+                                     global_scale=g)
+        scale = scale.unsqueeze(-1)
+        expected = dequantize(quantize(per_group, scale, None, act_args, global_scale=g),
+                              scale, None, act_args, global_scale=g)
+        assert torch.equal(fake_quantize_activation(x, act_args, global_scale=given),
+                           expected.flatten(-2))
+    clip = torch.tensor(0.9, requires_grad=True)
+    fake_quantize_activation(x, act_args, clip).pow(2).sum().backward()
+    assert clip.grad.abs() > 0
+    with pytest.raises(ValueError, match="multiple of 16"):
+        fake_quantize_activation(torch.randn(2, 40), act_args)
+
+
 def test_fp8_weights_refuse_gptq_and_other_float_formats_are_refused():
     weight_args, _ = scheme_args("W8A8-FP8")
     with pytest.raises(ValueError, match="GPTQ"):
         gptq_quantize_weight(torch.randn(4, 8), torch.eye(8), weight_args)
-    nvfp4 = QuantizationArgs(num_bits=4, type="float", symmetric=True,
-                             strategy="tensor_group", group_size=16)
-    with pytest.raises(ValueError, match="MXFP4 .4-bit float, strategy 'group', group_size 32"):
-        fake_quantize_activation(torch.randn(4, 16), nvfp4)
+    fp4_per_64 = QuantizationArgs(num_bits=4, type="float", symmetric=True,
+                                  strategy="group", group_size=64)
+    with pytest.raises(ValueError, match="NVFP4 .4-bit float, strategy 'tensor_group'"):
+        fake_quantize_activation(torch.randn(4, 64), fp4_per_64)
 
 
 def test_scheme_args_returns_copies_and_rejects_unknown_names():

@@ -4,6 +4,7 @@ computed once per input), and the reference path where the integer GEMM does not
 
 import copy
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from starquant_plugin.method.integer_gemm import prepack_refusal
 from starquant_plugin.method.quantizers import (
     fake_quantize_activation,
     fake_quantize_weight,
+    is_nvfp4,
     scheme_args,
 )
 from starquant_plugin.method.runtime import (
@@ -57,6 +59,8 @@ def _layer(
     scheme: str = "W4A4",
 ) -> StarQuantLinear:
     weight_args, act_args = scheme_args(scheme)
+    if is_nvfp4(act_args):  # a static activation global scale, as calibration sets it
+        sgat = replace(sgat, act_global_scale=torch.tensor([300.0]))
     transform = StarQuantInputTransform(sgat, act_args, state, tac)
     return StarQuantLinear.from_linear(linear, sgat, weight_args, transform)
 
@@ -381,10 +385,11 @@ def test_gemm_kernel_names_the_path_a_forward_takes(linear, scheme):
         assert layer.gemm_kernel(300) == "onednn prepacked"
 
 
-@pytest.mark.parametrize("scheme", ["W8A8-FP8", "W4A4-MXFP4"])
+@pytest.mark.parametrize("scheme", ["W8A8-FP8", "W4A4-MXFP4", "W4A4-NVFP4"])
 def test_float_schemes_keep_their_codes_through_dtype_casts_and_run_the_reference(scheme):
-    """``model.to(dtype)`` casts every float tensor: FP8 codes come back as FP8, bit for bit
-    (MXFP4's are uint8 and untouched); the forward is the fake-quantized reference."""
+    """``model.to(dtype)`` casts every float tensor: FP8 codes and NVFP4's e4m3 block scales
+    come back as FP8, bit for bit (MXFP4's are uint8 and untouched); the forward is the
+    fake-quantized reference."""
     torch.manual_seed(0)
     layer = _layer(nn.Linear(D, OUT), _sgat(), _state(torch.rand(2, 5) < 0.5), scheme=scheme)
     stored = {name: tensor.clone() for name, tensor in layer.compressed_weight().items()}

@@ -25,10 +25,11 @@ runtime's own integer and reference paths differ by a median 4e-4 (max 0.012). v
 the reference path to a median 1e-6 and the integer path to 9e-4; on the W8A8 Dream, vLLM
 against the reference path gives 1.6e-4.
 
-Float activations (W8A8-FP8, W4A8-FP8, W4A4-MXFP4) get a median bound of 2e-3: both stacks
-run the same reference GEMM (one layer on the same input: max abs diff 0.0), but e4m3 has a
-rounding boundary within 1/16 of every value, small ones included (e2m1 within a quarter, on
-a per-32 scale), so the stacks' float differences move more codes than on an int grid.
+Float activations (W8A8-FP8, W4A8-FP8, W4A4-MXFP4, W4A4-NVFP4) get a median bound of 2e-3:
+both stacks run the same reference GEMM (one layer on the same input: max abs diff 0.0), but
+e4m3 has a rounding boundary within 1/16 of every value, small ones included (e2m1 within a
+quarter, on a per-32 or per-16 scale), so the stacks' float differences move more codes than
+on an int grid.
 Measured on Gaussian rows with 2 % outlier channels (x21), per-token scales: relative noise
 1e-7 moves 3.8e-6 of the e4m3 codes and none of the int8 ones, 1e-6 moves 1.05e-5 against
 7.6e-6. Tiny LLaDA W4A8-FP8 gave a median of 1.2e-3.
@@ -62,7 +63,8 @@ pytestmark = pytest.mark.slow
 SERVE_SCRIPT = Path(__file__).with_name("serve_checkpoint.py")
 BUNDLED = {"llada": TINY_LLADA, "dream": TINY_DREAM}
 SCHEMES = ("W4A4", "W4A8", "W8A8")
-FP8_CASES = [("W8A8-FP8", "dream"), ("W4A8-FP8", "llada"), ("W4A4-MXFP4", "dream")]
+FP8_CASES = [("W8A8-FP8", "dream"), ("W4A8-FP8", "llada"), ("W4A4-MXFP4", "dream"),
+             ("W4A4-NVFP4", "llada")]
 """Each float scheme once (the torch route, as for int4 weights), on alternate families."""
 SAMPLER_KWARGS = {"llada": {"steps": 4, "gen_length": 8, "block_length": 4},
                   "dream": {"steps": 4, "gen_length": 8, "alg": "maskgit_plus"}}

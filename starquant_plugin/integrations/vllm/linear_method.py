@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from compressed_tensors.quantization import QuantizationArgs
 from vllm.distributed import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
@@ -42,11 +43,13 @@ from vllm.model_executor.parameter import BasevLLMParameter
 
 from starquant_plugin.integrations.vllm.gemm import choose_gemm
 from starquant_plugin.integrations.vllm.token_state import current_mask_state
+from starquant_plugin.method.quantizers import is_nvfp4
 from starquant_plugin.method.sgat import transform_input
 from starquant_plugin.method.tac import TACParams, apply_tac
 
 
-def star_tensor_shapes(group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def star_tensor_shapes(group: dict[str, Any], act_args: QuantizationArgs
+                       ) -> dict[str, tuple[int, ...]]:
     """Name -> shape of the STaR tensors of one input group (``docs/format.md``)."""
     d, k = group["in_features"], group["exclusive_width"]
     n1, n2 = group["factors"]
@@ -54,6 +57,8 @@ def star_tensor_shapes(group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
                                           "sgat_right": (n2, n2), "sgat_act_clip": (2,)}
     if k:
         shapes["sgat_exclusive"] = (d, 2 * k)
+    if is_nvfp4(act_args):
+        shapes["sgat_act_global_scale"] = (1,)
     if group["tac_group_size"] is not None:
         g = group["tac_group_size"]
         shapes |= {"tac_matrices": (d // g, g, g), "tac_bias": (d,)}
@@ -95,10 +100,10 @@ class StarQuantLinearMethod(LinearMethodBase):
                 "checkpoint does not fit this model."
             )
         weight_loader = extra_weight_attrs["weight_loader"]
-        for name, shape in star_tensor_shapes(self.group).items():
+        for name, shape in star_tensor_shapes(self.group, self.quant_config.act_args).items():
             layer.register_parameter(name, BasevLLMParameter(
                 data=torch.empty(shape, dtype=params_dtype), weight_loader=weight_loader))
-        for name in ("sgat_exclusive", "tac_matrices", "tac_bias"):
+        for name in ("sgat_exclusive", "tac_matrices", "tac_bias", "sgat_act_global_scale"):
             if not hasattr(layer, name):
                 setattr(layer, name, None)
         row_parallel_shard = input_size_per_partition != input_size
@@ -117,7 +122,7 @@ class StarQuantLinearMethod(LinearMethodBase):
         layer.star_gemm = self.gemm.name
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        for name in star_tensor_shapes(self.group):
+        for name in star_tensor_shapes(self.group, self.quant_config.act_args):
             param = getattr(layer, name)
             # the transform runs in float32 but for V's projection (``transform_input``)
             dtype = param.dtype if name == "sgat_exclusive" else torch.float32
