@@ -87,19 +87,24 @@ MODES = {
 
 FP8_SCHEMES = ("W8A8-FP8", "W4A8-FP8")
 """Run where the GPU has FP8 tensor cores (``recipes/llada_w8a8-fp8.yaml``, ...)."""
+FP4_SCHEMES = ("W4A4-NVFP4", "W4A4-MXFP4")
+"""Run on every CUDA GPU: vLLM's weight-only FP4 kernels (Marlin FP4 before Blackwell) take
+their weights, the plugin quantizes the activations (``integrations/vllm/gemm.py``)."""
 
 
 def extra_schemes(device: str) -> tuple[str, ...]:
-    """Schemes beyond ``SCHEMES`` that this device runs: the FP8 ones on a GPU with FP8
-    tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell), where vLLM's FP8 GEMM
-    serves W8A8-FP8 (``integrations/vllm/gemm.py``)."""
-    if device == "cuda":
-        import torch
+    """Schemes beyond ``SCHEMES`` that this device runs: the FP4 ones on a GPU, and the FP8
+    ones where it has FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell),
+    where vLLM's FP8 GEMM serves W8A8-FP8 (``integrations/vllm/gemm.py``)."""
+    if device != "cuda":
+        return ()
+    import torch
 
-        if torch.cuda.get_device_capability(0) >= (8, 9):
-            print("GPU with FP8 tensor cores: the FP8 schemes run too.", flush=True)
-            return FP8_SCHEMES
-    return ()
+    if torch.cuda.get_device_capability(0) >= (8, 9):
+        print("GPU with FP8 tensor cores: the FP8 and FP4 schemes run too.", flush=True)
+        return FP8_SCHEMES + FP4_SCHEMES
+    print("GPU: the FP4 schemes run too (weight-only FP4 kernels).", flush=True)
+    return FP4_SCHEMES
 
 
 def device_name(device: str) -> str:
