@@ -11,13 +11,15 @@ For each checkpoint (the bundled tiny model, or it quantized with ``epochs=0`` a
 starts it, the ``openai`` client sends ``--clients`` x ``--requests`` completions (prompts of
 different lengths from the held-out text, the same diffusion settings), and each request's
 latency, status and text are recorded; a request that gets no answer at all is "lost". The
-same requests are sent first by one client, one after another (sequential serving). The
+same requests are sent first by one client, one after another (sequential serving);
+``--repeats`` alternates the two that many times and keeps the median run of each. The
 server is stopped and the offline driver (``driver.denoise`` on ``vllm.LLM``, the same engine
 settings) runs the same requests one after the other (each its own batch: the prompts
-differ in length). Reported: generated tokens/s of the three, the concurrent run's ratio to
-the other two, its p50/p99 latency, errors, lost requests (both server runs), and how many
-requests got the offline driver's text in both server runs. Prints a table and writes
-``results/serve-load-<family>.json``.
+differ in length; its median over ``--repeats``). Reported: generated tokens/s of the three,
+the concurrent run's ratio to the other two, its p50/p99 latency, errors, lost requests
+(every server run), and how many requests got the offline driver's text in both median
+server runs. Prints a table and writes ``results/serve-load-<family>[-<dtype>].json``
+(``--dtype``: the engine's, float32 by default).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,11 +112,14 @@ async def load(url: str, name: str, prompts: list[list[int]], clients: int,
 
     start = time.perf_counter()
     await asyncio.gather(*(one_client(i) for i in range(clients)))
-    return {"seconds": time.perf_counter() - start, "results": results}
+    seconds = time.perf_counter() - start
+    await client.close()  # inside the loop that opened it
+    return {"seconds": seconds, "results": results}
 
 
-def offline(checkpoint: str, prompts: list[list[int]], settings: dict) -> dict:
-    """The offline driver on the same requests, one at a time (batch of one each)."""
+def offline(checkpoint: str, prompts: list[list[int]], settings: dict, repeats: int) -> dict:
+    """The offline driver on the same requests, one at a time (batch of one each), timed
+    ``repeats`` times (the median; the sequences are the same every time)."""
     from vllm import LLM
 
     from starquant_plugin.integrations.vllm.driver import denoise, shutdown
@@ -122,15 +128,17 @@ def offline(checkpoint: str, prompts: list[list[int]], settings: dict) -> dict:
     llm = LLM(checkpoint, runner="pooling", enforce_eager=True, dtype=ENGINE["dtype"],
               max_model_len=ENGINE["max_model_len"], skip_tokenizer_init=True,
               hf_overrides={TOP_K_ATTRIBUTE: ENGINE["top_k"]})
-    start = time.perf_counter()
-    sequences = []
-    for prompt in prompts:
-        generator = torch.Generator().manual_seed(0)  # the server's default seed
-        out = denoise(llm, [prompt], generator=generator, **settings)
-        sequences.append(out.sequences[0, len(prompt):].tolist())
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sequences = []
+        for prompt in prompts:
+            generator = torch.Generator().manual_seed(0)  # the server's default seed
+            out = denoise(llm, [prompt], generator=generator, **settings)
+            sequences.append(out.sequences[0, len(prompt):].tolist())
+        times.append(time.perf_counter() - start)
     shutdown(llm)
-    return {"seconds": seconds, "sequences": sequences}
+    return {"seconds": statistics.median(times), "sequences": sequences}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -147,8 +155,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time each of the three runs this many times (alternating "
+                        "sequential and concurrent serving) and report the medians: on a "
+                        "small shared machine one run's times vary up to 2x")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the engine's dtype (server and offline driver)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    ENGINE["dtype"] = args.dtype
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODELS[args.family])
@@ -164,12 +179,16 @@ def main() -> None:
                                         Path(work) / f"{scheme}.log")
             try:
                 asyncio.run(load(url, name, prompts[:2], 1, settings))  # warm-up
-                one_client = asyncio.run(load(url, name, prompts, 1, settings))
-                served = asyncio.run(load(url, name, prompts, args.clients, settings))
+                runs = [(asyncio.run(load(url, name, prompts, 1, settings)),
+                         asyncio.run(load(url, name, prompts, args.clients, settings)))
+                        for _ in range(args.repeats)]
             finally:
                 process.send_signal(signal.SIGINT)
                 process.wait(timeout=120)
-            sequential = offline(paths[scheme], prompts, settings)
+            one_client, served = (sorted(kind, key=lambda run: run["seconds"])[len(runs) // 2]
+                                  for kind in zip(*runs, strict=True))
+            every_answer = [a for pair in runs for run in pair for a in run["results"]]
+            sequential = offline(paths[scheme], prompts, settings, args.repeats)
             answers = served["results"]
             texts = []
             for sequence in sequential["sequences"]:
@@ -188,8 +207,9 @@ def main() -> None:
                 "ratio_to_one_client": one_client["seconds"] / served["seconds"],
                 "ratio_to_offline": sequential["seconds"] / served["seconds"],
                 "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
-                "errors": sum(1 for a in answers + one_client["results"] if a and not a["ok"]),
-                "lost": sum(1 for a in answers + one_client["results"] if a is None),
+                "repeats": args.repeats,
+                "errors": sum(1 for a in every_answer if a and not a["ok"]),
+                "lost": sum(1 for a in every_answer if a is None),
                 "equal_to_offline": sum(
                     1 for a, b, text in zip(answers, one_client["results"], texts, strict=True)
                     if a and b and a["ok"] and b["ok"] and a["text"] == b["text"] == text)})
@@ -197,7 +217,8 @@ def main() -> None:
               f"{'x 1 client':>12}{'x offline':>11}{'p50 s':>8}{'p99 s':>8}{'errors':>8}"
               f"{'lost':>6}{'= offline':>11}")
     print(f"CPU: {cpu_name()}; torch {torch.__version__}; {args.family}, {args.clients} "
-          f"clients x {args.requests} requests, gen_length {args.gen_length}, {args.steps} steps")
+          f"clients x {args.requests} requests, gen_length {args.gen_length}, {args.steps} "
+          f"steps, {args.dtype}")
     print(header)
     for row in rows:
         print(f"{row['scheme']:<7}{row['requests']:>5}{row['server_tokens_per_s']:>17.1f}"
@@ -205,7 +226,8 @@ def main() -> None:
               f"{row['ratio_to_one_client']:>12.2f}{row['ratio_to_offline']:>11.2f}"
               f"{row['p50_s']:>8.2f}{row['p99_s']:>8.2f}{row['errors']:>8}{row['lost']:>6}"
               f"{row['equal_to_offline']:>7}/{row['requests']}")
-    out = args.out or Path(__file__).parent / "results" / f"serve-load-{args.family}.json"
+    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    out = args.out or Path(__file__).parent / "results" / f"serve-load-{args.family}{suffix}.json"
     out.write_text(json.dumps({"cpu": cpu_name(), "torch": torch.__version__,
                                "settings": settings, "engine": ENGINE, "rows": rows},
                               indent=2) + "\n")
