@@ -297,8 +297,8 @@ def _fp8_kernel_fits() -> tuple[bool, str]:
 
 
 class VllmWeightOnlyGemm(_VllmSchemeGemm):
-    """W4A4/W4A8/W4A8-FP8/W4A4-NVFP4: our per-token fake quantization (NVFP4: under the
-    checkpoint's static activation global scale), then vLLM's 4-bit-weight GEMM."""
+    """W4A4/W4A8/W4A8-FP8 and the FP4 schemes: our per-token fake quantization (NVFP4: under
+    the checkpoint's static activation global scale), then vLLM's 4-bit-weight GEMM."""
 
     def __init__(self, scheme: Any, act_args: QuantizationArgs) -> None:
         super().__init__(scheme)
