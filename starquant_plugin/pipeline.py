@@ -147,8 +147,10 @@ def quantize_linear_group(
     sgat = sgat.rounded_to(dtype)
     input_transform = StarQuantInputTransform(sgat, act_args, shared_state, tac, dtype)
     weight_global_scale = None  # NVFP4: one for the group, as vLLM loads fused q/k/v, gate/up
-    if is_nvfp4(weight_args):
-        weight_global_scale = stored_global_scale(sgat.transformed_weight(weight), dtype)
+    if is_nvfp4(weight_args):  # from each linear's range: no [out_total, d] copy of the group
+        weight_global_scale = stored_global_scale(torch.stack([
+            sgat.transformed_weight(linear.weight.detach().float()).abs().amax()
+            for linear in linears]), dtype)
     hessian = None
     if args.weight_quantizer == "gptq":
         hessian = torch.zeros(d, d, device=weight.device)

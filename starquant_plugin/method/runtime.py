@@ -487,10 +487,11 @@ class StarQuantLinear(nn.Module):
 
 
 def stored_global_scale(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """NVFP4's ``weight_global_scale`` of ``weight`` (``[out, in]``, or the concatenated
-    weights of a fused q/k/v or gate/up group, which vLLM loads with one global scale) as a
-    checkpoint in ``dtype`` stores it, in float32: the quantizer uses the stored value, so
-    a model cast to another dtype or reloaded computes the same codes."""
+    """NVFP4's ``weight_global_scale`` of ``weight`` (``[out, in]``, or any tensor with its
+    range, e.g. the ``max|W|`` of each linear of a fused q/k/v or gate/up group, which vLLM
+    loads with one global scale) as a checkpoint in ``dtype`` stores it, in float32: the
+    quantizer uses the stored value, so a model cast to another dtype or reloaded computes
+    the same codes."""
     return nvfp4_global_scale(weight).to(dtype).float()
 
 
