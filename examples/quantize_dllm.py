@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.time()
     oneshot(model=model, dataset=dataset, recipe=recipe,
-            num_calibration_samples=args.num_samples)
+            num_calibration_samples=args.num_samples,
+            shuffle_calibration_samples=False)  # seeded rows, kept in order: reproducible
     print(f"oneshot: {time.time() - start:.1f} s")
 
     after = masked_token_metrics(model, eval_rows, progress=False)

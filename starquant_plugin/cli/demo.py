@@ -64,7 +64,8 @@ def _oneshot(model, dataset, recipe, num_samples: int) -> float:
     from llmcompressor import oneshot
 
     start = time.time()
-    oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=num_samples)
+    oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=num_samples,
+            shuffle_calibration_samples=False)  # seeded rows, kept in order: reproducible
     return time.time() - start
 
 

@@ -229,7 +229,10 @@ def _quantize(args: argparse.Namespace, model_source: str, out: Path, start: flo
     timings["calibration_rows_s"] = time.time() - tick
     status(f"quantizing with {recipe_source} ...")
     tick = time.time()
-    oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=args.samples)
+    # the rows are already a seeded sample: llm-compressor's shuffle would reorder them by
+    # the process' global RNG, so two runs with one --seed would fit different transforms
+    oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=args.samples,
+            shuffle_calibration_samples=False)
     timings["oneshot_s"] = time.time() - tick
 
     quantization_report = next((m.report for m in modifiers if m.report is not None), None)

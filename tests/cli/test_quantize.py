@@ -41,6 +41,20 @@ def test_scheme_and_method_write_checkpoint_recipe_and_report(rtn_checkpoint):
     assert "INFO" not in stdout and "No accelerator" not in stdout  # logs go to stderr
 
 
+def test_two_runs_with_one_seed_write_the_same_checkpoint(tmp_path):
+    """Each run a fresh process: the fitted transforms and codes do not depend on the
+    process (llm-compressor would shuffle the rows by the global RNG; the CLI keeps them)."""
+    tensors = []
+    for run in ("a", "b"):
+        result = starquant("quantize", "tiny-llada", "--scheme", "W4A4", "--epochs", "0",
+                           *CALIBRATION, "--out", run, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with safe_open(str(tmp_path / run / "model.safetensors"), framework="pt") as handle:
+            tensors.append({key: handle.get_tensor(key) for key in handle.keys()})
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(tensors[0][key].equal(tensors[1][key]) for key in tensors[0])
+
+
 def test_recipe_file_with_text_calibration_on_dream(tmp_path):
     (tmp_path / "corpus.txt").write_text(calibration_text()[:20000])
     (tmp_path / "recipe.yaml").write_text(
