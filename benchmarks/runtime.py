@@ -239,8 +239,9 @@ def breakdown(block: torch.nn.ModuleDict, tokens: int, repeats: int) -> dict[str
         integer_kernel,
         integer_matmul,
         onednn_repacked_weight,
-        prepacked_accumulators,
+        prepacked_weight_scaled,
         rescale,
+        scale_tokens,
     )
     from starquant_plugin.method.quantizers import quantize_activation
 
@@ -252,7 +253,7 @@ def breakdown(block: torch.nn.ModuleDict, tokens: int, repeats: int) -> dict[str
         if layer.owns_transform:  # as the forward runs them: a chunk of tokens at a time
             mask = transform.mask_state.mask_state
             runs[f"transform {name}"] = lambda t=transform, i=layer_input, m=mask: \
-                t._in_token_chunks(i, m, lambda x_s, args, clip: x_s)
+                t._in_token_chunks(i, m, lambda x_s, *_: x_s)
             runs[f"transform+quantize {name}"] = lambda t=transform, i=layer_input, m=mask: \
                 t._in_token_chunks(i, m, quantize_activation)
             a, scale = transform._in_token_chunks(layer_input, mask, quantize_activation)
@@ -267,16 +268,20 @@ def breakdown(block: torch.nn.ModuleDict, tokens: int, repeats: int) -> dict[str
             runs[f"decode {name}"] = lambda w=weight, d=d: list(decoded_row_chunks(w, d))
         elif kernels[name] == ONEDNN:
             runs[f"decode {name}"] = lambda w=weight, d=d: onednn_repacked_weight(w, tokens, d)
-        if layer._prepacked is not None:
+        if layer._prepacked is not None:  # the weight scale is applied inside the GEMM
             kernels[name] = "onednn prepacked"
             runs.pop(f"decode {name}", None)
-            runs[f"matmul {name}"] = lambda a=a, layer=layer: prepacked_accumulators(
-                a, layer._prepacked, layer.weight_scale.shape[0])
+            runs[f"matmul {name}"] = lambda a=a, layer=layer: prepacked_weight_scaled(
+                a, layer._prepacked, layer.weight_scale)
+            y = prepacked_weight_scaled(a, layer._prepacked, layer.weight_scale)
+            # in place on one output, by unit scales (the same work; values stay normal)
+            units = torch.ones_like(scale)
+            runs[f"rescale {name}"] = lambda y=y, s=units: scale_tokens(y, s)
         else:
             runs[f"matmul {name}"] = lambda a=a, w=weight: integer_matmul(a, w)
-        acc = integer_matmul(a, weight)
-        runs[f"rescale {name}"] = lambda acc=acc, s=scale, ws=layer.weight_scale: \
-            rescale(acc, s, ws)
+            acc = integer_matmul(a, weight)
+            runs[f"rescale {name}"] = lambda acc=acc, s=scale, ws=layer.weight_scale: \
+                rescale(acc, s, ws)
     timings = {name: t["ms"] for name, t in round_robin(runs, repeats).items()}
 
     def total(prefix: str) -> float:

@@ -133,7 +133,8 @@ class StarQuantInputTransform(nn.Module):
     def __init__(self, sgat: SGATResult, act_args: QuantizationArgs, mask_state: MaskState,
                  tac: TACParams | None = None, dtype: torch.dtype = torch.float32) -> None:
         """``dtype``: how the tensors are stored (the model's dtype, as compressed-tensors
-        stores scales); the forward computes in float32 either way."""
+        stores scales), which is also the dtype the transform computes in
+        (``star_transform``)."""
         super().__init__()
         if is_nvfp4(act_args) != (sgat.act_global_scale is not None):
             raise ValueError(
@@ -221,31 +222,19 @@ class StarQuantInputTransform(nn.Module):
     def _in_token_chunks(self, x: torch.Tensor, mask_state: torch.Tensor, quantize: Callable
                          ) -> Any:
         """``quantize(*self._transformed(x, mask_state))``, ``_CHUNK_TOKENS`` tokens at a time
-        so the transform's float32 temporaries stay in the CPU's cache (8B-width block, 512
-        tokens, one thread: 156 ms per forward instead of 179, ``docs/results.md``); the same
-        math for every token. The STaR tensors are made float32 once per call."""
-        params = self._float32_params()
+        so the transform's temporaries stay in the CPU's cache (8B-width block, 512 tokens,
+        one thread: 156 ms per forward instead of 179 with the float32 transform,
+        ``docs/results.md``); the same math for every token."""
         if x.shape[:-1].numel() <= _CHUNK_TOKENS:
-            return quantize(*self._transformed(x, mask_state, params))
+            return quantize(*self._transformed(x, mask_state))
         tokens, states = x.reshape(-1, x.shape[-1]), mask_state.reshape(-1)
         chunks = [quantize(*self._transformed(tokens[start:start + _CHUNK_TOKENS],
-                                              states[start:start + _CHUNK_TOKENS], params))
+                                              states[start:start + _CHUNK_TOKENS]))
                   for start in range(0, tokens.shape[0], _CHUNK_TOKENS)]
         if isinstance(chunks[0], torch.Tensor):
             return torch.cat(chunks).reshape(*x.shape[:-1], -1)
         return tuple(torch.cat(parts).reshape(*x.shape[:-1], -1)
                      for parts in zip(*chunks, strict=True))
-
-    def _float32_params(self) -> dict[str, torch.Tensor | None]:
-        """The STaR tensors in float32, the dtype the transform computes in, but for ``V``,
-        whose projection runs in the stored (the model's) dtype (``transform_input``)."""
-        return {"tac": None if self.tac_matrices is None
-                else TACParams(self.tac_matrices.float(), self.tac_bias.float()),
-                "exclusive": self.exclusive, "scale": self.sgat_channel_scale.float(),
-                "left": self.sgat_left.float(), "right": self.sgat_right.float(),
-                "clip": self.sgat_act_clip.float(),
-                "global": None if self.sgat_act_global_scale is None
-                else self.sgat_act_global_scale.float()}
 
     def _mask_state_for(self, x: torch.Tensor) -> torch.Tensor:
         mask_state = self.mask_state.mask_state
@@ -262,15 +251,35 @@ class StarQuantInputTransform(nn.Module):
             )
         return mask_state
 
-    def _transformed(self, x: torch.Tensor, mask_state: torch.Tensor, params: dict[str, Any]
+    def _transformed(self, x: torch.Tensor, mask_state: torch.Tensor
                      ) -> tuple[torch.Tensor, QuantizationArgs, torch.Tensor, torch.Tensor | None]:
         """``(x_s: float32 [batch, seq, d], act_args, clip: [batch, seq, 1], global scale)``:
-        TAC and the state-gated SGAT map, each token's state's activation clip and NVFP4's
-        static global scale (None otherwise); ``params`` from ``_float32_params``."""
-        x = x.float()
-        if params["tac"] is not None:
-            x = apply_tac(x, params["tac"])
-        state = mask_state.long()
-        x_s = transform_input(x, state, params["exclusive"], params["scale"], params["left"],
-                              params["right"])
-        return x_s, self.act_args, params["clip"][state].unsqueeze(-1), params["global"]
+        ``star_transform``'s output and clip, and NVFP4's static global scale (None
+        otherwise)."""
+        x_s, clip = star_transform(self, x, mask_state.long())
+        global_scale = self.sgat_act_global_scale
+        return x_s, self.act_args, clip, None if global_scale is None else global_scale.float()
+
+
+def star_transform(tensors: Any, x: torch.Tensor, state: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_s: float32 [..., d], clip: float32 [..., 1])`` for ``x: [..., d]`` with per-token
+    ``state: [...]`` (``mask_state.long()``): TAC, the state-gated SGAT map
+    (``transform_input``) and each token's activation clip, read from ``tensors``, anything
+    that holds the STaR tensors under their checkpoint names (a ``StarQuantInputTransform``,
+    a vLLM layer), so both runtimes compute the same numbers.
+
+    The map computes in the STaR tensors' dtype, the model's: in a bf16 model every GEMM of
+    the transform runs at bf16's rate (AMX on x86) and each intermediate is rounded to bf16,
+    an error measured in ``docs/results.md`` (issue 23); a float32 model computes as the fit
+    did. ``x_s`` goes to the activation quantizer in float32."""
+    dtype = tensors.sgat_channel_scale.dtype
+    x = x.to(dtype)
+    if tensors.tac_matrices is not None:
+        x = apply_tac(x, TACParams(tensors.tac_matrices, tensors.tac_bias))
+    exclusive = tensors.sgat_exclusive
+    if exclusive is None:
+        exclusive = x.new_zeros(x.shape[-1], 0)
+    x_s = transform_input(x, state, exclusive, tensors.sgat_channel_scale, tensors.sgat_left,
+                          tensors.sgat_right)
+    return x_s.float(), tensors.sgat_act_clip.float()[state].unsqueeze(-1)

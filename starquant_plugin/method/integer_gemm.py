@@ -357,20 +357,19 @@ def prepacked_gemm(a_codes: torch.Tensor, a_scale: torch.Tensor, prepacked: torc
                    ) -> torch.Tensor:
     """``int_gemm`` on a ``prepack_weight`` copy, bit for bit: oneDNN's int8 GEMM gets the
     signed activation codes (zero point 0; measured exact, where a uint8 ``code + 128`` with
-    zero point 128 rounds twice past 2^24), unit scales and a float32 output, i.e. the exact
-    int32 accumulator converted to float32 as ``rescale`` converts it; then the same
-    rescale."""
-    acc = prepacked_accumulators(a_codes, prepacked, weight_scale.shape[0])
-    return rescale(acc, a_scale, weight_scale, bias)
+    zero point 128 rounds twice past 2^24) and applies the weight scale to the exact int32
+    accumulator as ``rescale`` does (one float32 product), saving a pass over the output;
+    then the per-token scale and bias (``scale_tokens``)."""
+    return scale_tokens(prepacked_weight_scaled(a_codes, prepacked, weight_scale), a_scale, bias)
 
 
-def prepacked_accumulators(a_codes: torch.Tensor, prepacked: torch.Tensor, out_features: int
-                           ) -> torch.Tensor:
-    """float32 ``[t, out]``: the int32 accumulators of ``a_codes: int8 [t, d]`` times a
-    ``prepack_weight`` copy, converted to float32 (``prepacked_gemm``)."""
-    ones = torch.ones(out_features, device=a_codes.device)
-    zeros = torch.zeros(out_features, dtype=torch.int64, device=a_codes.device)
-    return torch.ops.onednn.qlinear_pointwise(a_codes, 1.0, 0, prepacked, ones, zeros, None,
+def prepacked_weight_scaled(a_codes: torch.Tensor, prepacked: torch.Tensor,
+                            weight_scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``[t, out]``: ``float32(a_codes W^T) * weight_scale^T`` for ``a_codes: int8
+    [t, d]`` and a ``prepack_weight`` copy of ``W`` (``prepacked_gemm``)."""
+    scale = weight_scale.float().reshape(-1).contiguous()
+    zeros = torch.zeros(scale.shape[0], dtype=torch.int64, device=a_codes.device)
+    return torch.ops.onednn.qlinear_pointwise(a_codes, 1.0, 0, prepacked, scale, zeros, None,
                                               1.0, 0, torch.float32, "none", [], "")
 
 
@@ -400,7 +399,16 @@ def int_gemm(
 
 def rescale(acc: torch.Tensor, a_scale: torch.Tensor, weight_scale: torch.Tensor,
             bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``acc: int32 [t, out]`` -> ``acc * a_scale * weight_scale^T + bias``, float32; scales
+    """``acc: int32 [t, out]`` -> ``acc * weight_scale^T * a_scale + bias``, float32, in this
+    order (the weight scale first, as oneDNN applies it in ``prepacked_gemm``); scales
     ``[t, 1]`` and ``[out, 1]``, ``bias: [out]``."""
-    y = acc.float().mul_(a_scale.float()).mul_(weight_scale.float().reshape(1, -1))
+    y = acc.float().mul_(weight_scale.float().reshape(1, -1))
+    return scale_tokens(y, a_scale, bias)
+
+
+def scale_tokens(y: torch.Tensor, a_scale: torch.Tensor, bias: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """``y * a_scale + bias`` in place on ``y: float32 [t, out]`` (the weight-scaled
+    accumulators); ``a_scale: [t, 1]``, ``bias: [out]``."""
+    y.mul_(a_scale.float())
     return y if bias is None else y.add_(bias.float())

@@ -520,7 +520,7 @@ def quantize_activation(
         )
     qmin, qmax = _int_range(args.num_bits, symmetric=True)
     scale = symmetric_scale(x, args, clip_ratio)
-    return torch.clamp(torch.round(x / scale), qmin, qmax).to(torch.int8), scale
+    return torch.div(x, scale).round_().clamp_(qmin, qmax).to(torch.int8), scale
 
 
 def fake_quantize_kv(x: torch.Tensor, num_bits: int = 4) -> torch.Tensor:

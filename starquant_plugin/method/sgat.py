@@ -165,14 +165,12 @@ def transform_input(
     """``x_s = (x - ((x V) * drop[s]) V^T) diag(c) (L (x) R)`` for ``x: [..., d]`` and
     ``state: [...]`` (``mask_state.long()``); ``exclusive`` is ``V: [d, 2k]``.
 
-    The projection runs in ``V``'s dtype (inference: the block's compute dtype, so bf16 on AMX
-    where float32 would run at a tenth of the rate); the rest in ``x``'s. The dropped part is
-    then rounded to bf16 before it is subtracted, an error below the bf16 rounding the block's
-    input already carries (``docs/results.md``, issue 23)."""
+    Computes in the tensors' dtype (the fit: float32; inference: the model's, so bf16 runs on
+    AMX where float32 would run at a tenth of the rate, ``star_transform``)."""
     k = exclusive.shape[1] // 2
     if k:
         drop = dropped_directions(k, x.device).to(exclusive.dtype)[state]
-        x = x - ((x.to(exclusive.dtype) @ exclusive) * drop) @ exclusive.T
+        x = x - ((x @ exclusive) * drop) @ exclusive.T
     return kronecker_apply(x * channel_scale, left, right)
 
 

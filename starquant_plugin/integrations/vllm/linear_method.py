@@ -43,9 +43,8 @@ from vllm.model_executor.parameter import BasevLLMParameter
 
 from starquant_plugin.integrations.vllm.gemm import choose_gemm
 from starquant_plugin.integrations.vllm.token_state import current_mask_state
+from starquant_plugin.method.input_transform import star_transform
 from starquant_plugin.method.quantizers import is_nvfp4
-from starquant_plugin.method.sgat import transform_input
-from starquant_plugin.method.tac import TACParams, apply_tac
 
 
 def star_tensor_shapes(group: dict[str, Any], act_args: QuantizationArgs
@@ -63,21 +62,6 @@ def star_tensor_shapes(group: dict[str, Any], act_args: QuantizationArgs
         g = group["tac_group_size"]
         shapes |= {"tac_matrices": (d // g, g, g), "tac_bias": (d,)}
     return shapes
-
-
-def star_transform(layer: torch.nn.Module, x: torch.Tensor, mask_state: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x: [tokens, d]`` -> (``x_s: [tokens, d]`` float32 before ``Q_a``, per-token clip
-    ``[tokens, 1]``), as ``StarQuantInputTransform.forward`` computes them."""
-    x = x.float()
-    if layer.tac_matrices is not None:
-        x = apply_tac(x, TACParams(layer.tac_matrices, layer.tac_bias))
-    state = mask_state.long()
-    exclusive = (layer.sgat_exclusive if layer.sgat_exclusive is not None
-                 else x.new_zeros(x.shape[-1], 0))
-    x_s = transform_input(x, state, exclusive, layer.sgat_channel_scale, layer.sgat_left,
-                          layer.sgat_right)
-    return x_s, layer.sgat_act_clip[state].unsqueeze(-1)
 
 
 @register_weight_loader_v2_supported_method
@@ -123,9 +107,10 @@ class StarQuantLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         for name in star_tensor_shapes(self.group, self.quant_config.act_args):
+            # the transform computes in the model's dtype (``star_transform``); NVFP4's
+            # activation global scale goes to the quantizer in float32, as in transformers
             param = getattr(layer, name)
-            # the transform runs in float32 but for V's projection (``transform_input``)
-            dtype = param.dtype if name == "sgat_exclusive" else torch.float32
+            dtype = torch.float32 if name == "sgat_act_global_scale" else param.dtype
             param.data = param.data.to(dtype).contiguous()
         self.gemm.process_weights_after_loading(layer)
 
@@ -136,7 +121,7 @@ class StarQuantLinearMethod(LinearMethodBase):
         if layer.star_row_parallel_shard and get_tensor_model_parallel_world_size() > 1:
             x = tensor_model_parallel_all_gather(x.contiguous(), dim=-1)
         mask_state = current_mask_state(x.shape[0])
-        x_s, clip = star_transform(layer, x, mask_state)
+        x_s, clip = star_transform(layer, x, mask_state.long())
         start = layer.star_tp_rank * d_local
         return self.gemm.apply(layer, x_s, clip, bias, slice(start, start + d_local),
                                x.dtype)

@@ -1,11 +1,13 @@
-"""What running the exclusive-subspace projection in bf16 costs in quality (issue 23).
+"""What running the STaR transform in bf16 costs in quality (issue 23).
 
-A STaR-Quant model served in bf16 projects each token on ``V`` in bf16 (``transform_input``:
-the projection runs in ``V``'s dtype, the model's). This script quantizes the tiny models
-(clean and outlier variants, several seeds, bf16 checkpoints), runs each in bf16 twice, with
-``V`` as stored (bf16 projection) and with ``V`` in float32 (the projection as the fit did it),
-and reports masked CE at t = 0.15 / 0.5 and the share of activation codes that differ.
-Usage: ``python benchmarks/projection_dtype.py [--seeds 0 1 2] [--json PATH]``.
+A STaR-Quant model served in bf16 computes its input transform (TAC, the exclusive-subspace
+projection, the channel scale and the Kronecker map) in bf16 (``star_transform``: the STaR
+tensors' dtype, the model's), each intermediate rounded to bf16, where the fit computed it in
+float32. This script quantizes the tiny models (clean and outlier variants, several seeds,
+bf16 checkpoints), runs each in bf16 twice, with the STaR tensors as stored (bf16 transform)
+and converted to float32 (the transform as the fit did it), and reports masked CE at
+t = 0.15 / 0.5 and the share of activation codes that differ.
+Usage: ``python benchmarks/transform_dtype.py [--seeds 0 1 2] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -30,29 +32,29 @@ from starquant_plugin.pipeline import quantize_dllm
 RATIOS = (0.15, 0.5)
 
 
-def project_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+def transform_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every input transform's STaR tensors in ``dtype`` (bf16 -> float32 -> bf16 is exact)."""
     for module in model.modules():
-        if isinstance(module, StarQuantInputTransform) and module.sgat_exclusive is not None:
-            module.sgat_exclusive = module.sgat_exclusive.to(dtype)
+        if isinstance(module, StarQuantInputTransform):
+            module.to(dtype)
 
 
 def code_flips(model: torch.nn.Module, rows: torch.Tensor) -> float:
-    """Share of activation codes that the bf16 projection changes against the float32 one,
-    each layer's input (one forward of the bf16-projection model) quantized both ways."""
-    counts = [0, 0]
+    """Share of activation codes that the bf16 transform changes against the float32 one,
+    each layer's input (one forward of the bf16-transform model) quantized both ways."""
+    counts, float32_twins = [0, 0], {}
 
     def compare(linear: StarQuantLinear, args: tuple) -> None:
         transform, x = linear.transform, args[0]
-        mask_state, params = transform._mask_state_for(x), transform._float32_params()
-        fp32, bf16 = (quantize_activation(*transform._transformed(
-            x, mask_state, params | {"exclusive": params["exclusive"].to(dtype)}))[0]
-            for dtype in (torch.float32, torch.bfloat16))
+        mask_state = transform._mask_state_for(x)
+        twin = float32_twins.setdefault(id(transform), copy.deepcopy(transform).float())
+        bf16, fp32 = (quantize_activation(*t._transformed(x, mask_state))[0]
+                      for t in (transform, twin))
         counts[0] += (fp32 != bf16).sum().item()
         counts[1] += fp32.numel()
 
     hooks = [module.register_forward_pre_hook(compare) for module in model.modules()
              if isinstance(module, StarQuantLinear)]
-    project_in(model, torch.bfloat16)
     with torch.no_grad():
         model(rows)
     for hook in hooks:
@@ -67,7 +69,7 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="+", default=["W4A4", "W8A8"])
     parser.add_argument("--eval-rows", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=15, help="SGAT epochs")
-    parser.add_argument("--json", type=Path, default=Path("results/projection-dtype.json"))
+    parser.add_argument("--json", type=Path, default=Path("results/transform-dtype.json"))
     args = parser.parse_args()
     results = []
     for path in TINY_MODELS.values():
@@ -86,9 +88,9 @@ def main() -> None:
                     row = {"model": path.name, "variant": variant, "seed": seed,
                            "scheme": scheme, "epochs": args.epochs,
                            "code_flips": code_flips(model, rows[:8])}
-                    for name, dtype in (("fp32_projection", torch.float32),
-                                        ("bf16_projection", torch.bfloat16)):
-                        project_in(model, dtype)
+                    for name, dtype in (("fp32_transform", torch.float32),
+                                        ("bf16_transform", torch.bfloat16)):
+                        transform_in(model, dtype)
                         metrics = masked_token_metrics(model, rows, RATIOS, seed=seed,
                                                        progress=False)
                         row |= {f"{name}_ce@{t}": metrics[t]["ce"] for t in RATIOS}
