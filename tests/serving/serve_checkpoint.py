@@ -5,7 +5,8 @@ Run by ``test_engine.py`` with the serving environment's Python::
     python serve_checkpoint.py CHECKPOINT INPUTS.safetensors OUT.safetensors '{"steps": 4}'
 
 INPUTS holds ``canvases: [n, seq]`` and ``prompts: [b, p]``; OUT gets the pooler's
-``stats: [n, seq, 2k]`` and the denoising driver's ``sequences: [b, p + gen_length]``, and
+``stats: [n, seq, 2k]`` at every position (asked per request: the driver's own requests get
+the masked positions only) and the denoising driver's ``sequences: [b, p + gen_length]``, and
 in its metadata (in-process engines only) the GEMM routes the STaR-Quant layers took, how
 many attention layers rotate K, and the oneDNN probe's verdict.
 Nothing here registers the plugin by hand: vLLM loads it through the entry point (in every
@@ -39,10 +40,11 @@ def rotated_attention_layers(model: torch.nn.Module) -> int:
 
 def main() -> None:
     checkpoint, inputs_path, out_path, sampler_json = sys.argv[1:5]
-    from vllm import LLM
+    from vllm import LLM, PoolingParams
 
     from starquant_plugin.integrations.vllm.driver import denoise, shutdown
     from starquant_plugin.integrations.vllm.gemm import cpu_onednn_int8_is_exact
+    from starquant_plugin.integrations.vllm.pooler import ALL_POSITIONS
 
     inputs = load_file(inputs_path)
     start = time.time()
@@ -51,8 +53,9 @@ def main() -> None:
               tensor_parallel_size=TENSOR_PARALLEL,
               distributed_executor_backend=None if MULTIPROCESSING else "uni")
     load_seconds = time.time() - start
+    every_position = PoolingParams(task="token_classify", extra_kwargs={ALL_POSITIONS: True})
     outputs = llm.encode([{"prompt_token_ids": row.tolist()} for row in inputs["canvases"]],
-                         pooling_task="token_classify", use_tqdm=False)
+                         every_position, pooling_task="token_classify", use_tqdm=False)
     stats = torch.stack([output.outputs.data for output in outputs]).float()
     generated = denoise(llm, inputs["prompts"], **json.loads(sampler_json))
     metadata = {} if MULTIPROCESSING else {  # the model lives in this process

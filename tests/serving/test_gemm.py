@@ -7,13 +7,17 @@ import torch
 import torch.nn.functional as F
 from vllm.platforms import current_platform
 
-from starquant_plugin.integrations.vllm.driver import pseudo_logits, unshift
+from starquant_plugin.integrations.vllm.driver import canvas_statistics, pseudo_logits, unshift
 from starquant_plugin.integrations.vllm.gemm import (
     clamp_to_clip,
     cpu_onednn_int8_is_exact,
     quantized_activation_matmul,
 )
-from starquant_plugin.integrations.vllm.pooler import position_statistics, realign_shifted
+from starquant_plugin.integrations.vllm.pooler import (
+    DiffusionTokenHead,
+    position_statistics,
+    source_rows,
+)
 from starquant_plugin.method.quantizers import (
     fake_quantize_activation,
     nvfp4_global_scale,
@@ -150,10 +154,37 @@ def test_statistics_rebuild_argmax_top1_probability_and_margin():
 
 def test_unshift_is_undone_by_the_families_realignment():
     rows = torch.arange(12.0).reshape(1, 6, 2)
-    aligned = realign_shifted(rows[0])[None]
+    aligned = rows[0][source_rows(torch.arange(6), shifted_logits=True)][None]
     network_order = unshift(aligned)
     realigned = torch.cat([network_order[:, :1], network_order[:, :-1]], dim=1)
     assert torch.equal(realigned, aligned)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("top_k", [2, 0])
+def test_the_pooler_sends_the_masked_positions_and_the_driver_puts_them_back(shifted, top_k):
+    """The head applies the LM head to the [MASK] positions only; the driver's canvas
+    statistics then hold, at those positions, exactly the rows an all-positions pooler sends
+    (Dream: realigned), and the known tokens certain of themselves."""
+    vocab, mask_id, hidden_size = 50, 49, 8
+    generator = torch.Generator().manual_seed(4)
+    head_weight = torch.randn(vocab, hidden_size, generator=generator)
+    canvas = torch.randint(0, vocab - 1, (2, 9), generator=generator)
+    canvas[:, 3:] = canvas[:, 3:].masked_fill(torch.rand(2, 6, generator=generator) < 0.5, mask_id)
+    canvas[1, 0] = mask_id  # Dream: position 0 predicts itself
+    hidden = torch.randn(2, 9, hidden_size, generator=generator)
+
+    head = DiffusionTokenHead(lambda h: h @ head_weight.T, top_k, shifted, mask_id)
+    masked, every = ([head.statistics(h, ids, all_positions) for h, ids in zip(hidden, canvas,
+                                                                                strict=True)]
+                     for all_positions in (False, True))
+    assert [rows.shape[0] for rows in masked] == (canvas == mask_id).sum(1).tolist()
+    rebuilt = canvas_statistics(canvas, masked, mask_id, top_k, vocab)
+    is_masked = canvas == mask_id
+    assert torch.equal(rebuilt[is_masked], torch.stack(every)[is_masked])
+    logits = pseudo_logits(rebuilt, vocab, top_k)
+    assert torch.equal(logits[~is_masked].argmax(-1), canvas[~is_masked])
+    assert torch.allclose(logits[~is_masked].exp().max(-1).values, torch.tensor(1.0))
 
 
 def test_the_cpu_routes_each_quantized_gemm_to_an_exact_path(monkeypatch):

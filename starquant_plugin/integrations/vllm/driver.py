@@ -5,9 +5,11 @@ unchanged on a ``VllmDenoiser``, a stand-in for the transformers model whose for
 batched ``LLM.encode(..., pooling_task="token_classify")`` over every canvas of the batch.
 The same driver serves FP and STaR-Quant checkpoints (the engine decides the numbers).
 
-What comes back from the engine is the pooler's per-position top-``k`` (ids, log-probs)
-(``pooler.py``). The samplers read logits, so the denoiser rebuilds a distribution with the
-top-``k`` probabilities exact and the remaining mass spread evenly over the other tokens: its
+What comes back from the engine is the pooler's top-``k`` (ids, log-probs) at each masked
+position (``pooler.py``). The samplers read logits at every position, so the denoiser puts
+the rows back in canvas layout (a known token gets a distribution certain of it, which the
+samplers never read) and rebuilds a distribution with the top-``k`` probabilities exact and
+the remaining mass spread evenly over the other tokens: its
 argmax, the top-1 probability (LLaDA's low-confidence remasking, Dream's origin /
 maskgit_plus) and, for ``k >= 2``, the top-2 margin (Dream's topk_margin) are the model's.
 Settings that need the whole distribution (temperature > 0, classifier-free guidance,
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from starquant_plugin.integrations.vllm.pooler import DEFAULT_TOP_K, TOP_K_ATTRIBUTE
-from starquant_plugin.models.families import family_of
+from starquant_plugin.models.families import family_of, mask_token_id
 from starquant_plugin.models.sampling import SamplerOutput, dream_generate, llada_generate
 
 
@@ -46,6 +48,31 @@ def pseudo_logits(stats: torch.Tensor, vocab_size: int, top_k: int) -> torch.Ten
     others = max(vocab_size - top_k, 1)
     out = (rest / others).log().expand(*stats.shape[:-1], vocab_size).clone()
     return out.scatter_(-1, ids, log_probs)
+
+
+def canvas_statistics(canvases: torch.Tensor, pooled: list[torch.Tensor], mask_id: int,
+                      top_k: int, vocab_size: int) -> torch.Tensor:
+    """The pooler's rows at the ``[MASK]`` positions of each canvas (``pooled[b]: [n_b,
+    width]``, position order) back in canvas layout ``[batch, seq, width]``; every other
+    position gets its own token with log-probability 0 (top-``k``: the next ``k - 1`` ids at
+    ``-inf``; ``k = 0``: ``-inf`` elsewhere), which the samplers never read."""
+    tokens = canvases.long()
+    if top_k == 0:
+        out = torch.full((*tokens.shape, vocab_size), -torch.inf)
+        out.scatter_(-1, tokens.unsqueeze(-1), 0.0)
+    else:
+        ids = (tokens.unsqueeze(-1) + torch.arange(top_k)) % vocab_size
+        log_probs = torch.full((*tokens.shape, top_k), -torch.inf)
+        log_probs[..., 0] = 0.0
+        out = torch.cat([ids.float(), log_probs], dim=-1)
+    masked = tokens == mask_id
+    rows = torch.cat(pooled).float()
+    if rows.shape[0] != int(masked.sum()):
+        raise RuntimeError(
+            f"The engine returned {rows.shape[0]} rows for {int(masked.sum())} masked "
+            "positions; the denoiser's requests must not ask for all positions.")
+    out[masked] = rows
+    return out
 
 
 def unshift(aligned: torch.Tensor) -> torch.Tensor:
@@ -71,6 +98,7 @@ class VllmDenoiser:
         self.encode = encode
         self.top_k: int = getattr(self.config, TOP_K_ATTRIBUTE, DEFAULT_TOP_K)
         self.shifted_logits = family_of(self.config).shifted_logits
+        self.mask_id = mask_token_id(self.config)
         self.calls = 0
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -80,8 +108,10 @@ class VllmDenoiser:
         if attention_mask is not None:
             raise ValueError("The vLLM denoiser takes equal-length canvases without an "
                              "attention_mask; group prompts by length (denoise does).")
-        stats = torch.stack(self.encode([row.tolist() for row in input_ids])).float()
+        pooled = self.encode([row.tolist() for row in input_ids])
         self.calls += 1
+        stats = canvas_statistics(input_ids, pooled, self.mask_id, self.top_k,
+                                  self.config.vocab_size)
         logits = pseudo_logits(stats, self.config.vocab_size, self.top_k)
         return SimpleNamespace(logits=unshift(logits) if self.shifted_logits else logits)
 

@@ -17,7 +17,8 @@ a ``WeightsMapper``. What is written here by hand and why:
   the head must not need a collective there.
 
 Serve with ``runner="pooling"``; ``LLM.encode(..., pooling_task="token_classify")`` returns the
-``pooler.py`` statistics per position. Each forward recomputes the whole canvas (no KV reuse).
+``pooler.py`` statistics per masked position. Each forward recomputes the whole canvas (no KV
+reuse).
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ class MaskedDiffusionLM(nn.Module, SupportsQuant):
                                         prefix=maybe_prefix(prefix, "lm_head"))
         top_k = getattr(config, TOP_K_ATTRIBUTE, DEFAULT_TOP_K)
         self.pooler = diffusion_pooler(self.compute_logits, top_k,
-                                       self.family.shifted_logits)
+                                       self.family.shifted_logits, self.mask_token_id)
 
     @staticmethod
     def decoder_config(config: Any) -> SimpleNamespace:
