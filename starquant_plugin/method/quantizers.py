@@ -189,6 +189,14 @@ def _grid_max(args: QuantizationArgs) -> float:
     return _FP8_MAX if is_fp8(args) else float(_int_range(args.num_bits, symmetric=True)[1])
 
 
+def abs_max(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` along the last dim, ``[..., 1]``: as ``max(max x, -min x)``, two reads of
+    ``x`` and no ``|x|`` temporary (a third less time than ``x.abs().amax()`` on a
+    ``[128, 12288]`` float32 chunk, issue 23); the same value, and the same gradient (split
+    evenly among ties)."""
+    return torch.maximum(x.amax(dim=-1, keepdim=True), -x.amin(dim=-1, keepdim=True))
+
+
 def symmetric_scale(
     x: torch.Tensor, args: QuantizationArgs, clip_ratio: torch.Tensor | float | None = None,
     global_scale: torch.Tensor | None = None,
@@ -200,14 +208,14 @@ def symmetric_scale(
     (``nvfp4_block_scale``; ``global_scale`` ``g`` from ``x`` itself when not given)."""
     ratio = 1.0 if clip_ratio is None else clip_ratio
     if is_mxfp4(args):
-        return mx_scale(x.abs().amax(dim=-1, keepdim=True) * ratio)
+        return mx_scale(abs_max(x) * ratio)
     if is_nvfp4(args):
         if global_scale is None:
             global_scale = nvfp4_global_scale(x)
-        amax = x.abs().amax(dim=-1, keepdim=True) * ratio
+        amax = abs_max(x) * ratio
         return nvfp4_block_scale(amax, global_scale) / global_scale
     qmax = _grid_max(args)
-    return (x.abs().amax(dim=-1, keepdim=True) * ratio / qmax).clamp_min(_MIN_SCALE)
+    return (abs_max(x) * ratio / qmax).clamp_min(_MIN_SCALE)
 
 
 def asymmetric_qparams(

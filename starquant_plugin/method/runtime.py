@@ -51,6 +51,7 @@ from starquant_plugin.method.integer_gemm import (
 )
 from starquant_plugin.method.quantizers import (
     SCHEMES,
+    abs_max,
     asymmetric_qparams,
     fake_quantize_weight,
     is_float,
@@ -131,7 +132,7 @@ def weight_qparams(
     ratio = None if clip_ratio is None else clip_ratio.reshape(-1, 1, 1).to(weight.dtype)
     if is_nvfp4(args):  # the block scales s; the codes are w / (s / g)
         g = nvfp4_global_scale(weight) if global_scale is None else global_scale
-        amax = x.abs().amax(dim=-1, keepdim=True) * (1.0 if ratio is None else ratio)
+        amax = abs_max(x) * (1.0 if ratio is None else ratio)
         return nvfp4_block_scale(amax, g).reshape(out_features, groups), None
     if args.symmetric:
         return symmetric_scale(x, args, ratio).reshape(out_features, groups), None

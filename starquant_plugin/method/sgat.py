@@ -170,7 +170,9 @@ def transform_input(
     k = exclusive.shape[1] // 2
     if k:
         drop = dropped_directions(k, x.device).to(exclusive.dtype)[state]
-        x = x - ((x @ exclusive) * drop) @ exclusive.T
+        rows = x.reshape(-1, x.shape[-1])  # addmm: the subtraction inside the GEMM
+        x = torch.addmm(rows, (rows @ exclusive) * drop.reshape(-1, 2 * k), exclusive.T,
+                        alpha=-1).reshape(x.shape)
     return kronecker_apply(x * channel_scale, left, right)
 
 

@@ -59,6 +59,7 @@ from starquant_plugin.method.integer_gemm import (
     prepacked_gemm,
 )
 from starquant_plugin.method.quantizers import (
+    abs_max,
     fake_quantize_activation,
     is_float,
     is_fp4,
@@ -77,7 +78,7 @@ FORCE_TORCH_ENV = "STARQUANT_VLLM_TORCH_GEMM"
 def clamp_to_clip(x_s: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     """Clamp each token of ``x_s: [tokens, d]`` to ``clip * max|x|`` (``clip: [tokens, 1]``),
     so a clip-free dynamic per-token quantizer computes our clipped scale."""
-    bound = x_s.abs().amax(dim=-1, keepdim=True) * clip
+    bound = abs_max(x_s) * clip
     return torch.maximum(torch.minimum(x_s, bound), -bound)
 
 
