@@ -5,6 +5,10 @@ LLaDA: semi-autoregressive blocks with low-confidence or random remasking (LLaDA
 origin / maskgit_plus / topk_margin / entropy rules (Dream's ``diffusion_generate``). Both take
 logits through ``token_logits`` so Dream's shift is handled once. Re-implemented here because
 neither ships as a library; randomness comes from an explicit ``torch.Generator``.
+
+A model may return top-k statistics instead of logits (``TOP_K_SCORES``: the vLLM engine's
+denoiser); greedy sampling then reads the top-1 id, its probability and the top-2 margin off
+them, with no ``[batch, seq, vocab]`` tensor (126k wide for LLaDA) on the host per step.
 """
 
 from dataclasses import dataclass, field
@@ -23,6 +27,36 @@ class SamplerOutput:
 
     sequences: torch.LongTensor
     canvases: list[torch.LongTensor] = field(default_factory=list)
+
+
+TOP_K_SCORES = "top_k_scores"
+"""A model attribute: ``k > 0`` when the model's ``.logits`` are top-k statistics ``[batch, seq,
+2k]`` (the ``k`` most likely ids, then their log-probabilities, most likely first) rather than
+logits; absent or 0 for logits (or full log-probabilities)."""
+
+
+def _scores_top_k(model: PreTrainedModel, family: str, temperature: float,
+                  cfg_scale: float = 0.0, alg: str | None = None) -> int:
+    """The model's ``TOP_K_SCORES``; raises for settings that need the whole distribution,
+    which top-k statistics do not hold, before any forward."""
+    top_k = getattr(model, TOP_K_SCORES, 0)
+    if not top_k:
+        return 0
+    needs_full = []
+    if temperature > 0:
+        needs_full.append("temperature > 0")
+    if cfg_scale > 0:
+        needs_full.append("cfg_scale > 0")
+    if family == "dream" and (alg == "entropy" or (alg == "topk_margin" and top_k < 2)):
+        needs_full.append(f"alg={alg!r} with top_k={top_k}")
+    if needs_full:
+        raise ValueError(
+            f"{', '.join(needs_full)} needs the full distribution, but the model returns its "
+            f"top-{top_k} tokens only. Serve it with full log-probs (vLLM: start the LLM with "
+            "hf_overrides={'starquant_top_k': 0}), or use temperature 0 with low_confidence / "
+            "random remasking (LLaDA) or origin / maskgit_plus / topk_margin (Dream)."
+        )
+    return top_k
 
 
 def _canvas(prompt_ids: torch.LongTensor, gen_length: int, mask_id: int) -> torch.LongTensor:
@@ -98,6 +132,7 @@ def llada_generate(
         )
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}.")
+    top_k = _scores_top_k(model, "llada", temperature, cfg_scale)
     mask_id = mask_token_id(model)
     x = _canvas(prompt_ids, gen_length, mask_id)
     prompt_len = x.shape[1] - gen_length
@@ -113,9 +148,13 @@ def llada_generate(
                 output.canvases.append(x.clone())
             masked = x == mask_id
             logits = guided_logits(model, x, prompt_mask.expand_as(x), cfg_scale)
-            x0 = _gumbel_argmax(logits, temperature, generator)
+            if top_k:  # top-k statistics, greedy: the top-1 id and its probability
+                x0, top1 = logits[..., 0].long(), logits[..., top_k].float().exp()
+            else:
+                x0 = _gumbel_argmax(logits, temperature, generator)
             if remasking == "low_confidence":
-                confidence = F.softmax(logits.float(), -1).gather(-1, x0[..., None])[..., 0]
+                confidence = top1 if top_k else \
+                    F.softmax(logits.float(), -1).gather(-1, x0[..., None])[..., 0]
             else:
                 confidence = torch.rand(x0.shape, generator=generator).to(x0.device)
             confidence[:, block_end:] = -torch.inf
@@ -133,9 +172,15 @@ def llada_generate(
 
 
 def _dream_confidence(
-    logits: torch.Tensor, alg: str, temperature: float, generator: torch.Generator | None
+    logits: torch.Tensor, alg: str, temperature: float, generator: torch.Generator | None,
+    top_k: int = 0,
 ) -> tuple[torch.Tensor, torch.LongTensor]:
-    """Dream's ``sample_tokens``: logits [n, vocab] -> (confidence [n], token [n])."""
+    """Dream's ``sample_tokens``: logits [n, vocab] -> (confidence [n], token [n]); with
+    ``top_k``, greedy from top-k statistics [n, 2k] (``_scores_top_k`` allows no other)."""
+    if top_k:
+        probs = logits[:, top_k:].float().exp()
+        margin = alg == "topk_margin"
+        return (probs[:, 0] - probs[:, 1] if margin else probs[:, 0]), logits[:, 0].long()
     if temperature > 0:
         logits = logits / temperature
     probs = torch.softmax(logits.float(), -1)
@@ -172,6 +217,7 @@ def dream_generate(
     algorithms = ("origin", "maskgit_plus", "topk_margin", "entropy")
     if alg not in algorithms:
         raise ValueError(f"alg must be one of {algorithms}, got {alg!r}.")
+    top_k = _scores_top_k(model, "dream", temperature, alg=alg)
     mask_id = mask_token_id(model)
     x = _canvas(prompt_ids, gen_length, mask_id)
     timesteps = torch.linspace(1, eps, steps + 1, device="cpu")  # read as Python floats
@@ -187,11 +233,12 @@ def dream_generate(
             p_transfer = 1.0 if last else 1 - s / t
             reveal = torch.rand(x.shape, generator=generator).to(x.device) < p_transfer
             tokens = _dream_confidence(logits[masked & reveal], "origin", temperature,
-                                       generator)[1]
+                                       generator, top_k)[1]
             x = x.clone()
             x[masked & reveal] = tokens
             continue
-        confidence, tokens = _dream_confidence(logits[masked], alg, temperature, generator)
+        confidence, tokens = _dream_confidence(logits[masked], alg, temperature, generator,
+                                               top_k)
         per_row = masked.sum() / masked.shape[0]
         count = int(per_row) if last else int(per_row * (1 - s / t))
         if count == 0:

@@ -1,10 +1,12 @@
 """Samplers: canvases, commit schedules, determinism and argument errors."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from starquant_plugin.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
-from starquant_plugin.models.sampling import dream_generate, llada_generate
+from starquant_plugin.models.sampling import TOP_K_SCORES, dream_generate, llada_generate
 
 MASK = 49
 
@@ -71,3 +73,47 @@ def test_gen_length_not_divisible_by_block_length_names_the_fix(llada):
                        block_length=4, steps=3)
     with pytest.raises(ValueError, match="alg must be one of"):
         dream_generate(llada, torch.zeros(1, 3, dtype=torch.long), alg="greedy")
+
+
+class TopKStatistics:
+    """``model`` behind an engine that returns top-k statistics (the vLLM denoiser's form)."""
+
+    def __init__(self, model, top_k: int) -> None:
+        self.model, self.config = model, model.config
+        setattr(self, TOP_K_SCORES, top_k)
+
+    def __call__(self, input_ids, attention_mask=None):
+        top = torch.log_softmax(self.model(input_ids).logits.float(), -1).topk(
+            getattr(self, TOP_K_SCORES), -1)
+        return SimpleNamespace(logits=torch.cat([top.indices.float(), top.values], -1))
+
+
+@pytest.mark.parametrize("family, kwargs", [
+    ("llada", {"remasking": "low_confidence", "block_length": 4}),
+    ("llada", {"remasking": "random", "block_length": 8}),
+    ("dream", {"alg": "origin"}), ("dream", {"alg": "maskgit_plus"}),
+    ("dream", {"alg": "topk_margin"})])
+def test_greedy_sampling_from_top_k_statistics_gives_the_logits_tokens(llada, dream, family,
+                                                                        kwargs):
+    """The samplers read the top-1 id, its probability and the top-2 margin off top-k
+    statistics and commit the tokens they commit from the full logits."""
+    model, sampler = (llada, llada_generate) if family == "llada" else (dream, dream_generate)
+    prompt = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(7))
+    out = [sampler(m, prompt, steps=4, gen_length=8, generator=torch.Generator().manual_seed(0),
+                   return_canvases=True, **kwargs)
+           for m in (model, TopKStatistics(model, 2))]
+    assert torch.equal(out[0].sequences, out[1].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out[0].canvases, out[1].canvases, strict=True))
+
+
+@pytest.mark.parametrize("family, kwargs, refused", [
+    ("llada", {"temperature": 0.5, "block_length": 4}, "temperature > 0"),
+    ("llada", {"cfg_scale": 1.0, "block_length": 4}, "cfg_scale"),
+    ("dream", {"alg": "entropy"}, "alg='entropy'"), ("dream", {"alg": "topk_margin"}, "top_k=1")])
+def test_settings_that_need_the_full_distribution_are_refused_on_top_k_statistics(
+        llada, dream, family, kwargs, refused):
+    model, sampler = (llada, llada_generate) if family == "llada" else (dream, dream_generate)
+    with pytest.raises(ValueError, match="needs the full distribution") as error:
+        sampler(TopKStatistics(model, 1), torch.zeros(1, 3, dtype=torch.long), steps=2,
+                gen_length=4, **kwargs)
+    assert refused in str(error.value) and "starquant_top_k" in str(error.value)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from vllm.platforms import current_platform
 
-from starquant_plugin.integrations.vllm.driver import canvas_statistics, pseudo_logits, unshift
+from starquant_plugin.integrations.vllm.driver import canvas_statistics, unshift
 from starquant_plugin.integrations.vllm.gemm import (
     clamp_to_clip,
     cpu_onednn_int8_is_exact,
@@ -140,16 +140,15 @@ def test_the_onednn_probe_agrees_with_direct_measurements():
                        x.double() @ weight.double().t())
 
 
-def test_statistics_rebuild_argmax_top1_probability_and_margin():
-    logits = torch.randn(2, 10, 50, generator=torch.Generator().manual_seed(3)) * 3
-    stats = torch.stack([position_statistics(row, 2) for row in logits])
-    rebuilt = torch.softmax(pseudo_logits(stats, 50, 2), -1)
-    probs = torch.softmax(logits, -1)
-    assert torch.equal(rebuilt.argmax(-1), probs.argmax(-1))
-    top2, rebuilt_top2 = probs.topk(2, -1).values, rebuilt.topk(2, -1).values
-    torch.testing.assert_close(rebuilt_top2, top2, rtol=1e-5, atol=1e-6)
-    full = torch.stack([position_statistics(row, 0) for row in logits])
-    torch.testing.assert_close(pseudo_logits(full, 50, 0), torch.log_softmax(logits, -1))
+def test_position_statistics_are_the_top_k_ids_and_log_probs():
+    logits = torch.randn(10, 50, generator=torch.Generator().manual_seed(3)) * 3
+    log_probs = torch.log_softmax(logits, -1)
+    stats = position_statistics(logits, 2)
+    top = log_probs.topk(2, -1)
+    assert torch.equal(stats[:, :2].long(), top.indices) and stats[:, 0].tolist() == \
+        logits.argmax(-1).float().tolist()
+    torch.testing.assert_close(stats[:, 2:], top.values)
+    torch.testing.assert_close(position_statistics(logits, 0), log_probs)
 
 
 def test_unshift_is_undone_by_the_families_realignment():
@@ -182,9 +181,11 @@ def test_the_pooler_sends_the_masked_positions_and_the_driver_puts_them_back(shi
     rebuilt = canvas_statistics(canvas, masked, mask_id, top_k, vocab)
     is_masked = canvas == mask_id
     assert torch.equal(rebuilt[is_masked], torch.stack(every)[is_masked])
-    logits = pseudo_logits(rebuilt, vocab, top_k)
-    assert torch.equal(logits[~is_masked].argmax(-1), canvas[~is_masked])
-    assert torch.allclose(logits[~is_masked].exp().max(-1).values, torch.tensor(1.0))
+    known = rebuilt[~is_masked]  # top-1 id (or argmax) the token itself, probability 1
+    top1 = known[:, 0] if top_k else known.argmax(-1)
+    assert torch.equal(top1.long(), canvas[~is_masked])
+    assert torch.equal(known[:, top_k] if top_k else known.max(-1).values,
+                       torch.zeros(known.shape[0]))
 
 
 def test_the_cpu_routes_each_quantized_gemm_to_an_exact_path(monkeypatch):

@@ -6,15 +6,15 @@ batched ``LLM.encode(..., pooling_task="token_classify")`` over every canvas of 
 The same driver serves FP and STaR-Quant checkpoints (the engine decides the numbers).
 
 What comes back from the engine is the pooler's top-``k`` (ids, log-probs) at each masked
-position (``pooler.py``). The samplers read logits at every position, so the denoiser puts
-the rows back in canvas layout (a known token gets a distribution certain of it, which the
-samplers never read) and rebuilds a distribution with the top-``k`` probabilities exact and
-the remaining mass spread evenly over the other tokens: its
-argmax, the top-1 probability (LLaDA's low-confidence remasking, Dream's origin /
-maskgit_plus) and, for ``k >= 2``, the top-2 margin (Dream's topk_margin) are the model's.
-Settings that need the whole distribution (temperature > 0, classifier-free guidance,
-Dream's entropy rule) need a model served with ``hf_overrides={"starquant_top_k": 0}``
-(full log-probs); otherwise they are refused rather than run on an approximation.
+position (``pooler.py``). The denoiser puts the rows back in canvas layout (a known token gets
+statistics certain of it, which the samplers never read) and hands them to the samplers as
+top-k statistics (``sampling.TOP_K_SCORES``): greedy sampling reads the argmax, the top-1
+probability (LLaDA's low-confidence remasking, Dream's origin / maskgit_plus) and, for
+``k >= 2``, the top-2 margin (Dream's topk_margin) off them, with no ``[batch, seq, vocab]``
+tensor on the host. Settings that need the whole distribution (temperature > 0,
+classifier-free guidance, Dream's entropy rule) need a model served with
+``hf_overrides={"starquant_top_k": 0}`` (full log-probs, handed over as logits); otherwise
+the samplers refuse them before the first step.
 
 ``shutdown(llm)`` stops the engine when the caller is done (vLLM 0.32's ``LLM`` has no such
 method; without it a multiprocess engine often aborts the process at exit).
@@ -34,20 +34,6 @@ import torch
 from starquant_plugin.integrations.vllm.pooler import DEFAULT_TOP_K, TOP_K_ATTRIBUTE
 from starquant_plugin.models.families import family_of, mask_token_id
 from starquant_plugin.models.sampling import SamplerOutput, dream_generate, llada_generate
-
-
-def pseudo_logits(stats: torch.Tensor, vocab_size: int, top_k: int) -> torch.Tensor:
-    """``stats: [batch, seq, 2k]`` (ids, log-probs) -> log-probabilities ``[batch, seq, vocab]``
-    with the top-``k`` entries exact and the rest of the mass uniform over the other ids
-    (never above the k-th probability, so the argmax is kept). ``top_k = 0``: ``stats`` are
-    already full log-probs and are returned as they are."""
-    if top_k == 0:
-        return stats
-    ids, log_probs = stats[..., :top_k].long(), stats[..., top_k:]
-    rest = (1.0 - log_probs.exp().sum(-1, keepdim=True)).clamp_min(1e-30)
-    others = max(vocab_size - top_k, 1)
-    out = (rest / others).log().expand(*stats.shape[:-1], vocab_size).clone()
-    return out.scatter_(-1, ids, log_probs)
 
 
 def canvas_statistics(canvases: torch.Tensor, pooled: list[torch.Tensor], mask_id: int,
@@ -91,58 +77,36 @@ class VllmDenoiser:
     ``config``: the checkpoint's config (``llm.model_config.hf_config``); ``encode``: one engine
     call over canvases (``LLM.encode`` offline, ``AsyncLLM.encode`` in the server).
     ``calls`` counts engine calls (one per denoising step, all canvases batched).
+    ``top_k_scores`` (``sampling.TOP_K_SCORES``): the engine's top-k, 0 for full log-probs.
     """
 
     def __init__(self, config: Any, encode: EncodeRows) -> None:
         self.config = config
         self.encode = encode
-        self.top_k: int = getattr(self.config, TOP_K_ATTRIBUTE, DEFAULT_TOP_K)
+        self.top_k_scores: int = getattr(self.config, TOP_K_ATTRIBUTE, DEFAULT_TOP_K)
         self.shifted_logits = family_of(self.config).shifted_logits
         self.mask_id = mask_token_id(self.config)
         self.calls = 0
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                  ) -> SimpleNamespace:
-        """``input_ids: [batch, seq]`` -> ``.logits [batch, seq, vocab]`` (log-probs) in the
-        network's order, as the transformers model returns them."""
+        """``input_ids: [batch, seq]`` -> ``.logits`` in the network's order, as the
+        transformers model returns them: top-k statistics ``[batch, seq, 2k]``, or full
+        log-probs ``[batch, seq, vocab]`` when ``top_k_scores`` is 0."""
         if attention_mask is not None:
             raise ValueError("The vLLM denoiser takes equal-length canvases without an "
                              "attention_mask; group prompts by length (denoise does).")
         pooled = self.encode([row.tolist() for row in input_ids])
         self.calls += 1
-        stats = canvas_statistics(input_ids, pooled, self.mask_id, self.top_k,
+        stats = canvas_statistics(input_ids, pooled, self.mask_id, self.top_k_scores,
                                   self.config.vocab_size)
-        logits = pseudo_logits(stats, self.config.vocab_size, self.top_k)
-        return SimpleNamespace(logits=unshift(logits) if self.shifted_logits else logits)
-
-
-def check_settings(top_k: int, family: str, kwargs: dict[str, Any]) -> None:
-    """Refuse sampler settings that need the full distribution from a top-``k`` engine."""
-    if top_k == 0:
-        return
-    needs_full = []
-    if kwargs.get("temperature", 0.0) > 0:
-        needs_full.append("temperature > 0")
-    if kwargs.get("cfg_scale", 0.0) > 0:
-        needs_full.append("cfg_scale > 0")
-    alg = kwargs.get("alg", "entropy")
-    if family == "dream" and (alg == "entropy" or (alg == "topk_margin" and top_k < 2)):
-        needs_full.append(f"alg={alg!r} with top_k={top_k}")
-    if needs_full:
-        raise ValueError(
-            f"{', '.join(needs_full)} needs the full distribution, but the engine returns the "
-            f"top-{top_k} only. Start the LLM with hf_overrides="
-            f"{{'{TOP_K_ATTRIBUTE}': 0}}, or use temperature 0 with low_confidence / random "
-            "remasking (LLaDA) or origin / maskgit_plus / topk_margin (Dream)."
-        )
+        return SimpleNamespace(logits=unshift(stats) if self.shifted_logits else stats)
 
 
 def run_sampler(denoiser: VllmDenoiser, prompts: list[list[int]] | torch.Tensor,
                 **sampler_kwargs: Any) -> SamplerOutput:
     """The checkpoint family's sampler over ``denoiser`` for equal-length ``prompts``."""
-    family = family_of(denoiser.config).name
-    sampler = llada_generate if family == "llada" else dream_generate
-    check_settings(denoiser.top_k, family, sampler_kwargs)
+    sampler = llada_generate if family_of(denoiser.config).name == "llada" else dream_generate
     rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
     lengths = {len(row) for row in rows}
     if len(lengths) != 1:
