@@ -222,19 +222,9 @@ class StarQuantInputTransform(nn.Module):
     def _in_token_chunks(self, x: torch.Tensor, mask_state: torch.Tensor, quantize: Callable
                          ) -> Any:
         """``quantize(*self._transformed(x, mask_state))``, ``_CHUNK_TOKENS`` tokens at a time
-        so the transform's temporaries stay in the CPU's cache (8B-width block, 512 tokens,
-        one thread: 156 ms per forward instead of 179 with the float32 transform,
-        ``docs/results.md``); the same math for every token."""
-        if x.shape[:-1].numel() <= _CHUNK_TOKENS:
-            return quantize(*self._transformed(x, mask_state))
-        tokens, states = x.reshape(-1, x.shape[-1]), mask_state.reshape(-1)
-        chunks = [quantize(*self._transformed(tokens[start:start + _CHUNK_TOKENS],
-                                              states[start:start + _CHUNK_TOKENS]))
-                  for start in range(0, tokens.shape[0], _CHUNK_TOKENS)]
-        if isinstance(chunks[0], torch.Tensor):
-            return torch.cat(chunks).reshape(*x.shape[:-1], -1)
-        return tuple(torch.cat(parts).reshape(*x.shape[:-1], -1)
-                     for parts in zip(*chunks, strict=True))
+        (``in_token_chunks``)."""
+        return in_token_chunks(lambda tokens, states: quantize(*self._transformed(tokens, states)),
+                               x, mask_state)
 
     def _mask_state_for(self, x: torch.Tensor) -> torch.Tensor:
         mask_state = self.mask_state.mask_state
@@ -259,6 +249,24 @@ class StarQuantInputTransform(nn.Module):
         x_s, clip = star_transform(self, x, mask_state.long())
         global_scale = self.sgat_act_global_scale
         return x_s, self.act_args, clip, None if global_scale is None else global_scale.float()
+
+
+def in_token_chunks(compute: Callable[[torch.Tensor, torch.Tensor], Any], x: torch.Tensor,
+                    state: torch.Tensor, chunk_tokens: int = _CHUNK_TOKENS) -> Any:
+    """``compute(tokens, states)`` (a tensor or a tuple of tensors, one row per token) on
+    ``x: [..., d]`` and its per-token ``state: [...]``, ``chunk_tokens`` tokens at a time, the
+    results concatenated back to ``[..., width]``: the same math for every token, with the
+    transform's temporaries kept in the CPU's cache (8B-width block, 512 tokens, one thread:
+    156 ms per forward instead of 179 with the float32 transform, ``docs/results.md``)."""
+    if x.shape[:-1].numel() <= chunk_tokens:
+        return compute(x, state)
+    tokens, states = x.reshape(-1, x.shape[-1]), state.reshape(-1)
+    chunks = [compute(tokens[start:start + chunk_tokens], states[start:start + chunk_tokens])
+              for start in range(0, tokens.shape[0], chunk_tokens)]
+    if isinstance(chunks[0], torch.Tensor):
+        return torch.cat(chunks).reshape(*x.shape[:-1], -1)
+    return tuple(torch.cat(parts).reshape(*x.shape[:-1], -1)
+                 for parts in zip(*chunks, strict=True))
 
 
 def star_transform(tensors: Any, x: torch.Tensor, state: torch.Tensor
