@@ -15,7 +15,9 @@ same requests are sent first by one client, one after another (sequential servin
 ``--repeats`` alternates the two that many times and keeps the median run of each. The
 server is stopped and the offline driver (``driver.denoise`` on ``vllm.LLM``, the same engine
 settings) runs the same requests one after the other (each its own batch: the prompts
-differ in length; its median over ``--repeats``). Reported: generated tokens/s of the three,
+differ in length; its median over ``--repeats``), and on that engine, ``--clients``
+canvases scored in one call against one per call (``engine_batching_gain``: the most that
+batching can give on this machine, "engine max"). Reported: generated tokens/s of the three,
 the concurrent run's ratio to the other two, its p50/p99 latency, errors, lost requests
 (every server run), and how many requests got the offline driver's text in both median
 server runs. Prints a table and writes ``results/serve-load-<family>[-<dtype>].json``
@@ -117,9 +119,27 @@ async def load(url: str, name: str, prompts: list[list[int]], clients: int,
     return {"seconds": seconds, "results": results}
 
 
-def offline(checkpoint: str, prompts: list[list[int]], settings: dict, repeats: int) -> dict:
+def engine_batching_gain(llm, mask_id: int, prompts: list[list[int]], clients: int,
+                         gen_length: int, calls: int = 30) -> float:
+    """The most batching can give on this machine: ``clients`` canvases (first denoising
+    step of the first prompts) scored in one engine call vs one canvas per call, as
+    ``clients * t(one) / t(all)`` (medians of ``calls`` calls each, alternating)."""
+    canvases = [{"prompt_token_ids": p + [mask_id] * gen_length} for p in prompts[:clients]]
+    times: dict[int, list[float]] = {1: [], clients: []}
+    for _ in range(calls):
+        for count in times:
+            start = time.perf_counter()
+            llm.encode(canvases[:count], pooling_task="token_classify", use_tqdm=False)
+            times[count].append(time.perf_counter() - start)
+    one, together = (statistics.median(times[count]) for count in (1, clients))
+    return clients * one / together
+
+
+def offline(checkpoint: str, prompts: list[list[int]], settings: dict, repeats: int,
+            clients: int) -> dict:
     """The offline driver on the same requests, one at a time (batch of one each), timed
-    ``repeats`` times (the median; the sequences are the same every time)."""
+    ``repeats`` times (the median; the sequences are the same every time); then
+    ``engine_batching_gain`` on the same engine."""
     from vllm import LLM
 
     from starquant_plugin.integrations.vllm.driver import denoise, shutdown
@@ -137,8 +157,11 @@ def offline(checkpoint: str, prompts: list[list[int]], settings: dict, repeats: 
             out = denoise(llm, [prompt], generator=generator, **settings)
             sequences.append(out.sequences[0, len(prompt):].tolist())
         times.append(time.perf_counter() - start)
+    gain = engine_batching_gain(llm, llm.model_config.hf_config.mask_token_id, prompts,
+                                clients, settings["gen_length"])
     shutdown(llm)
-    return {"seconds": statistics.median(times), "sequences": sequences}
+    return {"seconds": statistics.median(times), "sequences": sequences,
+            "engine_batching_gain": gain}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -188,7 +211,7 @@ def main() -> None:
             one_client, served = (sorted(kind, key=lambda run: run["seconds"])[len(runs) // 2]
                                   for kind in zip(*runs, strict=True))
             every_answer = [a for pair in runs for run in pair for a in run["results"]]
-            sequential = offline(paths[scheme], prompts, settings, args.repeats)
+            sequential = offline(paths[scheme], prompts, settings, args.repeats, args.clients)
             answers = served["results"]
             texts = []
             for sequence in sequential["sequences"]:
@@ -206,6 +229,7 @@ def main() -> None:
                 "offline_tokens_per_s": tokens / sequential["seconds"],
                 "ratio_to_one_client": one_client["seconds"] / served["seconds"],
                 "ratio_to_offline": sequential["seconds"] / served["seconds"],
+                "engine_batching_gain": sequential["engine_batching_gain"],
                 "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
                 "repeats": args.repeats,
                 "errors": sum(1 for a in every_answer if a and not a["ok"]),
@@ -214,7 +238,8 @@ def main() -> None:
                     1 for a, b, text in zip(answers, one_client["results"], texts, strict=True)
                     if a and b and a["ok"] and b["ok"] and a["text"] == b["text"] == text)})
     header = (f"{'scheme':<7}{'req':>5}{'N clients tok/s':>17}{'1 client':>10}{'offline':>9}"
-              f"{'x 1 client':>12}{'x offline':>11}{'p50 s':>8}{'p99 s':>8}{'errors':>8}"
+              f"{'x 1 client':>12}{'x offline':>11}{'engine max':>12}{'p50 s':>8}{'p99 s':>8}"
+              f"{'errors':>8}"
               f"{'lost':>6}{'= offline':>11}")
     print(f"CPU: {cpu_name()}; torch {torch.__version__}; {args.family}, {args.clients} "
           f"clients x {args.requests} requests, gen_length {args.gen_length}, {args.steps} "
@@ -224,6 +249,7 @@ def main() -> None:
         print(f"{row['scheme']:<7}{row['requests']:>5}{row['server_tokens_per_s']:>17.1f}"
               f"{row['one_client_tokens_per_s']:>10.1f}{row['offline_tokens_per_s']:>9.1f}"
               f"{row['ratio_to_one_client']:>12.2f}{row['ratio_to_offline']:>11.2f}"
+              f"{row['engine_batching_gain']:>12.2f}"
               f"{row['p50_s']:>8.2f}{row['p99_s']:>8.2f}{row['errors']:>8}{row['lost']:>6}"
               f"{row['equal_to_offline']:>7}/{row['requests']}")
     suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
