@@ -231,7 +231,9 @@ def breakdown(block: torch.nn.ModuleDict, tokens: int, repeats: int) -> dict[str
     """Median ms per integer-path block forward spent in: the transform (TAC + SGAT map +
     per-state clip), activation quantization, the weight decode (float32 kernel: 4-bit unpack
     or int8 -> float32; onednn kernel: unpack + repack), the GEMM (``integer_matmul`` minus
-    the decode) and the rescale (scales, bias). Also which kernel each linear ran."""
+    the decode) and the rescale (scales, bias; prepacked: the per-token scale and the cast to
+    bf16). Also which kernel each linear ran."""
+    from starquant_plugin.method.input_transform import GEMM_CHUNK_TOKENS, in_token_chunks
     from starquant_plugin.method.integer_gemm import (
         FLOAT32,
         ONEDNN,
@@ -271,12 +273,18 @@ def breakdown(block: torch.nn.ModuleDict, tokens: int, repeats: int) -> dict[str
         if layer._prepacked is not None:  # the weight scale is applied inside the GEMM
             kernels[name] = "onednn prepacked"
             runs.pop(f"decode {name}", None)
-            runs[f"matmul {name}"] = lambda a=a, layer=layer: prepacked_weight_scaled(
-                a, layer._prepacked, layer.weight_scale)
+            # GEMM_CHUNK_TOKENS rows per call, as the forward multiplies
+            runs[f"matmul {name}"] = lambda a=a, scale=scale, layer=layer: in_token_chunks(
+                lambda rows, _: prepacked_weight_scaled(rows, layer._prepacked,
+                                                        layer.weight_scale),
+                a, scale[:, 0], GEMM_CHUNK_TOKENS)
             y = prepacked_weight_scaled(a, layer._prepacked, layer.weight_scale)
-            # in place on one output, by unit scales (the same work; values stay normal)
+            # in place on one output, by unit scales (the same work; values stay normal),
+            # then to the model's dtype, as the forward does per chunk
             units = torch.ones_like(scale)
-            runs[f"rescale {name}"] = lambda y=y, s=units: scale_tokens(y, s)
+            runs[f"rescale {name}"] = lambda y=y, s=units: in_token_chunks(
+                lambda rows, scales: scale_tokens(rows, scales.reshape(-1, 1)).bfloat16(),
+                y, s[:, 0], GEMM_CHUNK_TOKENS)
         else:
             runs[f"matmul {name}"] = lambda a=a, w=weight: integer_matmul(a, w)
             acc = integer_matmul(a, weight)

@@ -294,7 +294,7 @@ def main_8b(args: argparse.Namespace) -> None:
         print(f"| {run['runtime']} | {run['canvas']} | {run['batch']} | {run['threads']} | "
               f"{run['scheme']} | {run['step_ms']:.0f} | {run['canvas_tokens_per_s']:.0f} | "
               f"{run['vs_fp_same_runtime']:.2f} | {run['vs_fp_transformers']:.2f} |")
-    out = Path("results") / f"serve-8b-{args.family}.json"
+    out = Path(args.out or f"results/serve-8b-{args.family}.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"setup": vars(args), "runs": runs}, indent=2))
     print(f"\nwrote {out}")
@@ -359,6 +359,8 @@ def main() -> None:
                         help=argparse.SUPPRESS)
     parser.add_argument("--worker-8b", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help="8b: the transformers runtime's device")
+    parser.add_argument("--out", help="8b: the JSON to write (default "
+                        "results/serve-8b-<family>.json)")
     args = parser.parse_args()
     if args.worker_8b:
         runtime, checkpoint, threads, settings = args.worker_8b

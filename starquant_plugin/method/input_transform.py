@@ -37,6 +37,14 @@ from starquant_plugin.method.tac import TACParams, apply_tac
 _CHUNK_TOKENS = 128
 """Tokens transformed and quantized per step (``_in_token_chunks``)."""
 
+GEMM_CHUNK_TOKENS = 256
+"""Tokens per integer GEMM call on a weight laid out once (oneDNN prepacked; vLLM's route):
+the float32 output stays small enough to be reused from call to call and kept in cache.
+8B-width block, oneDNN int8 prepacked, AMX CPU: W4A4, 2 threads, 4096 tokens 1042 ms in
+256-token chunks against 1274 at once (bf16 972), 1024 tokens 266 against 299 (bf16 234);
+vLLM's gate_up + down pair, one thread, 4096 tokens 1089-1110 ms against 1582-1641
+(``docs/results.md``). Both runtimes use it."""
+
 
 class MaskState:
     """The canvas' current token states: ``mask_state: BoolTensor [batch, seq]``, True = [MASK]."""
@@ -254,10 +262,11 @@ class StarQuantInputTransform(nn.Module):
 def in_token_chunks(compute: Callable[[torch.Tensor, torch.Tensor], Any], x: torch.Tensor,
                     state: torch.Tensor, chunk_tokens: int = _CHUNK_TOKENS) -> Any:
     """``compute(tokens, states)`` (a tensor or a tuple of tensors, one row per token) on
-    ``x: [..., d]`` and its per-token ``state: [...]``, ``chunk_tokens`` tokens at a time, the
-    results concatenated back to ``[..., width]``: the same math for every token, with the
-    transform's temporaries kept in the CPU's cache (8B-width block, 512 tokens, one thread:
-    156 ms per forward instead of 179 with the float32 transform, ``docs/results.md``)."""
+    ``x: [..., d]`` and one value per token ``state: [...]`` (its mask state, its activation
+    scale), ``chunk_tokens`` tokens at a time, the results concatenated back to
+    ``[..., width]``: the same math for every token, with the temporaries kept in the CPU's
+    cache (the transform: 8B-width block, 512 tokens, one thread, 156 ms per forward instead
+    of 179 with the float32 transform; the GEMM: ``GEMM_CHUNK_TOKENS``)."""
     if x.shape[:-1].numel() <= chunk_tokens:
         return compute(x, state)
     tokens, states = x.reshape(-1, x.shape[-1]), state.reshape(-1)

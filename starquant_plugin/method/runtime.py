@@ -36,9 +36,11 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from torch import nn
 
 from starquant_plugin.method.input_transform import (
+    GEMM_CHUNK_TOKENS,
     MaskState,
     StarQuantInputTransform,
     attach_mask_state,
+    in_token_chunks,
 )
 from starquant_plugin.method.integer_gemm import (
     int4_weight_readable,
@@ -465,6 +467,18 @@ class StarQuantLinear(nn.Module):
         state.pop("_prepacked", None)  # oneDNN's opaque layout cannot be copied or pickled
         return state
 
+    def _integer_gemm(self, codes: torch.Tensor, scale: torch.Tensor,
+                      bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """``codes: int8 [..., d]`` and their per-token scales (``[...]`` or ``[..., 1]``) ->
+        ``[..., out]`` in ``dtype``, computed in float32 by the exact integer GEMM."""
+        rows, scales = codes.reshape(-1, codes.shape[-1]), scale.reshape(-1, 1)
+        if self._prepacked is not None:
+            y = prepacked_gemm(rows, scales, self._prepacked, self.weight_scale, bias)
+        else:
+            weight = self._buffers.get("weight_packed", self._buffers.get("weight"))
+            y = int_gemm(rows, scales, weight, self.weight_scale.float(), bias)
+        return y.reshape(*codes.shape[:-1], -1).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [batch, seq, d]`` -> ``[batch, seq, out]`` in ``x``'s dtype (computed in
         float32); any mix of token states. The integer path unless ``integer_gemm`` is off or
@@ -474,13 +488,11 @@ class StarQuantLinear(nn.Module):
             refusal = self.integer_path_refusal()
             if refusal is None:
                 codes, scale = self.transform.activation_codes(x)
-                codes, scale = codes.reshape(-1, codes.shape[-1]), scale.reshape(-1, 1)
-                if self._prepacked is not None:
-                    y = prepacked_gemm(codes, scale, self._prepacked, self.weight_scale, bias)
-                else:
-                    weight = self._buffers.get("weight_packed", self._buffers.get("weight"))
-                    y = int_gemm(codes, scale, weight, self.weight_scale.float(), bias)
-                return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+                if self._prepacked is not None:  # nothing decoded per call: chunks pay off
+                    return in_token_chunks(
+                        lambda rows, scales: self._integer_gemm(rows, scales, bias, x.dtype),
+                        codes, scale.squeeze(-1), GEMM_CHUNK_TOKENS)
+                return self._integer_gemm(codes, scale, bias, x.dtype)
             log_once(f"reference:{refusal}", f"STaR-Quant linears with {refusal} run the "
                      "dequantize-and-matmul reference path instead (same result, slower).")
         y = F.linear(self.transform(x), self.dequantized_weight().float(), bias)

@@ -43,14 +43,12 @@ from vllm.model_executor.parameter import BasevLLMParameter
 
 from starquant_plugin.integrations.vllm.gemm import choose_gemm
 from starquant_plugin.integrations.vllm.token_state import current_mask_state
-from starquant_plugin.method.input_transform import in_token_chunks, star_transform
+from starquant_plugin.method.input_transform import (
+    GEMM_CHUNK_TOKENS,
+    in_token_chunks,
+    star_transform,
+)
 from starquant_plugin.method.quantizers import is_nvfp4
-
-GEMM_CHUNK_TOKENS = 256
-"""Tokens per chunk of ``apply`` (``in_token_chunks``): transform, quantizer and GEMM. An
-8B-width W4A4 gate_up + down_proj pair, one thread, AMX CPU: 4096 tokens 1089-1110 ms in
-256-token chunks, 1094-1172 in 512, 1582-1641 at once; 1024 tokens 262-284 / 265-312 /
-317-357 ms (2026-12-06)."""
 
 
 def star_tensor_shapes(group: dict[str, Any], act_args: QuantizationArgs
