@@ -233,7 +233,7 @@ def breakdown(block: torch.nn.ModuleDict, tokens: int, repeats: int) -> dict[str
     or int8 -> float32; onednn kernel: unpack + repack), the GEMM (``integer_matmul`` minus
     the decode) and the rescale (scales, bias; prepacked: the per-token scale and the cast to
     bf16). Also which kernel each linear ran."""
-    from starquant_plugin.method.input_transform import GEMM_CHUNK_TOKENS, in_token_chunks
+    from starquant_plugin.method.input_transform import GEMM_CHUNK_TOKENS
     from starquant_plugin.method.integer_gemm import (
         FLOAT32,
         ONEDNN,
@@ -246,6 +246,10 @@ def breakdown(block: torch.nn.ModuleDict, tokens: int, repeats: int) -> dict[str
         scale_tokens,
     )
     from starquant_plugin.method.quantizers import quantize_activation
+
+    def per_gemm_chunk(rows: torch.Tensor, compute: Callable[[torch.Tensor], object]) -> None:
+        for chunk in rows.split(GEMM_CHUNK_TOKENS):
+            compute(chunk)
 
     x, h = _block_inputs(tokens, torch.bfloat16)
     codes, runs, kernels = {}, {}, {}
@@ -273,18 +277,17 @@ def breakdown(block: torch.nn.ModuleDict, tokens: int, repeats: int) -> dict[str
         if layer._prepacked is not None:  # the weight scale is applied inside the GEMM
             kernels[name] = "onednn prepacked"
             runs.pop(f"decode {name}", None)
-            # GEMM_CHUNK_TOKENS rows per call, as the forward multiplies
-            runs[f"matmul {name}"] = lambda a=a, scale=scale, layer=layer: in_token_chunks(
-                lambda rows, _: prepacked_weight_scaled(rows, layer._prepacked,
-                                                        layer.weight_scale),
-                a, scale[:, 0], GEMM_CHUNK_TOKENS)
+            # GEMM_CHUNK_TOKENS rows per call, each result freed before the next, as in the
+            # forward
+            runs[f"matmul {name}"] = lambda a=a, layer=layer: per_gemm_chunk(
+                a, lambda rows: prepacked_weight_scaled(rows, layer._prepacked,
+                                                        layer.weight_scale))
             y = prepacked_weight_scaled(a, layer._prepacked, layer.weight_scale)
             # in place on one output, by unit scales (the same work; values stay normal),
-            # then to the model's dtype, as the forward does per chunk
-            units = torch.ones_like(scale)
-            runs[f"rescale {name}"] = lambda y=y, s=units: in_token_chunks(
-                lambda rows, scales: scale_tokens(rows, scales.reshape(-1, 1)).bfloat16(),
-                y, s[:, 0], GEMM_CHUNK_TOKENS)
+            # then to the model's dtype
+            units = torch.ones(GEMM_CHUNK_TOKENS, 1)
+            runs[f"rescale {name}"] = lambda y=y, s=units: per_gemm_chunk(
+                y, lambda rows: scale_tokens(rows, s[: rows.shape[0]]).bfloat16())
         else:
             runs[f"matmul {name}"] = lambda a=a, w=weight: integer_matmul(a, w)
             acc = integer_matmul(a, weight)

